@@ -1,0 +1,183 @@
+//! Rendering a check report for people (miette), for scripts (JSON, DESIGN.md §7) and for code
+//! scanning (SARIF 2.1.0).
+
+use cnpc_compiler::{CheckReport, Code, Diagnostic, Severity};
+use miette::{GraphicalReportHandler, GraphicalTheme};
+use serde_json::{json, Value};
+use std::fmt::Write;
+
+fn path_of(report: &CheckReport, d: &Diagnostic) -> String {
+    report.set.sources.path(d.span.file).display().to_string()
+}
+
+/// The human form: one miette report per diagnostic, notes, and a summary line.
+pub fn human(report: &CheckReport, color: bool) -> String {
+    let theme = if color {
+        GraphicalTheme::unicode()
+    } else {
+        GraphicalTheme::unicode_nocolor()
+    };
+    let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
+    let mut out = String::new();
+    for d in &report.diagnostics {
+        let r = d.to_report(&report.set.sources);
+        // Writing into a String cannot fail.
+        let _ = handler.render_report(&mut out, &r);
+        out.push('\n');
+    }
+    for n in &report.set.notes {
+        match n.span {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    "note: {} ({}:{})",
+                    n.message,
+                    report.set.sources.path(s.file).display(),
+                    s.line
+                );
+            }
+            None => {
+                let _ = writeln!(out, "note: {}", n.message);
+            }
+        }
+    }
+    let files = report.set.sources.files().count();
+    let _ = writeln!(
+        out,
+        "checked {} {} in {} {}: {} {}, {} {}",
+        report.set.policies.len(),
+        plural(report.set.policies.len(), "policy", "policies"),
+        files,
+        plural(files, "file", "files"),
+        report.errors(),
+        plural(report.errors(), "error", "errors"),
+        report.warnings(),
+        plural(report.warnings(), "warning", "warnings"),
+    );
+    out
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+fn severity(s: Severity) -> &'static str {
+    match s {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    }
+}
+
+/// The JSON form of DESIGN.md §7 (fields may be added, never removed).
+pub fn json(report: &CheckReport) -> Value {
+    let diagnostics: Vec<Value> = report
+        .diagnostics
+        .iter()
+        .map(|d| {
+            let end = report
+                .set
+                .sources
+                .get(d.span.file)
+                .line_col(d.span.end as usize);
+            json!({
+                "severity": severity(d.severity()),
+                "code": d.code.as_str(),
+                "message": d.message,
+                "file": path_of(report, d),
+                "line": d.span.line,
+                "column": d.span.column,
+                "endLine": end.0,
+                "endColumn": end.1,
+                "label": d.label,
+                "help": d.help,
+            })
+        })
+        .collect();
+    let notes: Vec<Value> = report
+        .set
+        .notes
+        .iter()
+        .map(|n| {
+            let mut v = json!({"message": n.message});
+            if let Some(s) = n.span {
+                v["file"] = json!(report.set.sources.path(s.file).display().to_string());
+                v["line"] = json!(s.line);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "diagnostics": diagnostics,
+        "errors": report.errors(),
+        "warnings": report.warnings(),
+        "notes": notes,
+    })
+}
+
+/// SARIF 2.1.0, as GitHub code scanning reads it: one run, a rule per diagnostic code, results
+/// with a physical location relative to the repository root.
+pub fn sarif(report: &CheckReport) -> Value {
+    let rules: Vec<Value> = Code::ALL
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.as_str(),
+                "name": c.as_str().trim_start_matches("cnpc::"),
+                "shortDescription": {"text": c.summary()},
+                "defaultConfiguration": {"level": severity(c.severity())},
+            })
+        })
+        .collect();
+    let results: Vec<Value> = report
+        .diagnostics
+        .iter()
+        .map(|d| {
+            let end = report
+                .set
+                .sources
+                .get(d.span.file)
+                .line_col(d.span.end as usize);
+            let uri = path_of(report, d).replace('\\', "/");
+            let uri = uri.strip_prefix("./").unwrap_or(&uri).to_string();
+            let text = if d.help.is_empty() {
+                d.message.clone()
+            } else {
+                format!("{}\nhelp: {}", d.message, d.help)
+            };
+            json!({
+                "ruleId": d.code.as_str(),
+                "ruleIndex": Code::ALL.iter().position(|c| *c == d.code).unwrap_or(0),
+                "level": severity(d.severity()),
+                "message": {"text": text},
+                "locations": [{
+                    "physicalLocation": {
+                        "artifactLocation": {"uri": uri},
+                        "region": {
+                            "startLine": d.span.line,
+                            "startColumn": d.span.column,
+                            "endLine": end.0,
+                            "endColumn": end.1.max(d.span.column + u32::from(end.0 == d.span.line)),
+                        }
+                    }
+                }],
+            })
+        })
+        .collect();
+    json!({
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "cnpc",
+                "version": env!("CARGO_PKG_VERSION"),
+                "informationUri": "https://github.com/cnpc-dev/cnpc",
+                "rules": rules,
+            }},
+            "results": results,
+        }],
+    })
+}

@@ -1,0 +1,253 @@
+//! The cluster snapshot: plain Kubernetes objects as `kubectl get -o yaml` prints them
+//! (DESIGN.md §2). Workload controllers stand for their pod template; each becomes an endpoint
+//! with the security labels Cilium would derive for its pods.
+//!
+//! Reading is lenient: objects carry many fields cnpc does not need, and those are ignored. Only
+//! malformed YAML and wrong types in the fields read here are reported.
+
+use crate::diag::{Code, Diagnostic};
+use crate::labels::{self, LabelSet};
+use crate::source::{SourceMap, Span};
+use crate::yaml::{parse_documents, Node, NodeKind};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Pod, or a workload controller standing for its pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub replicas: u32,
+    pub ips: Vec<IpAddr>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterNode {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The cluster's objects. Its files' text lives in the [`SourceMap`] passed to [`Cluster::load`],
+/// the same one the policies use, so every span resolves in one place.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<Workload>,
+    pub nodes: Vec<ClusterNode>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Cilium's default cluster name (`--cluster-name`).
+pub const DEFAULT_CLUSTER: &str = "default";
+
+const CONTROLLERS: &[&str] = &[
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+];
+
+impl Cluster {
+    pub fn load(
+        paths: &[impl AsRef<Path>],
+        sources: &mut SourceMap,
+    ) -> Result<Cluster, crate::LoadError> {
+        let mut c = Cluster::default();
+        for p in paths {
+            let p = p.as_ref();
+            let text = std::fs::read_to_string(p).map_err(|source| crate::LoadError::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            c.add_str(sources, p, &text);
+        }
+        Ok(c)
+    }
+
+    pub fn add_str(&mut self, sources: &mut SourceMap, path: &Path, text: &str) {
+        let file = sources.add(path, text);
+        let source = sources.get(file).clone();
+        match parse_documents(file, &source) {
+            Err(e) => self.diagnostics.push(
+                Diagnostic::new(
+                    Code::YamlSyntax,
+                    e.span,
+                    format!("malformed YAML in cluster snapshot: {}", e.message),
+                )
+                .label("the parser stopped here")
+                .help("the snapshot should be what `kubectl get -o yaml` prints"),
+            ),
+            Ok(docs) => {
+                for d in &docs {
+                    self.add_object(d);
+                }
+            }
+        }
+    }
+
+    fn add_object(&mut self, node: &Node) {
+        let kind = node.get("kind").and_then(Node::as_str).unwrap_or("");
+        if kind == "List" || kind.ends_with("List") {
+            if let Some(NodeKind::Seq(items)) = node.get("items").map(|n| &n.kind) {
+                for item in items {
+                    self.add_object(item);
+                }
+            }
+            return;
+        }
+        let meta = node.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Node::as_str)
+            .unwrap_or("")
+            .to_string();
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Node::as_str)
+            .unwrap_or("default")
+            .to_string();
+        let own_labels = self.string_map(meta.and_then(|m| m.get("labels")));
+        match kind {
+            "Namespace" => self.namespaces.push(Namespace {
+                name,
+                labels: own_labels,
+            }),
+            "Node" => self.nodes.push(ClusterNode {
+                name,
+                labels: own_labels,
+            }),
+            "Pod" => {
+                let spec = node.get("spec");
+                let ips = node
+                    .get("status")
+                    .and_then(|s| s.get("podIPs"))
+                    .and_then(|l| match &l.kind {
+                        NodeKind::Seq(items) => Some(
+                            items
+                                .iter()
+                                .filter_map(|i| i.get("ip")?.as_str()?.parse().ok())
+                                .collect(),
+                        ),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                self.workloads.push(Workload {
+                    kind: kind.to_string(),
+                    namespace,
+                    name,
+                    labels: own_labels,
+                    service_account: service_account(spec),
+                    replicas: 1,
+                    ips,
+                    span: node.span,
+                });
+            }
+            k if CONTROLLERS.contains(&k) => {
+                let spec = node.get("spec");
+                let template = spec.and_then(|s| s.get("template"));
+                let labels = self.string_map(
+                    template
+                        .and_then(|t| t.get("metadata"))
+                        .and_then(|m| m.get("labels")),
+                );
+                let replicas = spec
+                    .and_then(|s| s.get("replicas"))
+                    .and_then(Node::as_str)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(1);
+                self.workloads.push(Workload {
+                    kind: kind.to_string(),
+                    namespace,
+                    name,
+                    labels,
+                    service_account: service_account(template.and_then(|t| t.get("spec"))),
+                    replicas,
+                    ips: Vec::new(),
+                    span: node.span,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn string_map(&mut self, node: Option<&Node>) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let Some(node) = node else { return out };
+        match &node.kind {
+            NodeKind::Map(entries) => {
+                for (k, v) in entries {
+                    match (k.as_str(), v.as_str()) {
+                        (Some(k), Some(v)) => {
+                            out.insert(k.to_string(), v.to_string());
+                        }
+                        _ => self.diagnostics.push(
+                            Diagnostic::new(
+                                Code::WrongType,
+                                v.span,
+                                "expected a string label value",
+                            )
+                            .label("not a string")
+                            .help("labels map strings to strings"),
+                        ),
+                    }
+                }
+            }
+            NodeKind::Null => {}
+            _ => self.diagnostics.push(
+                Diagnostic::new(Code::WrongType, node.span, "expected a label mapping")
+                    .label("not a mapping")
+                    .help("labels map strings to strings"),
+            ),
+        }
+        out
+    }
+
+    /// The security labels Cilium derives for a workload's pods (see [`crate::labels`]).
+    pub fn security_labels(&self, w: &Workload) -> LabelSet {
+        let mut set = LabelSet::default();
+        for (k, v) in &w.labels {
+            set.insert("k8s", k, v);
+        }
+        set.insert("k8s", labels::NAMESPACE_LABEL, &w.namespace);
+        if let Some(ns) = self.namespaces.iter().find(|n| n.name == w.namespace) {
+            for (k, v) in &ns.labels {
+                set.insert("k8s", &format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v);
+            }
+        }
+        set.insert("k8s", labels::SERVICE_ACCOUNT_LABEL, &w.service_account);
+        set.insert("k8s", labels::CLUSTER_LABEL, DEFAULT_CLUSTER);
+        set
+    }
+
+    /// A node's labels as host policies see them.
+    pub fn node_labels(&self, n: &ClusterNode) -> LabelSet {
+        let mut set = LabelSet::default();
+        for (k, v) in &n.labels {
+            set.insert("k8s", k, v);
+        }
+        set
+    }
+}
+
+fn service_account(pod_spec: Option<&Node>) -> String {
+    pod_spec
+        .and_then(|s| {
+            s.get("serviceAccountName")
+                .or_else(|| s.get("serviceAccount"))
+        })
+        .and_then(Node::as_str)
+        .unwrap_or("default")
+        .to_string()
+}

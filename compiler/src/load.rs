@@ -1,0 +1,336 @@
+//! Reading policy files: paths, documents, object kinds.
+//!
+//! Accepted (DESIGN.md §2): files and directories (walked recursively in sorted order, `.yaml`,
+//! `.yml` and `.json`), multi-document YAML, `kind: List`, CiliumNetworkPolicy with `spec` and/or
+//! `specs`, CiliumClusterwideNetworkPolicy and networking.k8s.io/v1 NetworkPolicy. Objects of
+//! other kinds are skipped with a note. A path holding no policy is an empty policy set.
+
+use crate::ast::*;
+use crate::decode::{Cx, Fields};
+use crate::diag::{Code, Diagnostic};
+use crate::source::{FileId, SourceMap, Span};
+use crate::yaml::{parse_documents, Node, NodeKind};
+use std::path::{Path, PathBuf};
+
+/// Failures that stop a run before any policy is looked at (exit code 2).
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    #[diagnostic(code(cnpc::io), help("check that the path exists and is readable"))]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Something worth telling the user that is not a problem (a skipped object, an empty path).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub message: String,
+    pub span: Option<Span>,
+}
+
+/// Everything read from the given paths.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub sources: SourceMap,
+    pub policies: Vec<Policy>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub notes: Vec<Note>,
+}
+
+impl PolicySet {
+    /// Reads every policy under `paths`. Problems in the files become diagnostics; only a path
+    /// that cannot be read at all is an error.
+    pub fn load(paths: &[PathBuf]) -> Result<PolicySet, LoadError> {
+        let mut files = Vec::new();
+        for path in paths {
+            collect_files(path, &mut files)?;
+        }
+        let mut set = PolicySet::default();
+        for path in files {
+            let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            set.add_bytes(path, &bytes);
+        }
+        if set.policies.is_empty() {
+            set.notes.push(Note {
+                message: format!(
+                    "no policy found in {}; checking an empty policy set",
+                    paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                span: None,
+            });
+        }
+        Ok(set)
+    }
+
+    /// Adds one file's contents (used by `load` and by tests that have text, not files).
+    pub fn add_bytes(&mut self, path: PathBuf, bytes: &[u8]) {
+        let (text, bad_utf8) = match std::str::from_utf8(bytes) {
+            Ok(t) => (t.to_string(), None),
+            Err(e) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(e.valid_up_to()),
+            ),
+        };
+        let file = self.sources.add(path, text);
+        let source = self.sources.get(file).clone();
+        if let Some(at) = bad_utf8 {
+            self.diagnostics.push(
+                Diagnostic::new(
+                    Code::YamlSyntax,
+                    source.span(file, at, at + 1),
+                    "the file is not valid UTF-8",
+                )
+                .label("invalid byte sequence")
+                .help("save the file as UTF-8"),
+            );
+            return;
+        }
+        match parse_documents(file, &source) {
+            Err(e) => self.diagnostics.push(
+                Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
+                    .label("the parser stopped here")
+                    .help("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); nothing in this file was checked past this point"),
+            ),
+            Ok(docs) => {
+                for doc in &docs {
+                    self.add_object(file, doc);
+                }
+            }
+        }
+    }
+
+    fn add_object(&mut self, file: FileId, node: &Node) {
+        let mut cx = Cx {
+            diags: &mut self.diagnostics,
+        };
+        if node.as_map().is_none() {
+            cx.push(
+                Diagnostic::new(
+                    Code::NotAnObject,
+                    node.span,
+                    format!("expected a Kubernetes object, found {}", node.describe()),
+                )
+                .label("not an object")
+                .help("each YAML document should be a mapping with apiVersion, kind, metadata and spec"),
+            );
+            return;
+        }
+        let kind_node = node.get("kind");
+        let Some(kind) = kind_node.and_then(Node::as_str) else {
+            cx.push(
+                Diagnostic::new(Code::MissingField, node.span, "this object has no `kind`")
+                    .label("`kind` missing")
+                    .help("add `kind: CiliumNetworkPolicy`, `CiliumClusterwideNetworkPolicy` or `NetworkPolicy`"),
+            );
+            return;
+        };
+        if kind == "List" || kind.ends_with("List") && node.get("items").is_some() {
+            match node.get("items").map(|n| &n.kind) {
+                Some(NodeKind::Seq(items)) => {
+                    for item in items {
+                        self.add_object(file, item);
+                    }
+                }
+                Some(NodeKind::Null) | None => {}
+                Some(_) => cx.push(
+                    Diagnostic::new(
+                        Code::WrongType,
+                        node.get("items").map_or(node.span, |n| n.span),
+                        "`items` of a List must be a list",
+                    )
+                    .label("not a list")
+                    .help("write the objects as a YAML list under `items:`"),
+                ),
+            }
+            return;
+        }
+        let Some(kind) = PolicyKind::from_kind(kind) else {
+            self.notes.push(Note {
+                message: format!("skipping {kind}: not a policy kind"),
+                span: kind_node.map(|n| n.span),
+            });
+            return;
+        };
+        if let Some(policy) = decode_policy(node, kind, &mut cx) {
+            self.policies.push(policy);
+        }
+    }
+}
+
+fn decode_policy(node: &Node, kind: PolicyKind, cx: &mut Cx) -> Option<Policy> {
+    let mut f: Fields = cx.fields(node, "object")?;
+    let kind_span = f.raw("kind").map_or(node.span, |n| n.span);
+    let api_version: Option<SString> = f.opt(cx, "apiVersion");
+    match &api_version {
+        Some(v) if v.value != kind.api_version() => cx.push(
+            Diagnostic::new(
+                Code::UnsupportedApiVersion,
+                v.span,
+                format!("{} has apiVersion `{}`", kind.as_str(), v.value),
+            )
+            .label("unexpected apiVersion")
+            .help(format!(
+                "{} is served as `apiVersion: {}`",
+                kind.as_str(),
+                kind.api_version()
+            )),
+        ),
+        Some(_) => {}
+        None => cx.push(
+            Diagnostic::new(
+                Code::MissingField,
+                kind_span,
+                format!("this {} has no `apiVersion`", kind.as_str()),
+            )
+            .label("`apiVersion` missing")
+            .help(format!("add `apiVersion: {}`", kind.api_version())),
+        ),
+    }
+    let metadata = decode_metadata(&mut f, cx, kind_span);
+    // `status` is written by controllers, not by users; reading it is harmless.
+    let _ = f.raw("status");
+    let body = match kind {
+        PolicyKind::NetworkPolicy => {
+            let spec = f.req(
+                cx,
+                "spec",
+                "a NetworkPolicy needs `spec` with at least `podSelector: {}`",
+            );
+            if let Some(s) = &spec {
+                require_pod_selector(s, cx);
+            }
+            PolicyBody::Kubernetes { spec }
+        }
+        _ => {
+            let spec_present = f.raw("spec").is_some_and(|n| !n.is_null());
+            let specs_present = f.raw("specs").is_some_and(|n| !n.is_null());
+            if !spec_present && !specs_present {
+                // pkg/k8s/apis/cilium.io/v2 (CiliumNetworkPolicy.Parse): a CNP with neither is
+                // rejected as empty.
+                cx.push(
+                    Diagnostic::new(Code::MissingField, node.span, format!("this {} has neither `spec` nor `specs`", kind.as_str()))
+                        .label("no rules")
+                        .help("add `spec:` with an endpointSelector and rules (or `specs:`, a list of them)"),
+                );
+            }
+            PolicyBody::Cilium {
+                spec: f.opt(cx, "spec"),
+                specs: f.opt(cx, "specs"),
+            }
+        }
+    };
+    f.finish_with(cx, Code::IgnoredField);
+    Some(Policy {
+        kind,
+        api_version,
+        metadata,
+        body,
+        span: node.span,
+        kind_span,
+    })
+}
+
+/// ObjectMeta fields that the API server sets or that carry no policy; read and ignored.
+const SERVER_SET_METADATA: &[&str] = &[
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "generateName",
+    "selfLink",
+];
+
+fn decode_metadata(f: &mut Fields, cx: &mut Cx, kind_span: Span) -> ObjectMeta {
+    let Some(node) = f.raw("metadata").filter(|n| !n.is_null()) else {
+        cx.push(
+            Diagnostic::new(
+                Code::MissingField,
+                kind_span,
+                "this object has no `metadata`",
+            )
+            .label("`metadata` missing")
+            .help("add `metadata:` with a `name:`"),
+        );
+        return ObjectMeta::default();
+    };
+    let Some(mut m) = cx.fields(node, "metadata") else {
+        return ObjectMeta::default();
+    };
+    for key in SERVER_SET_METADATA {
+        let _ = m.raw(key);
+    }
+    let meta = ObjectMeta {
+        name: m.req(cx, "name", "every policy needs `metadata.name`"),
+        namespace: m.opt(cx, "namespace"),
+        labels: m.opt(cx, "labels"),
+        annotations: m.opt(cx, "annotations"),
+    };
+    m.finish_with(cx, Code::IgnoredField);
+    meta
+}
+
+fn require_pod_selector(spec: &Spanned<NetworkPolicySpec>, cx: &mut Cx) {
+    if spec.pod_selector.is_none() {
+        cx.push(
+            Diagnostic::new(Code::MissingField, spec.span, "this NetworkPolicy spec has no `podSelector`")
+                .label("`podSelector` missing")
+                .help("add `podSelector: {}` to select every pod in the namespace, or a selector for some of them"),
+        );
+    }
+}
+
+fn is_policy_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        // A file named explicitly is read whatever its extension.
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            collect_files(&entry, out)?;
+        } else if is_policy_file(&entry) {
+            out.push(entry);
+        }
+    }
+    Ok(())
+}
+
+/// Convenience for tests and tools: reads text as if it were the file `name`.
+pub fn load_str(name: &str, text: &str) -> PolicySet {
+    let mut set = PolicySet::default();
+    set.add_bytes(PathBuf::from(name), text.as_bytes());
+    set
+}
