@@ -202,6 +202,7 @@ pub struct ObjectMeta {
 /// One Cilium policy rule: whom it selects and what it allows or denies.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Rule {
     pub endpoint_selector: Option<Spanned<LabelSelector>>,
     pub node_selector: Option<Spanned<LabelSelector>>,
@@ -217,6 +218,7 @@ pub struct Rule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct LabelSelector {
     pub match_labels: Option<Spanned<LabelMap>>,
     pub match_expressions: Option<List<LabelSelectorRequirement>>,
@@ -224,6 +226,7 @@ pub struct LabelSelector {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct LabelSelectorRequirement {
     pub key: Option<SString>,
     pub operator: Option<SString>,
@@ -263,6 +266,7 @@ pub struct EgressPeers {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct IngressRule {
     #[serde(flatten)]
     pub peers: IngressPeers,
@@ -273,6 +277,7 @@ pub struct IngressRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct IngressDenyRule {
     #[serde(flatten)]
     pub peers: IngressPeers,
@@ -282,6 +287,7 @@ pub struct IngressDenyRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct EgressRule {
     #[serde(flatten)]
     pub peers: EgressPeers,
@@ -294,6 +300,7 @@ pub struct EgressRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct EgressDenyRule {
     #[serde(flatten)]
     pub peers: EgressPeers,
@@ -303,6 +310,7 @@ pub struct EgressDenyRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct CidrRule {
     pub cidr: Option<SString>,
     pub cidr_group_ref: Option<SString>,
@@ -312,6 +320,7 @@ pub struct CidrRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct ServiceSelector {
     pub k8s_service: Option<Spanned<K8sServiceName>>,
     pub k8s_service_selector: Option<Spanned<K8sServiceSelector>>,
@@ -319,6 +328,7 @@ pub struct ServiceSelector {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct K8sServiceName {
     pub service_name: Option<SString>,
     pub namespace: Option<SString>,
@@ -326,6 +336,7 @@ pub struct K8sServiceName {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct K8sServiceSelector {
     pub selector: Option<Spanned<LabelSelector>>,
     pub namespace: Option<SString>,
@@ -333,6 +344,7 @@ pub struct K8sServiceSelector {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct FqdnSelector {
     pub match_name: Option<SString>,
     pub match_pattern: Option<SString>,
@@ -340,12 +352,14 @@ pub struct FqdnSelector {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Groups {
     pub aws: Option<Spanned<AwsGroup>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct AwsGroup {
     pub labels: Option<Spanned<LabelMap>>,
     pub security_groups_ids: Option<List<String>>,
@@ -355,6 +369,7 @@ pub struct AwsGroup {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct PortRule {
     pub ports: Option<Spanned<List<PortProtocol>>>,
     #[serde(rename = "terminatingTLS")]
@@ -369,12 +384,14 @@ pub struct PortRule {
 /// `toPorts` entry of a deny rule: ports only, no L7.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct PortDenyRule {
     pub ports: Option<Spanned<List<PortProtocol>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct PortProtocol {
     /// A number ("80") or an IANA service name ("http"); Cilium types it as a string.
     pub port: Option<SString>,
@@ -384,6 +401,7 @@ pub struct PortProtocol {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct TlsContext {
     pub secret: Option<Spanned<SecretRef>>,
     #[serde(rename = "trustedCA")]
@@ -394,6 +412,7 @@ pub struct TlsContext {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct SecretRef {
     pub namespace: Option<SString>,
     pub name: Option<SString>,
@@ -401,6 +420,7 @@ pub struct SecretRef {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Listener {
     pub envoy_config: Option<Spanned<EnvoyConfigRef>>,
     pub name: Option<SString>,
@@ -409,6 +429,7 @@ pub struct Listener {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct EnvoyConfigRef {
     pub kind: Option<SString>,
     pub name: Option<SString>,
@@ -416,6 +437,7 @@ pub struct EnvoyConfigRef {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct L7Rules {
     pub http: Option<Spanned<List<HttpRule>>>,
     pub kafka: Option<Spanned<List<KafkaRule>>>,
@@ -437,6 +459,7 @@ impl L7Rules {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct HttpRule {
     pub path: Option<SString>,
     pub method: Option<SString>,
@@ -447,6 +470,7 @@ pub struct HttpRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct HeaderMatch {
     pub mismatch: Option<SString>,
     pub name: Option<SString>,
@@ -456,6 +480,7 @@ pub struct HeaderMatch {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct KafkaRule {
     pub role: Option<SString>,
     pub api_key: Option<SString>,
@@ -467,12 +492,14 @@ pub struct KafkaRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct IcmpRule {
     pub fields: Option<Spanned<List<IcmpField>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct IcmpField {
     pub family: Option<SString>,
     /// A number (8) or a message name (EchoRequest).
@@ -482,12 +509,14 @@ pub struct IcmpField {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Authentication {
     pub mode: Option<SString>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct DefaultDeny {
     pub ingress: Option<Spanned<bool>>,
     pub egress: Option<Spanned<bool>>,
@@ -495,6 +524,7 @@ pub struct DefaultDeny {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct RuleLabel {
     pub key: Option<SString>,
     pub value: Option<SString>,
@@ -503,6 +533,7 @@ pub struct RuleLabel {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct LogConfig {
     pub value: Option<SString>,
 }
@@ -512,6 +543,7 @@ pub struct LogConfig {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct NetworkPolicySpec {
     pub pod_selector: Option<Spanned<LabelSelector>>,
     pub ingress: Option<Spanned<List<NetworkPolicyIngressRule>>>,
@@ -521,6 +553,7 @@ pub struct NetworkPolicySpec {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct NetworkPolicyIngressRule {
     pub from: Option<Spanned<List<NetworkPolicyPeer>>>,
     pub ports: Option<Spanned<List<NetworkPolicyPort>>>,
@@ -528,6 +561,7 @@ pub struct NetworkPolicyIngressRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct NetworkPolicyEgressRule {
     pub to: Option<Spanned<List<NetworkPolicyPeer>>>,
     pub ports: Option<Spanned<List<NetworkPolicyPort>>>,
@@ -535,6 +569,7 @@ pub struct NetworkPolicyEgressRule {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct NetworkPolicyPeer {
     pub pod_selector: Option<Spanned<LabelSelector>>,
     pub namespace_selector: Option<Spanned<LabelSelector>>,
@@ -543,6 +578,7 @@ pub struct NetworkPolicyPeer {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct IpBlock {
     pub cidr: Option<SString>,
     pub except: Option<Spanned<List<String>>>,
@@ -550,6 +586,7 @@ pub struct IpBlock {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct NetworkPolicyPort {
     pub protocol: Option<SString>,
     pub port: Option<Spanned<IntOrString>>,

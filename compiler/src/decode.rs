@@ -384,7 +384,6 @@ decode_struct!(PortRule, "toPorts entry" {
     server_names: "serverNames", listener: "listener", rules: "rules",
 });
 decode_struct!(PortDenyRule, "toPorts entry of a deny rule" { ports: "ports" });
-decode_struct!(PortProtocol, "port" { port: "port", end_port: "endPort", protocol: "protocol" });
 decode_struct!(TlsContext, "TLS context" {
     secret: "secret", trusted_ca: "trustedCA", certificate: "certificate", private_key: "privateKey",
 });
@@ -415,6 +414,24 @@ decode_struct!(NetworkPolicyPeer, "NetworkPolicy peer" {
 });
 decode_struct!(IpBlock, "ipBlock" { cidr: "cidr", except: "except" });
 decode_struct!(NetworkPolicyPort, "NetworkPolicy port" { protocol: "protocol", port: "port", end_port: "endPort" });
+
+impl Decode for PortProtocol {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        let mut f = cx.fields(node, "port")?;
+        // PortProtocol.sanitize: "Port must be specified".
+        let p = PortProtocol {
+            port: f.req(
+                cx,
+                "port",
+                "add `port: \"80\"`; use `port: \"0\"` for all ports of the protocol",
+            ),
+            end_port: f.opt(cx, "endPort"),
+            protocol: f.opt(cx, "protocol"),
+        };
+        f.finish(cx);
+        Some(p)
+    }
+}
 
 /// Rule sections whose absence, null and `[]` all mean the same to Cilium (`len(...) > 0`).
 const SECTIONS: [&str; 4] = ["ingress", "ingressDeny", "egress", "egressDeny"];

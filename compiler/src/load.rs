@@ -38,6 +38,8 @@ pub struct PolicySet {
     pub policies: Vec<Policy>,
     pub diagnostics: Vec<Diagnostic>,
     pub notes: Vec<Note>,
+    /// Objects of other kinds, reported as one note per file by [`PolicySet::finish_notes`].
+    skipped: Vec<(FileId, String, Option<Span>)>,
 }
 
 impl PolicySet {
@@ -56,6 +58,7 @@ impl PolicySet {
             })?;
             set.add_bytes(path, &bytes);
         }
+        set.finish_notes();
         if set.policies.is_empty() {
             set.notes.push(Note {
                 message: format!(
@@ -70,6 +73,27 @@ impl PolicySet {
             });
         }
         Ok(set)
+    }
+
+    /// Turns skipped objects into one note per file: "skipped 3 objects that are not policies".
+    pub fn finish_notes(&mut self) {
+        let mut skipped = std::mem::take(&mut self.skipped);
+        skipped.sort_by_key(|(f, _, _)| *f);
+        for group in skipped.chunk_by(|a, b| a.0 == b.0) {
+            let mut kinds: Vec<&str> = group.iter().map(|(_, k, _)| k.as_str()).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            let n = group.len();
+            self.notes.push(Note {
+                message: format!(
+                    "skipped {n} {} that {} not a policy kind ({})",
+                    if n == 1 { "object" } else { "objects" },
+                    if n == 1 { "is" } else { "are" },
+                    kinds.join(", ")
+                ),
+                span: group[0].2,
+            });
+        }
     }
 
     /// Adds one file's contents (used by `load` and by tests that have text, not files).
@@ -96,11 +120,15 @@ impl PolicySet {
             return;
         }
         match parse_documents(file, &source) {
-            Err(e) => self.diagnostics.push(
-                Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
+            Err(e) => self.diagnostics.push(match e.unclosed {
+                Some(open) => Diagnostic::new(Code::YamlSyntax, open, format!("malformed YAML: {}", e.message))
+                    .label("this bracket is never closed")
+                    .related(e.span, "the parser gave up here")
+                    .help("close the bracket on the same logical item (or switch to a block list with `- ` items); nothing in this file was checked"),
+                None => Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
                     .label("the parser stopped here")
-                    .help("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); nothing in this file was checked past this point"),
-            ),
+                    .help("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); nothing in this file was checked"),
+            }),
             Ok(docs) => {
                 for doc in &docs {
                     self.add_object(file, doc);
@@ -155,10 +183,8 @@ impl PolicySet {
             return;
         }
         let Some(kind) = PolicyKind::from_kind(kind) else {
-            self.notes.push(Note {
-                message: format!("skipping {kind}: not a policy kind"),
-                span: kind_node.map(|n| n.span),
-            });
+            self.skipped
+                .push((file, kind.to_string(), kind_node.map(|n| n.span)));
             return;
         };
         if let Some(policy) = decode_policy(node, kind, &mut cx) {
@@ -301,6 +327,10 @@ fn is_policy_file(path: &Path) -> bool {
     )
 }
 
+/// The name of the ignore file a policy directory may hold (gitignore syntax), for files that
+/// live beside policies but are not meant to be applied (fixtures, drafts, known-broken tests).
+pub const IGNORE_FILE: &str = ".cnpcignore";
+
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
@@ -308,21 +338,26 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_dir() {
-        // A file named explicitly is read whatever its extension.
+        // A file named explicitly is read whatever its extension, and whatever ignore files say.
         out.push(path.to_path_buf());
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
-    entries.sort();
-    for entry in entries {
-        if entry.is_dir() {
-            collect_files(&entry, out)?;
-        } else if is_policy_file(&entry) {
-            out.push(entry);
+    // Only our own ignore file counts: a policy kept out of git (generated, say) is still policy.
+    let walker = ignore::WalkBuilder::new(path)
+        .standard_filters(false)
+        .hidden(true)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .build();
+    for entry in walker {
+        let entry = entry.map_err(|e| LoadError::Io {
+            path: path.to_path_buf(),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("unreadable directory entry")),
+        })?;
+        if entry.file_type().is_some_and(|t| t.is_file()) && is_policy_file(entry.path()) {
+            out.push(entry.into_path());
         }
     }
     Ok(())
@@ -332,5 +367,6 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
 pub fn load_str(name: &str, text: &str) -> PolicySet {
     let mut set = PolicySet::default();
     set.add_bytes(PathBuf::from(name), text.as_bytes());
+    set.finish_notes();
     set
 }

@@ -20,6 +20,7 @@ pub fn policy_schema() -> Value {
             "kind": {"const": kind.as_str()},
             "metadata": meta,
             "spec": spec,
+            "status": {"description": "written by controllers; ignored"},
         });
         if kind != PolicyKind::NetworkPolicy {
             props["specs"] = json!({"type": "array", "items": rule});

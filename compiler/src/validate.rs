@@ -854,16 +854,8 @@ impl Validator {
                     parsed
                 }
             };
-            let Some(port) = &p.port else {
-                self.err(
-                    Code::MissingField,
-                    p.span,
-                    "this port has no `port`",
-                    "`port` missing",
-                    "add `port: \"80\"`; use `port: \"0\"` for all ports of the protocol",
-                );
-                continue;
-            };
+            // A missing port was reported by the decoder.
+            let Some(port) = &p.port else { continue };
             let number = match vocab::parse_port(&port.value) {
                 Ok(PortRef::Number(n)) => Some(n),
                 Ok(PortRef::Name(_)) => None,

@@ -123,6 +123,39 @@ impl Node {
 pub struct YamlError {
     pub message: String,
     pub span: Span,
+    /// For an unterminated flow collection, the bracket that was never closed.
+    pub unclosed: Option<Span>,
+}
+
+/// The last `[` or `{` before `end` that has no matching close, skipping comments and quoted
+/// text. The parser notices an unclosed flow collection only where it gives up, often lines
+/// later; the opening bracket is where the fix goes.
+fn unclosed_bracket(text: &str, end: usize) -> Option<usize> {
+    let mut stack = Vec::new();
+    let mut quote: Option<u8> = None;
+    let mut comment = false;
+    let b = text.as_bytes();
+    for (i, &c) in b[..end.min(b.len())].iter().enumerate() {
+        if comment {
+            comment = c != b'\n';
+            continue;
+        }
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some(c),
+            (None, b'#') if i == 0 || b[i - 1].is_ascii_whitespace() => comment = true,
+            (None, b'[' | b'{') => stack.push(i),
+            (None, b']' | b'}') => {
+                stack.pop();
+            }
+            _ => {}
+        }
+        if c == b'\n' {
+            quote = None;
+        }
+    }
+    stack.pop()
 }
 
 /// Parses every document of a YAML stream. Empty documents (a stray `---`) are dropped.
@@ -144,9 +177,14 @@ pub fn parse_documents(file: FileId, source: &SourceFile) -> Result<Vec<Node>, Y
         // label instead, so keep only the reason.
         let info = e.info();
         let message = info.split(" at byte ").next().unwrap_or(info).to_string();
+        let unclosed = (message.contains("flow sequence") || message.contains("flow mapping"))
+            .then(|| unclosed_bracket(&source.text, start))
+            .flatten()
+            .map(|at| source.span(file, at, at + 1));
         return Err(YamlError {
             message,
             span: source.span(file, start, start + 1),
+            unclosed,
         });
     }
     if let Some(err) = builder.error {
@@ -227,6 +265,7 @@ impl Builder<'_> {
                     "the document expands to more than {MAX_NODES} nodes through aliases"
                 ),
                 span: node.span,
+                unclosed: None,
             });
         }
         if anchor != 0 {
@@ -241,7 +280,20 @@ impl Builder<'_> {
             Some(Frame::Seq { items, .. }) => items.push(node),
             Some(Frame::Map { entries, key, .. }) => match key.take() {
                 None => *key = Some(node),
-                Some(k) => entries.push((k, node)),
+                Some(k) => {
+                    // A block mapping or list under a key is reported from the key: a diagnostic
+                    // about `egress:` should point at the line that says `egress:`.
+                    let mut node = node;
+                    let block = matches!(node.kind, NodeKind::Map(_) | NodeKind::Seq(_))
+                        && !matches!(
+                            self.source.text.as_bytes().get(node.span.start as usize),
+                            Some(b'{' | b'[')
+                        );
+                    if block && k.span.start < node.span.start {
+                        node.span = k.span.to(node.span);
+                    }
+                    entries.push((k, node))
+                }
             },
         }
     }
@@ -360,6 +412,7 @@ impl MarkedEventReceiver for Builder<'_> {
                     self.error = Some(YamlError {
                         message: "alias refers to an unknown anchor".into(),
                         span: self.source.span(self.file, at, at + 1),
+                        unclosed: None,
                     })
                 }
             },
@@ -406,8 +459,9 @@ mod tests {
             &f.text[d.span.start as usize..d.span.end as usize],
             "[1, \"two\"]"
         );
+        // A block container under a key is spanned from its key.
         let b = docs[0].get("b").unwrap();
-        assert_eq!((b.span.line, b.span.column), (3, 3));
+        assert_eq!((b.span.line, b.span.column), (2, 1));
     }
 
     #[test]
@@ -429,6 +483,14 @@ mod tests {
         let e = r.unwrap_err();
         assert_eq!(e.span.line, 2);
         assert!(!e.message.contains("byte"), "{}", e.message);
+    }
+
+    #[test]
+    fn unclosed_flow_list_points_at_its_bracket() {
+        let (_, r) = parse("a: [1, 2\n# [not this]\nb: '[x'\nc: 3\n");
+        let e = r.unwrap_err();
+        let open = e.unclosed.expect("the open bracket");
+        assert_eq!((open.line, open.column), (1, 4));
     }
 
     #[test]
