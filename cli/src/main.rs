@@ -4,10 +4,8 @@
 //! Exit codes (DESIGN.md §7): 0 success, 1 the command's negative result (errors found), 2 usage
 //! or I/O error.
 
-mod output;
-
 use clap::{Parser, Subcommand, ValueEnum};
-use cnpc_compiler::{check, Cluster, PolicySet};
+use cnpc_compiler::{check, report, Cluster, PolicySet};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,10 +101,10 @@ fn run_check(
     let text = match format {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            output::human(&report, color)
+            report::human(&report, color)
         }
-        Format::Json => format!("{:#}\n", output::json(&report)),
-        Format::Sarif => format!("{:#}\n", output::sarif(&report)),
+        Format::Json => format!("{:#}\n", report::json(&report)),
+        Format::Sarif => format!("{:#}\n", report::sarif(&report)),
     };
     let code = print(&text);
     if code != ExitCode::SUCCESS {

@@ -164,15 +164,16 @@ impl Policy {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(untagged)]
 pub enum PolicyBody {
     /// CNP or CCNP: `spec` and `specs` both hold Cilium rules; we keep them apart to report which.
     Cilium {
-        spec: Option<Spanned<Rule>>,
+        // Boxed: a rule is large, and most bodies are read through `cilium_rules`.
+        spec: Option<Box<Spanned<Rule>>>,
         specs: Option<List<Rule>>,
     },
     Kubernetes {
-        spec: Option<Spanned<NetworkPolicySpec>>,
+        spec: Option<Box<Spanned<NetworkPolicySpec>>>,
     },
 }
 
@@ -180,7 +181,7 @@ impl PolicyBody {
     /// Every Cilium rule of the object, `spec` first.
     pub fn cilium_rules(&self) -> impl Iterator<Item = &Spanned<Rule>> {
         let (spec, specs) = match self {
-            PolicyBody::Cilium { spec, specs } => (spec.as_ref(), specs.as_deref()),
+            PolicyBody::Cilium { spec, specs } => (spec.as_deref(), specs.as_deref()),
             PolicyBody::Kubernetes { .. } => (None, None),
         };
         spec.into_iter().chain(specs.unwrap_or_default())

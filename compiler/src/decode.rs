@@ -206,6 +206,12 @@ impl<T: Decode> Decode for Spanned<T> {
     }
 }
 
+impl<T: Decode> Decode for Box<T> {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        T::decode(node, cx).map(Box::new)
+    }
+}
+
 impl<T: Decode> Decode for Vec<Spanned<T>> {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         match &node.kind {

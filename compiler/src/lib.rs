@@ -15,6 +15,7 @@ pub mod diag;
 pub mod labels;
 pub mod lint;
 pub mod load;
+pub mod report;
 pub mod schema;
 pub mod source;
 pub mod validate;

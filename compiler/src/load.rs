@@ -227,7 +227,7 @@ fn decode_policy(node: &Node, kind: PolicyKind, cx: &mut Cx) -> Option<Policy> {
     let _ = f.raw("status");
     let body = match kind {
         PolicyKind::NetworkPolicy => {
-            let spec = f.req(
+            let spec: Option<Box<Spanned<NetworkPolicySpec>>> = f.req(
                 cx,
                 "spec",
                 "a NetworkPolicy needs `spec` with at least `podSelector: {}`",

@@ -85,9 +85,27 @@ impl SourceFile {
         start as usize + within
     }
 
-    /// 1-based line and column of a byte offset.
+    /// The nearest character boundary at or before `offset`.
+    fn floor_char(&self, offset: usize) -> usize {
+        let mut o = offset.min(self.text.len());
+        while !self.text.is_char_boundary(o) {
+            o -= 1;
+        }
+        o
+    }
+
+    /// The nearest character boundary at or after `offset`.
+    fn ceil_char(&self, offset: usize) -> usize {
+        let mut o = offset.min(self.text.len());
+        while !self.text.is_char_boundary(o) {
+            o += 1;
+        }
+        o
+    }
+
+    /// 1-based line and column of a byte offset (inside a character counts as its start).
     pub fn line_col(&self, offset: usize) -> (u32, u32) {
-        let offset = offset.min(self.text.len());
+        let offset = self.floor_char(offset);
         let line = match self.line_starts.binary_search(&(offset as u32)) {
             Ok(i) => i,
             Err(i) => i - 1,
@@ -97,9 +115,11 @@ impl SourceFile {
         (line as u32 + 1, col as u32 + 1)
     }
 
-    /// A span over a byte range of this file.
+    /// A span over a byte range of this file, widened to whole characters so that every span
+    /// can be sliced and rendered.
     pub fn span(&self, file: FileId, start: usize, end: usize) -> Span {
-        let end = end.clamp(start, self.text.len());
+        let start = self.floor_char(start);
+        let end = self.ceil_char(end.max(start));
         let (line, column) = self.line_col(start);
         Span {
             file,
@@ -163,5 +183,9 @@ mod tests {
         assert_eq!(&f.text[off..off + 1], "\"");
         assert_eq!(f.line_col(off), (2, 5));
         assert_eq!(f.line_col(0), (1, 1));
+        // A one-byte span at a multi-byte character covers the whole character.
+        let s = f.span(FileId(0), 0, 1);
+        assert_eq!((s.start, s.end), (0, 2));
+        assert_eq!(f.line_col(1), (1, 1));
     }
 }

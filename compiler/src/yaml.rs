@@ -177,7 +177,8 @@ pub fn parse_documents(file: FileId, source: &SourceFile) -> Result<Vec<Node>, Y
         // label instead, so keep only the reason.
         let info = e.info();
         let message = info.split(" at byte ").next().unwrap_or(info).to_string();
-        let unclosed = (message.contains("flow sequence") || message.contains("flow mapping"))
+        let unclosed = message
+            .contains("flow")
             .then(|| unclosed_bracket(&source.text, start))
             .flatten()
             .map(|at| source.span(file, at, at + 1));

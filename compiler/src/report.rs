@@ -1,7 +1,8 @@
 //! Rendering a check report for people (miette), for scripts (JSON, DESIGN.md §7) and for code
-//! scanning (SARIF 2.1.0).
+//! scanning (SARIF 2.1.0). Library code, because every caller that reports policy problems (the
+//! CLI, the loader's status, golden tests) must say them the same way.
 
-use cnpc_compiler::{CheckReport, Code, Diagnostic, Severity};
+use crate::{CheckReport, Code, Diagnostic, Severity};
 use miette::{GraphicalReportHandler, GraphicalTheme};
 use serde_json::{json, Value};
 use std::fmt::Write;
