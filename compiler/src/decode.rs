@@ -90,15 +90,18 @@ pub struct Fields<'n> {
 }
 
 impl<'n> Fields<'n> {
-    /// The raw value of `key`, null included.
+    /// The raw value of `key`, null included. With a duplicated key (already reported) the last
+    /// one wins, as in the API server's JSON decoding.
     pub fn raw(&mut self, key: &'static str) -> Option<&'n Node> {
         self.known.push(key);
-        let i = self
-            .entries
-            .iter()
-            .position(|(k, _)| k.as_str() == Some(key))?;
-        self.used[i] = true;
-        Some(&self.entries[i].1)
+        let mut found = None;
+        for (i, (k, v)) in self.entries.iter().enumerate() {
+            if k.as_str() == Some(key) {
+                self.used[i] = true;
+                found = Some(v);
+            }
+        }
+        found
     }
 
     /// The span of `key` itself (not its value), if present.

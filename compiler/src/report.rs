@@ -11,6 +11,15 @@ fn path_of(report: &CheckReport, d: &Diagnostic) -> String {
     report.set.sources.path(d.span.file).display().to_string()
 }
 
+/// 1-based line and column just past the diagnostic's span.
+fn end_of(report: &CheckReport, d: &Diagnostic) -> (u32, u32) {
+    report
+        .set
+        .sources
+        .get(d.span.file)
+        .line_col(d.span.end as usize)
+}
+
 /// The human form: one miette report per diagnostic, notes, and a summary line.
 pub fn human(report: &CheckReport, color: bool) -> String {
     let theme = if color {
@@ -79,11 +88,7 @@ pub fn json(report: &CheckReport) -> Value {
         .diagnostics
         .iter()
         .map(|d| {
-            let end = report
-                .set
-                .sources
-                .get(d.span.file)
-                .line_col(d.span.end as usize);
+            let end = end_of(report, d);
             json!({
                 "severity": severity(d.severity()),
                 "code": d.code.as_str(),
@@ -137,11 +142,7 @@ pub fn sarif(report: &CheckReport) -> Value {
         .diagnostics
         .iter()
         .map(|d| {
-            let end = report
-                .set
-                .sources
-                .get(d.span.file)
-                .line_col(d.span.end as usize);
+            let end = end_of(report, d);
             let uri = path_of(report, d).replace('\\', "/");
             let uri = uri.strip_prefix("./").unwrap_or(&uri).to_string();
             let text = if d.help.is_empty() {
