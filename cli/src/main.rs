@@ -5,7 +5,9 @@
 //! or I/O error.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cnpc_compiler::{check, report, Cluster, PolicySet};
+use cnpc_compiler::eval::{self, Flow, HttpRequest};
+use cnpc_compiler::{check, lower, report, Cluster, PolicySet};
+use cnpc_ir::Protocol;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,8 +39,52 @@ enum Command {
         #[arg(long)]
         deny_warnings: bool,
     },
+    /// Explain the verdict of one flow, rule by rule.
+    Trace {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Cluster snapshot (`kubectl get -o yaml` output).
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        /// Source: pod:NS/NAME, labels:NS:k=v,..., ip:ADDR, fqdn:NAME=ADDR or entity:NAME.
+        #[arg(long = "from", value_name = "PEER")]
+        from: String,
+        /// Destination, in the same forms as --from.
+        #[arg(long = "to", value_name = "PEER")]
+        to: String,
+        /// Destination port and protocol: 80, 53/UDP, 8/ICMP (an ICMP type).
+        #[arg(long, value_name = "PORT[/PROTO]")]
+        dport: String,
+        /// An HTTP request to judge against L7 rules.
+        #[arg(long, num_args = 2, value_names = ["METHOD", "PATH"])]
+        http: Option<Vec<String>>,
+        #[arg(long, value_name = "HOST")]
+        http_host: Option<String>,
+        #[arg(long, value_name = "NAME:VALUE")]
+        http_header: Vec<String>,
+        /// A DNS query name to judge against DNS rules.
+        #[arg(long, value_name = "NAME")]
+        dns_query: Option<String>,
+        #[arg(long, value_enum, default_value_t = Engine::Reference)]
+        engine: Engine,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
+        output: TraceFormat,
+    },
     /// Print the JSON Schema of the policy kinds (for yaml-language-server and editors).
     Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Engine {
+    Reference,
+    Bpf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TraceFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,6 +103,42 @@ fn main() -> ExitCode {
             format,
             deny_warnings,
         } => run_check(&paths, &cluster, format, deny_warnings),
+        Command::Trace {
+            paths,
+            cluster,
+            from,
+            to,
+            dport,
+            http,
+            http_host,
+            http_header,
+            dns_query,
+            engine,
+            output,
+        } => {
+            let request = http.map(|v| HttpRequest {
+                method: v[0].clone(),
+                path: v[1].clone(),
+                host: http_host,
+                headers: http_header
+                    .iter()
+                    .filter_map(|h| h.split_once(':'))
+                    .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                    .collect(),
+            });
+            let args = TraceArgs {
+                paths,
+                cluster,
+                from,
+                to,
+                dport,
+                http: request,
+                dns_query,
+                engine,
+                output,
+            };
+            run_trace(args)
+        }
         Command::Schema => print(&format!("{:#}\n", cnpc_compiler::schema::policy_schema())),
     }
 }
@@ -77,6 +159,82 @@ fn print(text: &str) -> ExitCode {
 fn fail(e: impl Into<miette::Report>) -> ExitCode {
     eprintln!("{:?}", e.into());
     ExitCode::from(2)
+}
+
+struct TraceArgs {
+    paths: Vec<PathBuf>,
+    cluster: Vec<PathBuf>,
+    from: String,
+    to: String,
+    dport: String,
+    http: Option<HttpRequest>,
+    dns_query: Option<String>,
+    engine: Engine,
+    output: TraceFormat,
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+/// `80`, `53/UDP`, `8/ICMP`; TCP by default.
+fn parse_dport(s: &str) -> Option<(u16, Protocol)> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    Some((port.parse().ok()?, Protocol::parse(proto)?))
+}
+
+fn run_trace(a: TraceArgs) -> ExitCode {
+    if a.engine == Engine::Bpf {
+        return usage(
+            "--engine bpf needs the BPF back end, which is not built yet; use --engine reference",
+        );
+    }
+    let Some((port, protocol)) = parse_dport(&a.dport) else {
+        return usage(&format!(
+            "--dport `{}`: write PORT or PORT/PROTO (TCP, UDP, SCTP, ICMP, ICMPv6)",
+            a.dport
+        ));
+    };
+    let mut set = match PolicySet::load(&a.paths) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let cluster = match Cluster::load(&a.cluster, &mut set.sources) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let report = check(set, Some(cluster));
+    if report.errors() > 0 {
+        // A trace of policies Cilium would reject would explain a cluster that cannot exist.
+        eprint!("{}", report::human(&report, false));
+        return ExitCode::from(1);
+    }
+    let cluster = report.cluster.as_ref().expect("loaded above");
+    let program = lower::build(
+        &report.set.policies,
+        &report.set.sources,
+        cluster,
+        &Default::default(),
+    );
+    let party = |spec: &str| eval::parse_peer(&program, cluster, spec);
+    let (src, dst) = match (party(&a.from), party(&a.to)) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let flow = Flow {
+        src,
+        dst,
+        protocol,
+        port,
+        http: a.http,
+        dns_query: a.dns_query,
+    };
+    let verdict = eval::evaluate(&program, &flow);
+    match a.output {
+        TraceFormat::Text => print(&report::trace_text(&flow, &verdict)),
+        TraceFormat::Json => print(&format!("{:#}\n", report::trace_json(&flow, &verdict))),
+    }
 }
 
 fn run_check(

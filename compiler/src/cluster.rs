@@ -29,13 +29,38 @@ pub struct Workload {
     pub service_account: String,
     pub replicas: u32,
     pub ips: Vec<IpAddr>,
+    /// Named container ports: (name, protocol, number).
+    pub named_ports: Vec<(String, String, u16)>,
+    /// For a Pod, the controller it belongs to (`deathstar` for `deathstar-6fb5694d48-5hmds`,
+    /// from its ReplicaSet owner); for a controller, its own name.
+    pub workload: String,
+    pub node: Option<String>,
     pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `None` for a Service without selector (backends managed by hand).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub ports: Vec<ServicePort>,
+    pub cluster_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterNode {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
 }
 
 /// The cluster's objects. Its files' text lives in the [`SourceMap`] passed to [`Cluster::load`],
@@ -44,6 +69,7 @@ pub struct ClusterNode {
 pub struct Cluster {
     pub namespaces: Vec<Namespace>,
     pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
     pub nodes: Vec<ClusterNode>,
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -124,10 +150,55 @@ impl Cluster {
                 name,
                 labels: own_labels,
             }),
-            "Node" => self.nodes.push(ClusterNode {
-                name,
-                labels: own_labels,
-            }),
+            "Node" => {
+                let ips = seq(node.get("status").and_then(|s| s.get("addresses")))
+                    .iter()
+                    .filter(|a| a.get("type").and_then(Node::as_str) == Some("InternalIP"))
+                    .filter_map(|a| a.get("address")?.as_str()?.parse().ok())
+                    .collect();
+                self.nodes.push(ClusterNode {
+                    name,
+                    labels: own_labels,
+                    ips,
+                })
+            }
+            "Service" => {
+                let spec = node.get("spec");
+                let selector = spec
+                    .and_then(|s| s.get("selector"))
+                    .filter(|n| !n.is_null())
+                    .map(|n| self.string_map(Some(n)));
+                let ports = seq(spec.and_then(|s| s.get("ports")))
+                    .iter()
+                    .filter_map(|p| {
+                        Some(ServicePort {
+                            name: p
+                                .get("name")
+                                .and_then(Node::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                            port: p.get("port")?.as_str()?.parse().ok()?,
+                            protocol: p
+                                .get("protocol")
+                                .and_then(Node::as_str)
+                                .unwrap_or("TCP")
+                                .to_string(),
+                        })
+                    })
+                    .collect();
+                let cluster_ip = spec
+                    .and_then(|s| s.get("clusterIP"))
+                    .and_then(Node::as_str)
+                    .and_then(|ip| ip.parse().ok());
+                self.services.push(Service {
+                    namespace,
+                    name,
+                    labels: own_labels,
+                    selector,
+                    ports,
+                    cluster_ip,
+                });
+            }
             "Pod" => {
                 let spec = node.get("spec");
                 let ips = node
@@ -143,6 +214,7 @@ impl Cluster {
                         _ => None,
                     })
                     .unwrap_or_default();
+                let workload = meta.map_or_else(|| name.clone(), |m| owner_workload(m, &name));
                 self.workloads.push(Workload {
                     kind: kind.to_string(),
                     namespace,
@@ -151,6 +223,12 @@ impl Cluster {
                     service_account: service_account(spec),
                     replicas: 1,
                     ips,
+                    named_ports: named_ports(spec),
+                    workload,
+                    node: spec
+                        .and_then(|s| s.get("nodeName"))
+                        .and_then(Node::as_str)
+                        .map(str::to_string),
                     span: node.span,
                 });
             }
@@ -167,14 +245,18 @@ impl Cluster {
                     .and_then(Node::as_str)
                     .and_then(|r| r.parse().ok())
                     .unwrap_or(1);
+                let pod_spec = template.and_then(|t| t.get("spec"));
                 self.workloads.push(Workload {
                     kind: kind.to_string(),
                     namespace,
+                    workload: name.clone(),
                     name,
                     labels,
-                    service_account: service_account(template.and_then(|t| t.get("spec"))),
+                    service_account: service_account(pod_spec),
                     replicas,
                     ips: Vec::new(),
+                    named_ports: named_ports(pod_spec),
+                    node: None,
                     span: node.span,
                 });
             }
@@ -221,14 +303,44 @@ impl Cluster {
             set.insert("k8s", k, v);
         }
         set.insert("k8s", labels::NAMESPACE_LABEL, &w.namespace);
-        if let Some(ns) = self.namespaces.iter().find(|n| n.name == w.namespace) {
-            for (k, v) in &ns.labels {
-                set.insert("k8s", &format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v);
-            }
+        for (k, v) in &self.namespace_labels(&w.namespace) {
+            set.insert("k8s", &format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v);
         }
         set.insert("k8s", labels::SERVICE_ACCOUNT_LABEL, &w.service_account);
         set.insert("k8s", labels::CLUSTER_LABEL, DEFAULT_CLUSTER);
         set
+    }
+
+    /// The endpoints policy applies to: every Pod, and each workload controller whose pods are
+    /// not in the snapshot (it then stands for its pod template).
+    pub fn endpoints(&self) -> Vec<&Workload> {
+        let pods: Vec<&Workload> = self.workloads.iter().filter(|w| w.kind == "Pod").collect();
+        let mut out = pods.clone();
+        for w in self.workloads.iter().filter(|w| w.kind != "Pod") {
+            let has_pods = pods.iter().any(|p| {
+                p.namespace == w.namespace
+                    && (p.workload == w.name
+                        || w.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            });
+            if !has_pods {
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    /// A namespace's labels, with the `kubernetes.io/metadata.name` label Kubernetes always sets.
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .iter()
+            .find(|n| n.name == ns)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        labels
+            .entry("kubernetes.io/metadata.name".to_string())
+            .or_insert_with(|| ns.to_string());
+        labels
     }
 
     /// A node's labels as host policies see them.
@@ -238,6 +350,50 @@ impl Cluster {
             set.insert("k8s", k, v);
         }
         set
+    }
+}
+
+fn seq(node: Option<&Node>) -> &[Node] {
+    match node.map(|n| &n.kind) {
+        Some(NodeKind::Seq(items)) => items,
+        _ => &[],
+    }
+}
+
+fn named_ports(pod_spec: Option<&Node>) -> Vec<(String, String, u16)> {
+    seq(pod_spec.and_then(|s| s.get("containers")))
+        .iter()
+        .flat_map(|c| seq(c.get("ports")))
+        .filter_map(|p| {
+            let name = p.get("name")?.as_str()?.to_string();
+            let number = p.get("containerPort")?.as_str()?.parse().ok()?;
+            let proto = p
+                .get("protocol")
+                .and_then(Node::as_str)
+                .unwrap_or("TCP")
+                .to_string();
+            Some((name, proto, number))
+        })
+        .collect()
+}
+
+/// The workload a pod belongs to: its owner, with a ReplicaSet's pod-template hash dropped so
+/// that pods of a Deployment name the Deployment.
+fn owner_workload(meta: &Node, pod_name: &str) -> String {
+    let Some(owner) = seq(meta.get("ownerReferences")).first() else {
+        return pod_name.to_string();
+    };
+    let name = owner.get("name").and_then(Node::as_str).unwrap_or(pod_name);
+    match owner.get("kind").and_then(Node::as_str) {
+        Some("ReplicaSet") => match name.rsplit_once('-') {
+            Some((deployment, hash))
+                if hash.len() >= 5 && hash.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                deployment.to_string()
+            }
+            _ => name.to_string(),
+        },
+        _ => name.to_string(),
     }
 }
 

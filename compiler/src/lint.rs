@@ -623,12 +623,14 @@ fn selects_nothing(p: &Policy, c: &Cluster, out: &mut Vec<Diagnostic>) {
     let in_scope = |w: &&crate::cluster::Workload| ns.as_ref().is_none_or(|n| &w.namespace == n);
     let mut check = |sel: &Spanned<LabelSelector>, nodes: bool| {
         let any = if nodes {
-            c.nodes.iter().any(|n| c.node_labels(n).matches(sel))
+            c.nodes
+                .iter()
+                .any(|n| crate::labels::matches(&c.node_labels(n), sel))
         } else {
             c.workloads
                 .iter()
                 .filter(in_scope)
-                .any(|w| c.security_labels(w).matches(sel))
+                .any(|w| crate::labels::matches(&c.security_labels(w), sel))
         };
         if !any {
             let where_ = match (&ns, nodes) {

@@ -183,3 +183,100 @@ pub fn sarif(report: &CheckReport) -> Value {
         }],
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// cnpc trace
+
+use crate::eval::{Decision, Flow, Party, Reason, Verdict};
+
+fn reason_json(r: &Reason) -> Value {
+    json!({"policy": r.origin.policy, "file": r.origin.file, "line": r.origin.line, "reason": r.what})
+}
+
+fn decision_json(d: &Decision) -> Value {
+    json!({"verdict": d.verdict.as_str(), "rules": d.rules.iter().map(reason_json).collect::<Vec<_>>()})
+}
+
+fn party_json(p: &Party) -> Value {
+    json!({"name": p.name, "identity": p.identity.map(|i| i.0), "ip": p.ip.map(|i| i.to_string())})
+}
+
+/// `cnpc trace -o json` (DESIGN.md §7).
+pub fn trace_json(flow: &Flow, v: &Verdict) -> Value {
+    let l7 = v.l7().map(|l| {
+        json!({"protocol": l.protocol, "allowed": l.allowed, "rules": l.rules.iter().map(reason_json).collect::<Vec<_>>()})
+    });
+    json!({
+        "verdict": if v.allowed { "allowed" } else { "denied" },
+        "from": party_json(&flow.src),
+        "to": party_json(&flow.dst),
+        "port": format!("{}/{}", flow.port, flow.protocol.as_str()),
+        "egress": decision_json(&v.egress),
+        "ingress": decision_json(&v.ingress),
+        "l7": l7,
+    })
+}
+
+fn party_text(p: &Party) -> String {
+    match (p.identity, p.ip) {
+        (Some(id), Some(ip)) => format!("{} (identity {}, {ip})", p.name, id.0),
+        (Some(id), None) => format!("{} (identity {})", p.name, id.0),
+        (None, Some(ip)) => format!("{} ({ip})", p.name),
+        (None, None) => p.name.clone(),
+    }
+}
+
+/// `cnpc trace` for people, in the spirit of `cilium policy trace`.
+pub fn trace_text(flow: &Flow, v: &Verdict) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Tracing {} -> {}, {}/{}",
+        party_text(&flow.src),
+        party_text(&flow.dst),
+        flow.port,
+        flow.protocol.as_str()
+    );
+    for (title, d) in [
+        (format!("Egress from {}", flow.src.name), &v.egress),
+        (format!("Ingress to {}", flow.dst.name), &v.ingress),
+    ] {
+        let _ = writeln!(out, "\n{title}: {}", d.verdict.as_str());
+        if d.rules.is_empty() && d.verdict == crate::eval::DirVerdict::NotEnforced {
+            let _ = writeln!(out, "  no policy enforces this direction");
+        }
+        for r in &d.rules {
+            let _ = writeln!(
+                out,
+                "  {}  {}:{}  {}",
+                r.origin.policy, r.origin.file, r.origin.line, r.what
+            );
+        }
+    }
+    if let Some(l) = v.l7() {
+        let state = match l.allowed {
+            Some(true) => "allowed",
+            Some(false) => "denied",
+            None => "proxied (no request given)",
+        };
+        let req = match (&flow.http, &flow.dns_query) {
+            (Some(h), _) => format!(" {} {}", h.method, h.path),
+            (None, Some(q)) => format!(" query {q}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "\nL7 ({}){req}: {state}", l.protocol);
+        for r in &l.rules {
+            let _ = writeln!(
+                out,
+                "  {}  {}:{}  {}",
+                r.origin.policy, r.origin.file, r.origin.line, r.what
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nVerdict: {}",
+        if v.allowed { "allowed" } else { "denied" }
+    );
+    out
+}

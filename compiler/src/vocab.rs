@@ -210,20 +210,7 @@ fn is_label_name(s: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
-/// Cilium label sources a selector key may start with (`k8s:app`), pkg/labels.
-pub const LABEL_SOURCES: &[&str] = &[
-    "k8s",
-    "any",
-    "reserved",
-    "unspec",
-    "container",
-    "cni",
-    "cidr",
-    "fqdn",
-    "kvstore",
-    "cilium-generated",
-    "k8s-annotation",
-];
+pub use cnpc_ir::labels::LABEL_SOURCES;
 
 /// Why a label key is invalid, for the diagnostic.
 pub fn label_key_problem(key: &str) -> Option<String> {

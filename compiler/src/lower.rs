@@ -1,0 +1,900 @@
+//! Lowering: a checked policy set and a cluster snapshot become an IR [`Program`].
+//!
+//! Semantics carried over from Cilium, each cited where it is applied:
+//! - identities: reserved ones with Cilium's numbers; one identity per distinct label set of the
+//!   cluster's endpoints (DESIGN.md §3);
+//! - namespace scoping of selectors (pkg/k8s/apis/cilium.io/utils/utils.go, getEndpointSelector
+//!   and ParseToCiliumRule);
+//! - entities (pkg/policy/api/entity.go, EntitySelectorMapping and InitEntities);
+//! - default deny per direction (pkg/policy/api/rule_validation.go, Rule.Sanitize);
+//! - Kubernetes NetworkPolicy's own rules (policyTypes, peers, ports).
+
+use crate::ast::{self, PolicyBody, Spanned};
+use crate::cluster::{Cluster, DEFAULT_CLUSTER};
+use crate::labels::{
+    self, LabelSet, Operator, Selector, CLUSTER_LABEL, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX,
+};
+use crate::source::SourceMap;
+use crate::vocab::{self, IcmpFamily, PortRef};
+use cnpc_ir::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Reads a previous identity allocation: label set (as printed by [`LabelSet::to_strings`],
+/// joined by `;`) → number. Reusing it keeps numbers stable when the cluster changes.
+pub type Allocation = BTreeMap<String, u32>;
+
+fn allocation_key(labels: &LabelSet) -> String {
+    labels.to_strings().join(";")
+}
+
+/// FNV-1a, for a deterministic first-choice number per label set.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Assigns numbers to cluster label sets. Sets in `previous` keep their numbers; a new set takes
+/// the first free number at or after a hash of its labels (probing upwards, wrapping), so
+/// numbering depends on each set's own labels, not on what else is in the cluster: adding or
+/// removing one workload never renumbers the others.
+pub fn allocate(
+    sets: &BTreeSet<LabelSet>,
+    previous: &Allocation,
+) -> BTreeMap<LabelSet, NumericIdentity> {
+    let span = LAST_CLUSTER_IDENTITY - FIRST_CLUSTER_IDENTITY + 1;
+    let mut taken: BTreeSet<u32> = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for set in sets {
+        if let Some(&n) = previous.get(&allocation_key(set)) {
+            if taken.insert(n) {
+                out.insert(set.clone(), NumericIdentity(n));
+            }
+        }
+    }
+    for set in sets {
+        if out.contains_key(set) {
+            continue;
+        }
+        let start = (fnv(&allocation_key(set)) % u64::from(span)) as u32;
+        let n = (0..span)
+            .map(|i| FIRST_CLUSTER_IDENTITY + (start + i) % span)
+            .find(|n| !taken.contains(n) && !previous.values().any(|p| p == n))
+            .or_else(|| {
+                (0..span)
+                    .map(|i| FIRST_CLUSTER_IDENTITY + (start + i) % span)
+                    .find(|n| !taken.contains(n))
+            })
+            .expect("fewer label sets than identity numbers");
+        taken.insert(n);
+        out.insert(set.clone(), NumericIdentity(n));
+    }
+    out
+}
+
+fn reserved_labels(r: Reserved) -> LabelSet {
+    let mut l = LabelSet::default();
+    l.insert("reserved", r.name(), "");
+    // The world identities are all "world" to selectors (reserved:world matches world-ipv4/6).
+    if matches!(r, Reserved::WorldIpv4 | Reserved::WorldIpv6) {
+        l.insert("reserved", "world", "");
+    }
+    l
+}
+
+/// Builds the identities and endpoints of a cluster snapshot.
+pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
+    let mut p = Program::default();
+    for r in Reserved::ALL {
+        p.identities.push(Identity {
+            numeric: r.numeric(),
+            kind: IdentityKind::Reserved(r),
+            labels: reserved_labels(r),
+        });
+    }
+    let endpoints = cluster.endpoints();
+    let sets: BTreeSet<LabelSet> = endpoints
+        .iter()
+        .map(|w| cluster.security_labels(w))
+        .collect();
+    let numbers = allocate(&sets, previous);
+    let mut by_set = BTreeMap::new();
+    for (set, n) in &numbers {
+        let r = p.identities.push(Identity {
+            numeric: *n,
+            kind: IdentityKind::Cluster,
+            labels: set.clone(),
+        });
+        by_set.insert(set.clone(), r);
+    }
+    for w in endpoints {
+        let named_ports = w
+            .named_ports
+            .iter()
+            .filter_map(|(n, proto, port)| Some((n.clone(), Protocol::parse(proto)?, *port)))
+            .collect();
+        p.endpoints.push(Endpoint {
+            name: format!("{}/{}", w.namespace, w.name),
+            workload: format!("{}/{}", w.namespace, w.workload),
+            identity: by_set[&cluster.security_labels(w)],
+            labels: cluster.security_labels(w),
+            ips: w.ips.clone(),
+            named_ports,
+            is_pod: true,
+            node: w.node.clone(),
+        });
+    }
+    let host = p.reserved(Reserved::Host);
+    for n in &cluster.nodes {
+        p.endpoints.push(Endpoint {
+            name: n.name.clone(),
+            workload: n.name.clone(),
+            identity: host,
+            labels: cluster.node_labels(n),
+            ips: n.ips.clone(),
+            named_ports: Vec::new(),
+            is_pod: false,
+            node: Some(n.name.clone()),
+        });
+    }
+    p
+}
+
+/// Lowers every policy onto a program built by [`cluster_program`].
+pub fn lower(
+    policies: &[ast::Policy],
+    sources: &SourceMap,
+    cluster: &Cluster,
+    program: &mut Program,
+) {
+    let mut cx = Lowering {
+        sources,
+        cluster,
+        program,
+    };
+    for p in policies {
+        cx.policy(p);
+    }
+}
+
+struct Lowering<'a> {
+    sources: &'a SourceMap,
+    cluster: &'a Cluster,
+    program: &'a mut Program,
+}
+
+fn ns_of(p: &ast::Policy) -> Option<String> {
+    p.kind.is_namespaced().then(|| {
+        p.metadata
+            .namespace
+            .as_ref()
+            .map_or("default".to_string(), |n| n.value.clone())
+    })
+}
+
+impl Lowering<'_> {
+    fn origin(&self, p: &ast::Policy, span: crate::Span) -> Origin {
+        Origin {
+            policy: format!("{} {}", p.kind.as_str(), p.display_name()),
+            file: self.sources.path(span.file).display().to_string(),
+            line: span.line,
+        }
+    }
+
+    fn policy(&mut self, p: &ast::Policy) {
+        match &p.body {
+            PolicyBody::Cilium { .. } => {
+                for r in p.body.cilium_rules() {
+                    self.cilium_rule(p, r);
+                }
+            }
+            PolicyBody::Kubernetes { spec: Some(spec) } => self.network_policy(p, spec),
+            PolicyBody::Kubernetes { spec: None } => {}
+        }
+    }
+
+    /// ParseToCiliumRule: a CNP's endpointSelector always gets its namespace.
+    fn subject(&self, p: &ast::Policy, r: &ast::Rule) -> Option<Subject> {
+        if let Some(es) = &r.endpoint_selector {
+            let mut sel = labels::selector(es);
+            if let Some(ns) = ns_of(p) {
+                sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::In, &[&ns]);
+            } else {
+                // CCNPs select only Cilium-managed pods: every pod has a namespace label.
+                sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::Exists, &[]);
+            }
+            return Some(Subject::Endpoints(sel));
+        }
+        r.node_selector
+            .as_ref()
+            .map(|ns| Subject::Nodes(labels::selector(ns)))
+    }
+
+    /// getEndpointSelector: peer selectors in a namespaced policy are confined to its namespace
+    /// unless they name a namespace, select on namespace labels, or use reserved labels; in a
+    /// cluster-wide policy they are confined to pods (a namespace label must exist).
+    fn peer_selector(&self, ns: &Option<String>, sel: &ast::LabelSelector) -> Selector {
+        let mut s = labels::selector(sel);
+        if s.has_source("reserved") || s.has_key(NAMESPACE_LABEL) {
+            return s;
+        }
+        match ns {
+            None => s.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::Exists, &[]),
+            Some(ns) if !s.has_key_prefix(NAMESPACE_LABELS_PREFIX) => {
+                s.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::In, &[ns]);
+            }
+            Some(_) => {}
+        }
+        s
+    }
+
+    fn entity(&self, name: &str, out: &mut Vec<Peer>) {
+        let reserved = |r: Reserved| {
+            Peer::Selector(Selector::default().with(
+                &format!("reserved:{}", r.name()),
+                Operator::Exists,
+                &[],
+            ))
+        };
+        match name {
+            "all" => out.push(Peer::Any),
+            "world" => out.push(reserved(Reserved::World)),
+            "world-ipv4" => out.push(reserved(Reserved::WorldIpv4)),
+            "world-ipv6" => out.push(reserved(Reserved::WorldIpv6)),
+            "host" => out.push(reserved(Reserved::Host)),
+            "remote-node" => out.push(reserved(Reserved::RemoteNode)),
+            "kube-apiserver" => out.push(reserved(Reserved::KubeApiserver)),
+            "init" => out.push(reserved(Reserved::Init)),
+            "health" => out.push(reserved(Reserved::Health)),
+            "unmanaged" => out.push(reserved(Reserved::Unmanaged)),
+            "ingress" => out.push(reserved(Reserved::Ingress)),
+            // InitEntities: the cluster is every reserved in-cluster identity plus every endpoint
+            // with this cluster's name label.
+            "cluster" => {
+                for r in [
+                    Reserved::Host,
+                    Reserved::RemoteNode,
+                    Reserved::Init,
+                    Reserved::Health,
+                    Reserved::Unmanaged,
+                    Reserved::KubeApiserver,
+                    Reserved::Ingress,
+                ] {
+                    out.push(reserved(r));
+                }
+                out.push(Peer::Selector(Selector::default().with(
+                    &format!("k8s:{CLUSTER_LABEL}"),
+                    Operator::In,
+                    &[DEFAULT_CLUSTER],
+                )));
+            }
+            // `none` and unknown names (already reported) select nothing.
+            _ => {}
+        }
+    }
+
+    fn cidr(&self, s: &str) -> Option<Peer> {
+        let net = s
+            .parse::<IpNet>()
+            .ok()
+            .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))?;
+        Some(Peer::Cidr {
+            net: net.trunc(),
+            except: Vec::new(),
+        })
+    }
+
+    fn cidr_rule(&self, c: &ast::CidrRule) -> Option<Peer> {
+        let net = c.cidr.as_ref()?.value.parse::<IpNet>().ok()?;
+        let except = c
+            .except
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .filter_map(|e| e.value.parse::<IpNet>().ok())
+            .collect();
+        Some(Peer::Cidr {
+            net: net.trunc(),
+            except,
+        })
+    }
+
+    /// Peers of an ingress or egress rule; `None` when the rule names no peer (all peers).
+    fn ingress_peers(&self, ns: &Option<String>, p: &ast::IngressPeers) -> Vec<Peer> {
+        let mut out = Vec::new();
+        for s in p.from_endpoints.iter().flat_map(|l| l.value.iter()) {
+            out.push(Peer::Selector(self.peer_selector(ns, s)));
+        }
+        for s in p.from_nodes.iter().flat_map(|l| l.value.iter()) {
+            out.push(Peer::Nodes(labels::selector(s)));
+        }
+        for c in p.from_cidr.iter().flat_map(|l| l.value.iter()) {
+            out.extend(self.cidr(&c.value));
+        }
+        for c in p.from_cidr_set.iter().flat_map(|l| l.value.iter()) {
+            out.extend(self.cidr_rule(c));
+        }
+        for e in p.from_entities.iter().flat_map(|l| l.value.iter()) {
+            self.entity(&e.value, &mut out);
+        }
+        if out.is_empty() && !names_a_peer_ingress(p) {
+            out.push(Peer::Any);
+        }
+        out
+    }
+
+    fn egress_peers(
+        &self,
+        ns: &Option<String>,
+        p: &ast::EgressPeers,
+        fqdns: Option<&Spanned<ast::List<ast::FqdnSelector>>>,
+    ) -> Vec<Peer> {
+        let mut out = Vec::new();
+        for s in p.to_endpoints.iter().flat_map(|l| l.value.iter()) {
+            out.push(Peer::Selector(self.peer_selector(ns, s)));
+        }
+        for s in p.to_nodes.iter().flat_map(|l| l.value.iter()) {
+            out.push(Peer::Nodes(labels::selector(s)));
+        }
+        for c in p.to_cidr.iter().flat_map(|l| l.value.iter()) {
+            out.extend(self.cidr(&c.value));
+        }
+        for c in p.to_cidr_set.iter().flat_map(|l| l.value.iter()) {
+            out.extend(self.cidr_rule(c));
+        }
+        for e in p.to_entities.iter().flat_map(|l| l.value.iter()) {
+            self.entity(&e.value, &mut out);
+        }
+        for svc in p.to_services.iter().flat_map(|l| l.value.iter()) {
+            self.services(ns, svc, &mut out);
+        }
+        for f in fqdns.iter().flat_map(|l| l.value.iter()) {
+            if let Some(n) = &f.match_name {
+                out.push(Peer::Fqdn(DnsMatcher::name(&n.value)));
+            }
+            if let Some(pt) = &f.match_pattern {
+                out.push(Peer::Fqdn(DnsMatcher::pattern(&pt.value)));
+            }
+        }
+        let names_fqdn = fqdns.is_some_and(|l| !l.value.is_empty());
+        if out.is_empty() && !names_a_peer_egress(p) && !names_fqdn {
+            out.push(Peer::Any);
+        }
+        out
+    }
+
+    /// toServices: a Service with a selector stands for its backends, the pods its selector
+    /// matches in its namespace (the "toServices through Service selectors").
+    fn services(&self, ns: &Option<String>, svc: &ast::ServiceSelector, out: &mut Vec<Peer>) {
+        let policy_ns = ns.clone().unwrap_or_else(|| "default".to_string());
+        let mut matched = Vec::new();
+        if let Some(n) = &svc.k8s_service {
+            let name = n.service_name.as_ref().map(|s| s.value.as_str());
+            let sns = n
+                .namespace
+                .as_ref()
+                .map_or(policy_ns.as_str(), |s| s.value.as_str());
+            matched.extend(
+                self.cluster
+                    .services
+                    .iter()
+                    .filter(|s| Some(s.name.as_str()) == name && s.namespace == sns),
+            );
+        }
+        if let Some(sel) = &svc.k8s_service_selector {
+            let want = sel
+                .selector
+                .as_ref()
+                .map(|s| labels::selector(s))
+                .unwrap_or_default();
+            let sns = sel.namespace.as_ref().map(|s| s.value.clone());
+            for s in &self.cluster.services {
+                let mut l = LabelSet::default();
+                for (k, v) in &s.labels {
+                    l.insert("k8s", k, v);
+                }
+                if want.matches(&l) && sns.as_ref().is_none_or(|n| *n == s.namespace) {
+                    matched.push(s);
+                }
+            }
+        }
+        for s in matched {
+            let Some(selector) = &s.selector else {
+                continue;
+            };
+            let mut sel = Selector::default().with(
+                &format!("k8s:{NAMESPACE_LABEL}"),
+                Operator::In,
+                &[&s.namespace],
+            );
+            for (k, v) in selector {
+                sel.add(&format!("k8s:{k}"), Operator::In, &[v]);
+            }
+            out.push(Peer::Selector(sel));
+        }
+    }
+
+    fn ports(&self, ports: Option<&Spanned<ast::List<ast::PortProtocol>>>) -> Vec<L4Term> {
+        let mut out = Vec::new();
+        for p in ports.iter().flat_map(|l| l.value.iter()) {
+            let protocols = match p.protocol.as_ref().map(|s| s.value.as_str()) {
+                None | Some("ANY") => Vec::new(),
+                Some(s) => Protocol::parse(s).into_iter().collect(),
+            };
+            match p.port.as_ref().map(|s| vocab::parse_port(&s.value)) {
+                Some(Ok(PortRef::Number(0))) | None => out.push(L4Term::Ports {
+                    protocols,
+                    range: PortRange::ALL,
+                }),
+                Some(Ok(PortRef::Number(n))) => {
+                    let hi = p
+                        .end_port
+                        .as_ref()
+                        .and_then(|e| u16::try_from(e.value).ok())
+                        .filter(|e| *e >= n)
+                        .unwrap_or(n);
+                    out.push(L4Term::Ports {
+                        protocols,
+                        range: PortRange { lo: n, hi },
+                    });
+                }
+                Some(Ok(PortRef::Name(name))) => out.push(L4Term::Named { protocols, name }),
+                Some(Err(_)) => {}
+            }
+        }
+        out
+    }
+
+    fn icmps(&self, icmps: &Option<Spanned<ast::List<ast::IcmpRule>>>) -> Vec<L4Term> {
+        let mut out = Vec::new();
+        for f in icmps
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .flat_map(|r| r.fields.iter().flat_map(|l| l.value.iter()))
+        {
+            let family = f
+                .family
+                .as_ref()
+                .map_or(Some(IcmpFamily::V4), |s| IcmpFamily::parse(&s.value));
+            let (Some(family), Some(t)) = (family, &f.icmp_type) else {
+                continue;
+            };
+            if let Some(icmp_type) = vocab::icmp_type(family, &t.value.0) {
+                let protocol = if family == IcmpFamily::V4 {
+                    Protocol::Icmp
+                } else {
+                    Protocol::Icmpv6
+                };
+                out.push(L4Term::Icmp {
+                    protocol,
+                    icmp_type,
+                });
+            }
+        }
+        out
+    }
+
+    fn l7(&self, rules: &Option<Spanned<ast::L7Rules>>) -> Option<L7Rules> {
+        let r = rules.as_ref().filter(|r| !r.value.is_empty())?;
+        if let Some(http) = &r.http {
+            let s = |v: &Option<ast::SString>| v.as_ref().map(|x| x.value.clone());
+            return Some(L7Rules::Http(
+                http.value
+                    .iter()
+                    .map(|h| HttpRule {
+                        method: s(&h.method),
+                        path: s(&h.path),
+                        host: s(&h.host),
+                        headers: h
+                            .headers
+                            .iter()
+                            .flat_map(|l| l.value.iter())
+                            .map(|hdr| match hdr.value.split_once(':') {
+                                Some((n, v)) => (n.trim().to_string(), Some(v.trim().to_string())),
+                                None => (hdr.value.trim().to_string(), None),
+                            })
+                            .chain(
+                                h.header_matches
+                                    .iter()
+                                    .flat_map(|l| l.value.iter())
+                                    .filter(|m| m.mismatch.is_none())
+                                    .filter_map(|m| {
+                                        Some((
+                                            m.name.as_ref()?.value.clone(),
+                                            m.value.value.as_ref().map(|v| v.value.clone()),
+                                        ))
+                                    }),
+                            )
+                            .collect(),
+                    })
+                    .collect(),
+            ));
+        }
+        if let Some(dns) = &r.dns {
+            let mut m = Vec::new();
+            for d in &dns.value {
+                m.extend(d.match_name.as_ref().map(|n| DnsMatcher::name(&n.value)));
+                m.extend(
+                    d.match_pattern
+                        .as_ref()
+                        .map(|n| DnsMatcher::pattern(&n.value)),
+                );
+            }
+            return Some(L7Rules::Dns(m));
+        }
+        if r.kafka.is_some() {
+            return Some(L7Rules::Other("kafka".into()));
+        }
+        Some(L7Rules::Other(
+            r.l7proto.as_ref().map_or("l7".into(), |p| p.value.clone()),
+        ))
+    }
+
+    fn push(&mut self, base: &Rule, l4: Vec<L4Term>, l7: Option<L7Rules>) {
+        let mut r = base.clone();
+        r.l4 = l4;
+        r.l7 = l7;
+        self.program.rules.push(r);
+    }
+
+    /// One IR rule per toPorts entry (each may carry its own L7), or one for the whole rule.
+    fn push_with_ports(
+        &mut self,
+        base: Rule,
+        to_ports: Option<&Spanned<ast::List<ast::PortRule>>>,
+        icmps: Vec<L4Term>,
+    ) {
+        match to_ports.filter(|t| !t.value.is_empty()) {
+            Some(tp) => {
+                for pr in &tp.value {
+                    let l4 = self.ports(pr.ports.as_ref());
+                    let l7 = self.l7(&pr.rules);
+                    self.push(&base, l4, l7);
+                }
+            }
+            None => self.push(&base, icmps, None),
+        }
+    }
+
+    fn cilium_rule(&mut self, p: &ast::Policy, r: &Spanned<ast::Rule>) {
+        let Some(subject) = self.subject(p, r) else {
+            return;
+        };
+        let ns = ns_of(p);
+        // Rule.Sanitize: default deny for a direction unless enableDefaultDeny says otherwise,
+        // when the rule has an allow or deny section for it.
+        let dd = r.enable_default_deny.as_ref();
+        let has = |a: Option<usize>, b: Option<usize>| a.unwrap_or(0) + b.unwrap_or(0) > 0;
+        let ingress_dd = dd.and_then(|d| d.ingress.as_ref()).map_or_else(
+            || {
+                has(
+                    r.ingress.as_ref().map(|l| l.value.len()),
+                    r.ingress_deny.as_ref().map(|l| l.value.len()),
+                )
+            },
+            |b| b.value,
+        );
+        let egress_dd = dd.and_then(|d| d.egress.as_ref()).map_or_else(
+            || {
+                has(
+                    r.egress.as_ref().map(|l| l.value.len()),
+                    r.egress_deny.as_ref().map(|l| l.value.len()),
+                )
+            },
+            |b| b.value,
+        );
+        let origin = self.origin(p, r.span);
+        for (dir, on) in [
+            (Direction::Ingress, ingress_dd),
+            (Direction::Egress, egress_dd),
+        ] {
+            if on {
+                self.program.enforcement.push(Enforcement {
+                    subject: subject.clone(),
+                    direction: dir,
+                    origin: origin.clone(),
+                });
+            }
+        }
+        let rule = |dir, action, peers, span: crate::Span, this: &Self| Rule {
+            origin: this.origin(p, span),
+            subject: subject.clone(),
+            direction: dir,
+            action,
+            peers,
+            l4: Vec::new(),
+            l7: None,
+        };
+        for i in r.ingress.iter().flat_map(|l| l.value.iter()) {
+            let base = rule(
+                Direction::Ingress,
+                Action::Allow,
+                self.ingress_peers(&ns, &i.peers),
+                i.span,
+                self,
+            );
+            self.requirements(
+                &subject,
+                Direction::Ingress,
+                &ns,
+                i.peers.from_requires.as_ref(),
+                &base.origin,
+            );
+            let icmps = self.icmps(&i.icmps);
+            self.push_with_ports(base, i.to_ports.as_ref(), icmps);
+        }
+        for i in r.ingress_deny.iter().flat_map(|l| l.value.iter()) {
+            let base = rule(
+                Direction::Ingress,
+                Action::Deny,
+                self.ingress_peers(&ns, &i.peers),
+                i.span,
+                self,
+            );
+            let l4 = match i.to_ports.as_ref().filter(|t| !t.value.is_empty()) {
+                Some(tp) => tp
+                    .value
+                    .iter()
+                    .flat_map(|pr| self.ports(pr.ports.as_ref()))
+                    .collect(),
+                None => self.icmps(&i.icmps),
+            };
+            self.push(&base, l4, None);
+        }
+        for e in r.egress.iter().flat_map(|l| l.value.iter()) {
+            let base = rule(
+                Direction::Egress,
+                Action::Allow,
+                self.egress_peers(&ns, &e.peers, e.to_fqdns.as_ref()),
+                e.span,
+                self,
+            );
+            self.requirements(
+                &subject,
+                Direction::Egress,
+                &ns,
+                e.peers.to_requires.as_ref(),
+                &base.origin,
+            );
+            let icmps = self.icmps(&e.icmps);
+            self.push_with_ports(base, e.to_ports.as_ref(), icmps);
+        }
+        for e in r.egress_deny.iter().flat_map(|l| l.value.iter()) {
+            let base = rule(
+                Direction::Egress,
+                Action::Deny,
+                self.egress_peers(&ns, &e.peers, None),
+                e.span,
+                self,
+            );
+            let l4 = match e.to_ports.as_ref().filter(|t| !t.value.is_empty()) {
+                Some(tp) => tp
+                    .value
+                    .iter()
+                    .flat_map(|pr| self.ports(pr.ports.as_ref()))
+                    .collect(),
+                None => self.icmps(&e.icmps),
+            };
+            self.push(&base, l4, None);
+        }
+    }
+
+    /// fromRequires/toRequires: constraints every peer of the subject must also meet; they
+    /// grant nothing themselves (pkg/policy/api/ingress.go, FromRequires).
+    fn requirements(
+        &mut self,
+        subject: &Subject,
+        direction: Direction,
+        ns: &Option<String>,
+        list: Option<&Spanned<ast::List<ast::LabelSelector>>>,
+        origin: &Origin,
+    ) {
+        for s in list.iter().flat_map(|l| l.value.iter()) {
+            self.program.requirements.push(Requirement {
+                subject: subject.clone(),
+                direction,
+                selector: self.peer_selector(ns, s),
+                origin: origin.clone(),
+            });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Kubernetes NetworkPolicy (networking.k8s.io/v1 semantics)
+
+    fn network_policy(&mut self, p: &ast::Policy, spec: &Spanned<ast::NetworkPolicySpec>) {
+        let ns = ns_of(p).unwrap_or_else(|| "default".to_string());
+        let mut sel = spec
+            .pod_selector
+            .as_ref()
+            .map(|s| labels::selector(s))
+            .unwrap_or_default();
+        sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::In, &[&ns]);
+        let subject = Subject::Endpoints(sel);
+        // policyTypes defaults to Ingress, plus Egress when the spec has an egress section.
+        let types: Vec<String> = match &spec.policy_types {
+            Some(t) => t.value.iter().map(|s| s.value.clone()).collect(),
+            None => {
+                let mut t = vec!["Ingress".to_string()];
+                if spec.egress.is_some() {
+                    t.push("Egress".into());
+                }
+                t
+            }
+        };
+        let origin = self.origin(p, spec.span);
+        for (name, dir) in [
+            ("Ingress", Direction::Ingress),
+            ("Egress", Direction::Egress),
+        ] {
+            if types.iter().any(|t| t == name) {
+                self.program.enforcement.push(Enforcement {
+                    subject: subject.clone(),
+                    direction: dir,
+                    origin: origin.clone(),
+                });
+            }
+        }
+        let rules = spec
+            .ingress
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .map(|r| {
+                (
+                    Direction::Ingress,
+                    r.from.as_ref(),
+                    r.ports.as_ref(),
+                    r.span,
+                )
+            })
+            .chain(
+                spec.egress
+                    .iter()
+                    .flat_map(|l| l.value.iter())
+                    .map(|r| (Direction::Egress, r.to.as_ref(), r.ports.as_ref(), r.span)),
+            );
+        let rules: Vec<_> = rules.collect();
+        for (dir, peers, ports, span) in rules {
+            if !types.iter().any(|t| t == dir_name(dir)) {
+                continue;
+            }
+            let mut out = Vec::new();
+            for peer in peers.iter().flat_map(|l| l.value.iter()) {
+                self.np_peer(&ns, peer, &mut out);
+            }
+            // An absent or empty `from`/`to` matches every peer.
+            if peers.is_none_or(|l| l.value.is_empty()) {
+                out.push(Peer::Any);
+            }
+            let l4 = ports
+                .iter()
+                .flat_map(|l| l.value.iter())
+                .filter_map(np_port)
+                .collect();
+            self.program.rules.push(Rule {
+                origin: self.origin(p, span),
+                subject: subject.clone(),
+                direction: dir,
+                action: Action::Allow,
+                peers: out,
+                l4,
+                l7: None,
+            });
+        }
+    }
+
+    fn np_peer(&self, ns: &str, peer: &ast::NetworkPolicyPeer, out: &mut Vec<Peer>) {
+        if let Some(b) = &peer.ip_block {
+            if let Some(net) = b.cidr.as_ref().and_then(|c| c.value.parse::<IpNet>().ok()) {
+                let except = b
+                    .except
+                    .iter()
+                    .flat_map(|l| l.value.iter())
+                    .filter_map(|e| e.value.parse().ok())
+                    .collect();
+                out.push(Peer::Cidr {
+                    net: net.trunc(),
+                    except,
+                });
+            }
+            return;
+        }
+        let mut sel = peer
+            .pod_selector
+            .as_ref()
+            .map(|s| labels::selector(s))
+            .unwrap_or_default();
+        match &peer.namespace_selector {
+            // A namespaceSelector selects namespaces by their labels, which Cilium carries on
+            // each pod as io.cilium.k8s.namespace.labels.<key>.
+            Some(nsel) => {
+                for (k, op, values) in labels::selector(nsel).requirements {
+                    let (_, key) = labels::split_source(&k);
+                    sel.requirements.push((
+                        format!("k8s:{NAMESPACE_LABELS_PREFIX}{key}"),
+                        op,
+                        values,
+                    ));
+                }
+                sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::Exists, &[]);
+            }
+            None => sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::In, &[ns]),
+        }
+        out.push(Peer::Selector(sel));
+    }
+}
+
+fn dir_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "Ingress",
+        Direction::Egress => "Egress",
+    }
+}
+
+/// A NetworkPolicy port: protocol defaults to TCP; no port means every port of the protocol.
+fn np_port(p: &Spanned<ast::NetworkPolicyPort>) -> Option<L4Term> {
+    let proto = Protocol::parse(p.protocol.as_ref().map_or("TCP", |s| s.value.as_str()))?;
+    let protocols = vec![proto];
+    Some(
+        match p.port.as_ref().map(|s| vocab::parse_port(&s.value.0)) {
+            None => L4Term::Ports {
+                protocols,
+                range: PortRange::ALL,
+            },
+            Some(Ok(PortRef::Number(n))) => {
+                let hi = p
+                    .end_port
+                    .as_ref()
+                    .and_then(|e| u16::try_from(e.value).ok())
+                    .filter(|e| *e >= n)
+                    .unwrap_or(n);
+                L4Term::Ports {
+                    protocols,
+                    range: PortRange { lo: n, hi },
+                }
+            }
+            Some(Ok(PortRef::Name(name))) => L4Term::Named { protocols, name },
+            Some(Err(_)) => return None,
+        },
+    )
+}
+
+/// Whether an ingress rule names any L3 peer field at all (then an empty result means "nobody",
+/// e.g. a service that does not exist, rather than "everybody").
+fn names_a_peer_ingress(p: &ast::IngressPeers) -> bool {
+    [
+        p.from_endpoints.as_ref().map(|l| l.value.len()),
+        p.from_nodes.as_ref().map(|l| l.value.len()),
+        p.from_cidr.as_ref().map(|l| l.value.len()),
+        p.from_cidr_set.as_ref().map(|l| l.value.len()),
+        p.from_entities.as_ref().map(|l| l.value.len()),
+        p.from_groups.as_ref().map(|l| l.value.len()),
+    ]
+    .iter()
+    .any(|n| n.unwrap_or(0) > 0)
+}
+
+fn names_a_peer_egress(p: &ast::EgressPeers) -> bool {
+    [
+        p.to_endpoints.as_ref().map(|l| l.value.len()),
+        p.to_nodes.as_ref().map(|l| l.value.len()),
+        p.to_cidr.as_ref().map(|l| l.value.len()),
+        p.to_cidr_set.as_ref().map(|l| l.value.len()),
+        p.to_entities.as_ref().map(|l| l.value.len()),
+        p.to_services.as_ref().map(|l| l.value.len()),
+        p.to_groups.as_ref().map(|l| l.value.len()),
+    ]
+    .iter()
+    .any(|n| n.unwrap_or(0) > 0)
+}
+
+/// The whole model: identities and endpoints of `cluster`, and every policy lowered onto them.
+pub fn build(
+    policies: &[ast::Policy],
+    sources: &SourceMap,
+    cluster: &Cluster,
+    previous: &Allocation,
+) -> Program {
+    let mut program = cluster_program(cluster, previous);
+    lower(policies, sources, cluster, &mut program);
+    program
+}
