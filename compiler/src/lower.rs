@@ -316,10 +316,17 @@ impl Lowering<'_> {
         for e in p.from_entities.iter().flat_map(|l| l.value.iter()) {
             self.entity(&e.value, &mut out);
         }
-        if out.is_empty() && !names_a_peer_ingress(p) {
-            out.push(Peer::Any);
+        match peer_lists_state(&[
+            p.from_endpoints.as_ref().map(|l| l.value.len()),
+            p.from_nodes.as_ref().map(|l| l.value.len()),
+            p.from_entities.as_ref().map(|l| l.value.len()),
+            p.from_cidr.as_ref().map(|l| l.value.len()),
+            p.from_cidr_set.as_ref().map(|l| l.value.len()),
+        ]) {
+            PeerLists::ExplicitlyEmpty => Vec::new(),
+            PeerLists::Absent if out.is_empty() && p.from_groups.is_none() => vec![Peer::Any],
+            _ => out,
         }
-        out
     }
 
     fn egress_peers(
@@ -355,11 +362,20 @@ impl Lowering<'_> {
                 out.push(Peer::Fqdn(DnsMatcher::pattern(&pt.value)));
             }
         }
-        let names_fqdn = fqdns.is_some_and(|l| !l.value.is_empty());
-        if out.is_empty() && !names_a_peer_egress(p) && !names_fqdn {
-            out.push(Peer::Any);
+        let names_other = p.to_services.as_ref().is_some_and(|l| !l.value.is_empty())
+            || fqdns.is_some_and(|l| !l.value.is_empty())
+            || p.to_groups.is_some();
+        match peer_lists_state(&[
+            p.to_endpoints.as_ref().map(|l| l.value.len()),
+            p.to_nodes.as_ref().map(|l| l.value.len()),
+            p.to_entities.as_ref().map(|l| l.value.len()),
+            p.to_cidr.as_ref().map(|l| l.value.len()),
+            p.to_cidr_set.as_ref().map(|l| l.value.len()),
+        ]) {
+            PeerLists::ExplicitlyEmpty => Vec::new(),
+            PeerLists::Absent if out.is_empty() && !names_other => vec![Peer::Any],
+            _ => out,
         }
-        out
     }
 
     /// toServices: a Service with a selector stands for its backends, the pods its selector
@@ -858,33 +874,25 @@ fn np_port(p: &Spanned<ast::NetworkPolicyPort>) -> Option<L4Term> {
     )
 }
 
-/// Whether an ingress rule names any L3 peer field at all (then an empty result means "nobody",
-/// e.g. a service that does not exist, rather than "everybody").
-fn names_a_peer_ingress(p: &ast::IngressPeers) -> bool {
-    [
-        p.from_endpoints.as_ref().map(|l| l.value.len()),
-        p.from_nodes.as_ref().map(|l| l.value.len()),
-        p.from_cidr.as_ref().map(|l| l.value.len()),
-        p.from_cidr_set.as_ref().map(|l| l.value.len()),
-        p.from_entities.as_ref().map(|l| l.value.len()),
-        p.from_groups.as_ref().map(|l| l.value.len()),
-    ]
-    .iter()
-    .any(|n| n.unwrap_or(0) > 0)
+enum PeerLists {
+    /// No peer list given: the rule selects every peer.
+    Absent,
+    /// A list given but empty (`fromEndpoints: []`): the rule selects no peer.
+    ExplicitlyEmpty,
+    Given,
 }
 
-fn names_a_peer_egress(p: &ast::EgressPeers) -> bool {
-    [
-        p.to_endpoints.as_ref().map(|l| l.value.len()),
-        p.to_nodes.as_ref().map(|l| l.value.len()),
-        p.to_cidr.as_ref().map(|l| l.value.len()),
-        p.to_cidr_set.as_ref().map(|l| l.value.len()),
-        p.to_entities.as_ref().map(|l| l.value.len()),
-        p.to_services.as_ref().map(|l| l.value.len()),
-        p.to_groups.as_ref().map(|l| l.value.len()),
-    ]
-    .iter()
-    .any(|n| n.unwrap_or(0) > 0)
+/// How Cilium reads a rule's peer lists (pkg/policy/utils, mergeEndpointSelectors: "explicitly
+/// check for empty non-nil slices, it should not result in any identity being selected"; and the
+/// reference finder: "nil L3 = match nothing. Empty L3 = match everything").
+fn peer_lists_state(lens: &[Option<usize>]) -> PeerLists {
+    if lens.iter().any(|l| *l == Some(0)) {
+        PeerLists::ExplicitlyEmpty
+    } else if lens.iter().all(Option::is_none) {
+        PeerLists::Absent
+    } else {
+        PeerLists::Given
+    }
 }
 
 /// The whole model: identities and endpoints of `cluster`, and every policy lowered onto them.

@@ -307,13 +307,15 @@ impl Validator {
     fn empty_peer_list<T>(&mut self, name: &str, list: &Option<Spanned<List<T>>>, dir: &str) {
         if let Some(l) = list {
             if l.value.is_empty() {
-                // SetAggregatedSelectors: a rule whose L3 lists are all empty selects every peer.
+                // pkg/policy/utils mergeEndpointSelectors: an explicitly empty list selects no
+                // identity at all, so the rule allows (or denies) nothing, yet its section still
+                // turns on default deny.
                 self.err(
                     Code::EmptySection,
                     l.span,
-                    format!("`{name}: []` is treated as absent"),
+                    format!("`{name}: []` selects no peer, so this rule matches nothing"),
                     "empty list",
-                    format!("an empty list does not mean \"no peer\": with no other peer field the rule applies {dir} every peer; remove the key, or list the peers you mean"),
+                    format!("an empty list is not \"any peer\": Cilium selects nobody {dir} it, while the section still turns on default deny; list the peers you mean, or remove the key to apply the rule {dir} every peer"),
                 );
             }
         }
