@@ -265,6 +265,58 @@ pub struct EgressPeers {
     pub to_nodes: Option<Spanned<List<LabelSelector>>>,
 }
 
+/// How Cilium reads a rule's peer lists (pkg/policy/utils, mergeEndpointSelectors: "explicitly
+/// check for empty non-nil slices, it should not result in any identity being selected"; the
+/// reference flow finder: "nil L3 = match nothing. Empty L3 = match everything").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLists {
+    /// No peer list given: the rule selects every peer.
+    Absent,
+    /// A list given but empty (`fromEndpoints: []`): the rule selects no peer.
+    ExplicitlyEmpty,
+    Given,
+}
+
+fn peer_lists(lens: [Option<usize>; 5]) -> PeerLists {
+    if lens.contains(&Some(0)) {
+        PeerLists::ExplicitlyEmpty
+    } else if lens.iter().all(Option::is_none) {
+        PeerLists::Absent
+    } else {
+        PeerLists::Given
+    }
+}
+
+fn len<T>(l: &Option<Spanned<List<T>>>) -> Option<usize> {
+    l.as_ref().map(|l| l.value.len())
+}
+
+impl IngressPeers {
+    /// The state of the lists Cilium checks: endpoints, nodes, entities, CIDR, CIDR set.
+    pub fn lists(&self) -> PeerLists {
+        peer_lists([
+            len(&self.from_endpoints),
+            len(&self.from_nodes),
+            len(&self.from_entities),
+            len(&self.from_cidr),
+            len(&self.from_cidr_set),
+        ])
+    }
+}
+
+impl EgressPeers {
+    /// The state of the lists Cilium checks: endpoints, nodes, entities, CIDR, CIDR set.
+    pub fn lists(&self) -> PeerLists {
+        peer_lists([
+            len(&self.to_endpoints),
+            len(&self.to_nodes),
+            len(&self.to_entities),
+            len(&self.to_cidr),
+            len(&self.to_cidr_set),
+        ])
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(deny_unknown_fields)]

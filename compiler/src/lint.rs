@@ -468,21 +468,8 @@ struct Entry {
     span: Span,
 }
 
-/// Whether any peer list is given but empty: such a rule selects no peer at all.
-fn explicitly_empty(lists: &[Option<usize>]) -> bool {
-    lists.iter().any(|l| *l == Some(0))
-}
-
 fn ingress_peers(p: &IngressPeers) -> Peers {
-    let len = |l: &Option<Spanned<List<String>>>| l.as_ref().map(|l| l.value.len());
-    let sel_len = |l: &Option<Spanned<List<LabelSelector>>>| l.as_ref().map(|l| l.value.len());
-    if explicitly_empty(&[
-        sel_len(&p.from_endpoints),
-        sel_len(&p.from_nodes),
-        len(&p.from_entities),
-        len(&p.from_cidr),
-        p.from_cidr_set.as_ref().map(|l| l.value.len()),
-    ]) {
+    if p.lists() == PeerLists::ExplicitlyEmpty {
         return Peers::Some("nobody", BTreeSet::new());
     }
     let sel = [
@@ -508,15 +495,7 @@ fn ingress_peers(p: &IngressPeers) -> Peers {
 }
 
 fn egress_peers(p: &EgressPeers, fqdns: Option<&Spanned<List<FqdnSelector>>>) -> Peers {
-    let len = |l: &Option<Spanned<List<String>>>| l.as_ref().map(|l| l.value.len());
-    let sel_len = |l: &Option<Spanned<List<LabelSelector>>>| l.as_ref().map(|l| l.value.len());
-    if explicitly_empty(&[
-        sel_len(&p.to_endpoints),
-        sel_len(&p.to_nodes),
-        len(&p.to_entities),
-        len(&p.to_cidr),
-        p.to_cidr_set.as_ref().map(|l| l.value.len()),
-    ]) {
+    if p.lists() == PeerLists::ExplicitlyEmpty {
         return Peers::Some("nobody", BTreeSet::new());
     }
     let sel = [

@@ -9,7 +9,7 @@
 //! - default deny per direction (pkg/policy/api/rule_validation.go, Rule.Sanitize);
 //! - Kubernetes NetworkPolicy's own rules (policyTypes, peers, ports).
 
-use crate::ast::{self, PolicyBody, Spanned};
+use crate::ast::{self, PeerLists, PolicyBody, Spanned};
 use crate::cluster::{Cluster, DEFAULT_CLUSTER};
 use crate::labels::{
     self, LabelSet, Operator, Selector, CLUSTER_LABEL, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX,
@@ -316,13 +316,7 @@ impl Lowering<'_> {
         for e in p.from_entities.iter().flat_map(|l| l.value.iter()) {
             self.entity(&e.value, &mut out);
         }
-        match peer_lists_state(&[
-            p.from_endpoints.as_ref().map(|l| l.value.len()),
-            p.from_nodes.as_ref().map(|l| l.value.len()),
-            p.from_entities.as_ref().map(|l| l.value.len()),
-            p.from_cidr.as_ref().map(|l| l.value.len()),
-            p.from_cidr_set.as_ref().map(|l| l.value.len()),
-        ]) {
+        match p.lists() {
             PeerLists::ExplicitlyEmpty => Vec::new(),
             PeerLists::Absent if out.is_empty() && p.from_groups.is_none() => vec![Peer::Any],
             _ => out,
@@ -365,13 +359,7 @@ impl Lowering<'_> {
         let names_other = p.to_services.as_ref().is_some_and(|l| !l.value.is_empty())
             || fqdns.is_some_and(|l| !l.value.is_empty())
             || p.to_groups.is_some();
-        match peer_lists_state(&[
-            p.to_endpoints.as_ref().map(|l| l.value.len()),
-            p.to_nodes.as_ref().map(|l| l.value.len()),
-            p.to_entities.as_ref().map(|l| l.value.len()),
-            p.to_cidr.as_ref().map(|l| l.value.len()),
-            p.to_cidr_set.as_ref().map(|l| l.value.len()),
-        ]) {
+        match p.lists() {
             PeerLists::ExplicitlyEmpty => Vec::new(),
             PeerLists::Absent if out.is_empty() && !names_other => vec![Peer::Any],
             _ => out,
@@ -872,27 +860,6 @@ fn np_port(p: &Spanned<ast::NetworkPolicyPort>) -> Option<L4Term> {
             Some(Err(_)) => return None,
         },
     )
-}
-
-enum PeerLists {
-    /// No peer list given: the rule selects every peer.
-    Absent,
-    /// A list given but empty (`fromEndpoints: []`): the rule selects no peer.
-    ExplicitlyEmpty,
-    Given,
-}
-
-/// How Cilium reads a rule's peer lists (pkg/policy/utils, mergeEndpointSelectors: "explicitly
-/// check for empty non-nil slices, it should not result in any identity being selected"; and the
-/// reference finder: "nil L3 = match nothing. Empty L3 = match everything").
-fn peer_lists_state(lens: &[Option<usize>]) -> PeerLists {
-    if lens.iter().any(|l| *l == Some(0)) {
-        PeerLists::ExplicitlyEmpty
-    } else if lens.iter().all(Option::is_none) {
-        PeerLists::Absent
-    } else {
-        PeerLists::Given
-    }
 }
 
 /// The whole model: identities and endpoints of `cluster`, and every policy lowered onto them.
