@@ -1,0 +1,272 @@
+//! `cnpc trace` on the bundled demo: the Cilium Star Wars walkthrough and the DNS examples.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn trace(policies: &str, args: &[&str]) -> (i32, Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+        .args([
+            "trace",
+            policies,
+            "--cluster",
+            "policies/cluster.yaml",
+            "-o",
+            "json",
+        ])
+        .args(args)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let code = out.status.code().unwrap();
+    let json = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    (code, json)
+}
+
+fn verdict(policies: &str, args: &[&str]) -> Value {
+    let (code, v) = trace(policies, args);
+    assert_eq!(code, 0, "{v:#}");
+    v
+}
+
+#[test]
+fn tiefighter_lands_and_xwing_is_dropped() {
+    let v = verdict(
+        "policies/starwars-l4",
+        &[
+            "--from",
+            "pod:default/tiefighter",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+        ],
+    );
+    assert_eq!(v["verdict"], "allowed", "{v:#}");
+    assert_eq!(
+        v["ingress"]["rules"][0]["file"],
+        "policies/starwars-l4/deathstar.yaml"
+    );
+    assert!(v["ingress"]["rules"][0]["line"].as_u64().unwrap() > 0);
+    let v = verdict(
+        "policies/starwars-l4",
+        &[
+            "--from",
+            "pod:default/xwing",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+        ],
+    );
+    assert_eq!(v["verdict"], "denied");
+    assert_eq!(v["ingress"]["verdict"], "denied");
+    assert_eq!(
+        v["egress"]["verdict"], "denied",
+        "xwing's own egressDeny also drops it"
+    );
+    // Other ports of the deathstar are closed to the empire too.
+    let v = verdict(
+        "policies/starwars-l4",
+        &[
+            "--from",
+            "pod:default/tiefighter",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "443",
+        ],
+    );
+    assert_eq!(v["verdict"], "denied");
+}
+
+#[test]
+fn exhaust_port_is_denied_at_l7() {
+    let land = verdict(
+        "policies/starwars-l7",
+        &[
+            "--from",
+            "pod:default/tiefighter",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+            "--http",
+            "POST",
+            "/v1/request-landing",
+        ],
+    );
+    assert_eq!(land["verdict"], "allowed", "{land:#}");
+    assert_eq!(land["l7"]["allowed"], true);
+    let exhaust = verdict(
+        "policies/starwars-l7",
+        &[
+            "--from",
+            "pod:default/tiefighter",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+            "--http",
+            "PUT",
+            "/v1/exhaust-port",
+        ],
+    );
+    assert_eq!(exhaust["verdict"], "denied", "{exhaust:#}");
+    assert_eq!(
+        exhaust["ingress"]["verdict"], "allowed",
+        "L3/L4 lets it reach the proxy"
+    );
+    assert_eq!(exhaust["l7"]["allowed"], false);
+}
+
+#[test]
+fn dns_examples_behave_as_described() {
+    let to = |name: &str| format!("fqdn:{name}=140.82.112.5");
+    let by_name = |name: &str, port: &str| {
+        verdict(
+            "policies/dns/match-name",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                &to(name),
+                "--dport",
+                port,
+            ],
+        )["verdict"]
+            .clone()
+    };
+    assert_eq!(by_name("api.github.com", "443"), "allowed");
+    assert_eq!(by_name("support.github.com", "443"), "denied");
+    let by_pattern = |name: &str, port: &str| {
+        verdict(
+            "policies/dns/match-pattern",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                &to(name),
+                "--dport",
+                port,
+            ],
+        )["verdict"]
+            .clone()
+    };
+    assert_eq!(by_pattern("api.github.com", "443"), "allowed");
+    assert_eq!(by_pattern("support.github.com", "80"), "allowed");
+    assert_eq!(
+        by_pattern("github.com", "443"),
+        "denied",
+        "`*` needs a label"
+    );
+    let on_443 = |name: &str, port: &str| {
+        verdict(
+            "policies/dns/match-pattern-443",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                &to(name),
+                "--dport",
+                port,
+            ],
+        )["verdict"]
+            .clone()
+    };
+    assert_eq!(on_443("support.github.com", "443"), "allowed");
+    assert_eq!(on_443("support.github.com", "80"), "denied");
+    // Lookups go through kube-dns, which the DNS rule allows.
+    let v = verdict(
+        "policies/dns/match-name",
+        &[
+            "--from",
+            "pod:default/mediabot",
+            "--to",
+            "pod:kube-system/coredns",
+            "--dport",
+            "53/UDP",
+            "--dns-query",
+            "api.github.com",
+        ],
+    );
+    assert_eq!(v["verdict"], "allowed", "{v:#}");
+    assert_eq!(v["l7"]["protocol"], "dns");
+}
+
+#[test]
+fn a_path_without_policies_is_an_empty_set() {
+    let dir = std::env::temp_dir().join(format!("cnpc-trace-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let v = verdict(
+        dir.to_str().unwrap(),
+        &[
+            "--from",
+            "pod:default/xwing",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+        ],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(v["ingress"]["verdict"], "not-enforced");
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_reason() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+            .args([
+                "trace",
+                "policies/starwars-l4",
+                "--cluster",
+                "policies/cluster.yaml",
+            ])
+            .args(extra)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&[
+        "--from",
+        "pod:default/nope",
+        "--to",
+        "pod:default/deathstar",
+        "--dport",
+        "80",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("default/nope"), "{err}");
+    let (code, err) = run(&[
+        "--from",
+        "pod:default/xwing",
+        "--to",
+        "pod:default/deathstar",
+        "--dport",
+        "eighty",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--dport"), "{err}");
+    let (code, err) = run(&[
+        "--from",
+        "pod:default/xwing",
+        "--to",
+        "pod:default/deathstar",
+        "--dport",
+        "80",
+        "--engine",
+        "bpf",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("BPF"), "{err}");
+}
