@@ -71,6 +71,16 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
         output: TraceFormat,
     },
+    /// Print the decision tables: per identity and direction, what each peer class may do.
+    Tables {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        /// Only the tables of this numeric identity.
+        #[arg(long, value_name = "N")]
+        identity: Option<u32>,
+    },
     /// Print the JSON Schema of the policy kinds (for yaml-language-server and editors).
     Schema,
 }
@@ -139,6 +149,11 @@ fn main() -> ExitCode {
             };
             run_trace(args)
         }
+        Command::Tables {
+            paths,
+            cluster,
+            identity,
+        } => run_tables(&paths, &cluster, identity),
         Command::Schema => print(&format!("{:#}\n", cnpc_compiler::schema::policy_schema())),
     }
 }
@@ -196,21 +211,11 @@ fn run_trace(a: TraceArgs) -> ExitCode {
             a.dport
         ));
     };
-    let mut set = match PolicySet::load(&a.paths) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let report = match load_checked(&a.paths, &a.cluster) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
-    let cluster = match Cluster::load(&a.cluster, &mut set.sources) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let report = check(set, Some(cluster));
-    if report.errors() > 0 {
-        // A trace of policies Cilium would reject would explain a cluster that cannot exist.
-        eprint!("{}", report::human(&report, false));
-        return ExitCode::from(1);
-    }
-    let cluster = report.cluster.as_ref().expect("loaded above");
+    let cluster = report.cluster.as_ref().expect("loaded by load_checked");
     let program = lower::build(
         &report.set.policies,
         &report.set.sources,
@@ -235,6 +240,47 @@ fn run_trace(a: TraceArgs) -> ExitCode {
         TraceFormat::Text => print(&report::trace_text(&flow, &verdict)),
         TraceFormat::Json => print(&format!("{:#}\n", report::trace_json(&flow, &verdict))),
     }
+}
+
+/// Loads policies and a cluster and checks them; on errors prints them and returns the exit code.
+fn load_checked(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+) -> Result<cnpc_compiler::CheckReport, ExitCode> {
+    let mut set = PolicySet::load(paths).map_err(fail)?;
+    let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
+    let report = check(set, Some(cluster));
+    if report.errors() > 0 {
+        // Verdicts of policies Cilium would reject would describe a cluster that cannot exist.
+        eprint!("{}", report::human(&report, false));
+        return Err(ExitCode::from(1));
+    }
+    Ok(report)
+}
+
+fn run_tables(paths: &[PathBuf], cluster: &[PathBuf], identity: Option<u32>) -> ExitCode {
+    let report = match load_checked(paths, cluster) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let cluster = report.cluster.as_ref().expect("loaded by load_checked");
+    let program = lower::build(
+        &report.set.policies,
+        &report.set.sources,
+        cluster,
+        &Default::default(),
+    );
+    let universe = cnpc_compiler::tables::peer_universe(&program);
+    let mut tables = cnpc_compiler::tables::all_tables(&program);
+    if let Some(n) = identity {
+        tables.retain(|t| t.subject.0 == n);
+        if tables.is_empty() {
+            return usage(&format!(
+                "no endpoint has identity {n}; `cnpc tables` without --identity lists them"
+            ));
+        }
+    }
+    print(&report::tables_text(&program, &universe, &tables))
 }
 
 fn run_check(

@@ -20,6 +20,7 @@ pub mod lower;
 pub mod report;
 pub mod schema;
 pub mod source;
+pub mod tables;
 pub mod validate;
 pub mod vocab;
 pub mod yaml;

@@ -280,3 +280,104 @@ pub fn trace_text(flow: &Flow, v: &Verdict) -> String {
     );
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// cnpc tables
+
+use crate::tables::PeerIdentity;
+use cnpc_ir::{DecisionTable, Program, TableVerdict};
+
+/// A short name for a peer identity: its endpoints' workloads, a reserved name, a CIDR or a DNS
+/// matcher.
+fn peer_name(program: &Program, universe: &[PeerIdentity], n: cnpc_ir::NumericIdentity) -> String {
+    let mut workloads: Vec<&str> = program
+        .endpoints
+        .values()
+        .filter(|e| e.is_pod && program.identities[e.identity].numeric == n)
+        .map(|e| e.workload.as_str())
+        .collect();
+    workloads.sort_unstable();
+    workloads.dedup();
+    if !workloads.is_empty() {
+        return workloads.join(" ");
+    }
+    let Some(p) = universe.iter().find(|p| p.numeric == n) else {
+        return "?".into();
+    };
+    if let Some(c) = p.cidr {
+        return format!("cidr:{c}");
+    }
+    if let Some(m) = &p.fqdn {
+        return match m {
+            cnpc_ir::DnsMatcher::Name(s) => format!("fqdn:{s}"),
+            cnpc_ir::DnsMatcher::Pattern(s) => format!("fqdn:{s}"),
+        };
+    }
+    p.labels.to_strings().join(",")
+}
+
+fn verdict_text(program: &Program, v: &TableVerdict) -> String {
+    match v {
+        TableVerdict::Allow => "allow".into(),
+        TableVerdict::Deny => "deny".into(),
+        TableVerdict::Proxy(rules) => {
+            let origins: Vec<String> = rules
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}:{}",
+                        program.rules[*r].origin.file, program.rules[*r].origin.line
+                    )
+                })
+                .collect();
+            format!("proxy (L7 rules at {})", origins.join(", "))
+        }
+    }
+}
+
+/// `cnpc tables`: every decision table, for people and for snapshots.
+pub fn tables_text(
+    program: &Program,
+    universe: &[PeerIdentity],
+    tables: &[DecisionTable],
+) -> String {
+    let mut out = String::new();
+    for t in tables {
+        let name = peer_name(program, universe, t.subject);
+        let default = match t.default {
+            TableVerdict::Deny => "default deny",
+            _ => "default allow",
+        };
+        let _ = writeln!(
+            out,
+            "identity {} ({name}) {}: {default}, {} classes, {} rows",
+            t.subject.0,
+            t.direction.as_str(),
+            t.classes.len(),
+            t.rows.len()
+        );
+        for (i, class) in t.classes.iter().enumerate() {
+            let members: Vec<String> = class
+                .members
+                .iter()
+                .map(|m| format!("{} {}", m.0, peer_name(program, universe, *m)))
+                .collect();
+            let _ = writeln!(out, "  class {i}: {}", members.join("; "));
+            for row in t.rows.iter().filter(|r| r.class == i as u32) {
+                let ports = if row.ports.lo == row.ports.hi {
+                    row.ports.lo.to_string()
+                } else {
+                    format!("{}-{}", row.ports.lo, row.ports.hi)
+                };
+                let _ = writeln!(
+                    out,
+                    "    {:<6} {:<11} {}",
+                    row.protocol.as_str(),
+                    ports,
+                    verdict_text(program, &row.verdict)
+                );
+            }
+        }
+    }
+    out
+}

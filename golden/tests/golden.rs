@@ -104,3 +104,34 @@ fn ast_of_every_example() {
         insta::assert_json_snapshot!(format!("{}.ast", snapshot_name(&f)), ast);
     }
 }
+
+#[test]
+fn decision_tables_of_every_example_set() {
+    for dir in [
+        "policies/starwars-l4",
+        "policies/starwars-l7",
+        "policies/dns/match-name",
+        "policies/dns/match-pattern",
+        "policies/dns/match-pattern-443",
+    ] {
+        let files: Vec<String> = files(dir);
+        let paths: Vec<&str> = files.iter().map(String::as_str).collect();
+        let mut set = load(&paths);
+        let cluster = demo_cluster(&mut set);
+        let r = check(set, Some(cluster));
+        assert_eq!(r.errors(), 0, "{dir}");
+        let cluster = r.cluster.as_ref().unwrap();
+        let program = cnpc_compiler::lower::build(
+            &r.set.policies,
+            &r.set.sources,
+            cluster,
+            &Default::default(),
+        );
+        let universe = cnpc_compiler::tables::peer_universe(&program);
+        let tables = cnpc_compiler::tables::all_tables(&program);
+        insta::assert_snapshot!(
+            format!("{}.tables", snapshot_name(dir)),
+            report::tables_text(&program, &universe, &tables)
+        );
+    }
+}

@@ -414,3 +414,58 @@ mod tests {
         assert!(!DnsMatcher::name("api.github.com").matches("x.api.github.com"));
     }
 }
+
+/// What a table row (or a table's default) does with a packet.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableVerdict {
+    Allow,
+    Deny,
+    /// Allowed at L3/L4 and handed to the L7 proxy, which applies the L7 rules of these rules.
+    Proxy(Vec<RuleRef>),
+}
+
+/// A group of peer identities that every row treats alike, so a table's size follows the number
+/// of distinct behaviours, not the size of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdentityClass {
+    pub members: Vec<NumericIdentity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableRow {
+    /// Index into [`DecisionTable::classes`].
+    pub class: u32,
+    pub protocol: Protocol,
+    pub ports: PortRange,
+    pub verdict: TableVerdict,
+}
+
+/// The behaviour of one identity in one direction: rows for (peer class, protocol, port range),
+/// and the default for everything no row covers. Canonical: classes sorted by their first
+/// member, rows sorted, adjacent equal ranges merged, no row equal to the default, so equal
+/// tables mean equal behaviour (DESIGN.md §5).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DecisionTable {
+    pub subject: NumericIdentity,
+    pub direction: Direction,
+    pub default: TableVerdict,
+    pub classes: Vec<IdentityClass>,
+    pub rows: Vec<TableRow>,
+}
+
+impl DecisionTable {
+    /// The verdict for a packet from/to `peer` (the flow's other side's identity).
+    pub fn lookup(&self, peer: NumericIdentity, protocol: Protocol, port: u16) -> &TableVerdict {
+        let class = self
+            .classes
+            .iter()
+            .position(|c| c.members.binary_search(&peer).is_ok());
+        let Some(class) = class else {
+            return &self.default;
+        };
+        self.rows
+            .iter()
+            .find(|r| r.class == class as u32 && r.protocol == protocol && r.ports.contains(port))
+            .map_or(&self.default, |r| &r.verdict)
+    }
+}
