@@ -192,6 +192,9 @@ fn ranges(terms: &[L4Term], proto: Protocol, named: &[(String, Protocol, u16)]) 
     out
 }
 
+/// A peer's rows before grouping: (protocol, ports, verdict).
+type PeerRows = Vec<(Protocol, PortRange, TableVerdict)>;
+
 struct Applicable<'a> {
     rule: RuleRef,
     r: &'a Rule,
@@ -231,8 +234,7 @@ pub fn decision_table(
         .unwrap_or_default();
 
     // Rows per peer, before grouping into classes.
-    let mut per_peer: BTreeMap<NumericIdentity, Vec<(Protocol, PortRange, TableVerdict)>> =
-        BTreeMap::new();
+    let mut per_peer: BTreeMap<NumericIdentity, PeerRows> = BTreeMap::new();
     for peer in universe {
         let named = if direction == Direction::Ingress {
             &subject_ports
@@ -295,7 +297,7 @@ pub fn decision_table(
             }
         }
         // Merge adjacent ranges with equal verdicts.
-        let mut merged: Vec<(Protocol, PortRange, TableVerdict)> = Vec::new();
+        let mut merged: PeerRows = Vec::new();
         for row in rows {
             match merged.last_mut() {
                 Some(last)
@@ -311,17 +313,13 @@ pub fn decision_table(
         per_peer.insert(peer.numeric, merged);
     }
     // Group peers with equal rows; peers with no rows need no class.
-    let mut classes: BTreeMap<Vec<(Protocol, PortRange, TableVerdict)>, Vec<NumericIdentity>> =
-        BTreeMap::new();
+    let mut classes: BTreeMap<PeerRows, Vec<NumericIdentity>> = BTreeMap::new();
     for (peer, rows) in per_peer {
         if !rows.is_empty() {
             classes.entry(rows).or_default().push(peer);
         }
     }
-    let mut classes: Vec<(
-        Vec<NumericIdentity>,
-        Vec<(Protocol, PortRange, TableVerdict)>,
-    )> = classes
+    let mut classes: Vec<(Vec<NumericIdentity>, PeerRows)> = classes
         .into_iter()
         .map(|(rows, members)| (members, rows))
         .collect();
