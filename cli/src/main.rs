@@ -71,6 +71,20 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
         output: TraceFormat,
     },
+    /// Show which (source, destination, port) verdicts a policy change flips.
+    Diff {
+        /// The policies before: a file, a directory, or git:REV:PATH.
+        old: String,
+        /// The policies after, in the same forms.
+        new: String,
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
+        output: TraceFormat,
+        /// Exit 1 when some verdict changes.
+        #[arg(long)]
+        exit_code: bool,
+    },
     /// Print the decision tables: per identity and direction, what each peer class may do.
     Tables {
         #[arg(required = true)]
@@ -149,6 +163,13 @@ fn main() -> ExitCode {
             };
             run_trace(args)
         }
+        Command::Diff {
+            old,
+            new,
+            cluster,
+            output,
+            exit_code,
+        } => run_diff(&old, &new, &cluster, output, exit_code),
         Command::Tables {
             paths,
             cluster,
@@ -247,7 +268,15 @@ fn load_checked(
     paths: &[PathBuf],
     cluster: &[PathBuf],
 ) -> Result<cnpc_compiler::CheckReport, ExitCode> {
-    let mut set = PolicySet::load(paths).map_err(fail)?;
+    let set = PolicySet::load(paths).map_err(fail)?;
+    checked(set, cluster)
+}
+
+/// Checks a loaded policy set against a cluster; on errors prints them and returns exit code 1.
+fn checked(
+    mut set: PolicySet,
+    cluster: &[PathBuf],
+) -> Result<cnpc_compiler::CheckReport, ExitCode> {
     let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
     let report = check(set, Some(cluster));
     if report.errors() > 0 {
@@ -256,6 +285,56 @@ fn load_checked(
         return Err(ExitCode::from(1));
     }
     Ok(report)
+}
+
+fn tables_of(report: &cnpc_compiler::CheckReport) -> (cnpc_ir::Program, String) {
+    let cluster = report.cluster.as_ref().expect("loaded by checked");
+    let program = lower::build(
+        &report.set.policies,
+        &report.set.sources,
+        cluster,
+        &Default::default(),
+    );
+    let universe = cnpc_compiler::tables::peer_universe(&program);
+    let text = report::tables_text(
+        &program,
+        &universe,
+        &cnpc_compiler::tables::all_tables(&program),
+    );
+    (program, text)
+}
+
+fn run_diff(
+    old: &str,
+    new: &str,
+    cluster: &[PathBuf],
+    output: TraceFormat,
+    exit_code: bool,
+) -> ExitCode {
+    let load = |spec: &str| {
+        PolicySet::load_spec(spec)
+            .map_err(fail)
+            .and_then(|s| checked(s, cluster))
+    };
+    let (old, new) = match (load(old), load(new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let (old_program, old_text) = tables_of(&old);
+    let (new_program, new_text) = tables_of(&new);
+    let changes = cnpc_compiler::diff::diff(&old_program, &new_program);
+    let printed = match output {
+        TraceFormat::Text => print(&report::diff_text(&changes, &old_text, &new_text)),
+        TraceFormat::Json => print(&format!("{:#}\n", report::diff_json(&changes))),
+    };
+    if printed != ExitCode::SUCCESS {
+        return printed;
+    }
+    if exit_code && !changes.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn run_tables(paths: &[PathBuf], cluster: &[PathBuf], identity: Option<u32>) -> ExitCode {

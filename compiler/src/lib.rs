@@ -12,6 +12,7 @@ pub mod ast;
 pub mod cluster;
 pub mod decode;
 pub mod diag;
+pub mod diff;
 pub mod eval;
 pub mod labels;
 pub mod lint;

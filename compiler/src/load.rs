@@ -22,6 +22,9 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read `{spec}` from git: {message}")]
+    #[diagnostic(code(cnpc::git), help("write git:REV:PATH with a revision git knows (a branch, tag or commit) and a path inside the repository, run inside the repository"))]
+    Git { spec: String, message: String },
 }
 
 /// Something worth telling the user that is not a problem (a skipped object, an empty path).
@@ -69,6 +72,58 @@ impl PolicySet {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+                span: None,
+            });
+        }
+        Ok(set)
+    }
+
+    /// Reads policies from files and directories, or from `git:REV:PATH` (the files under PATH at
+    /// revision REV of the repository around the current directory).
+    pub fn load_spec(spec: &str) -> Result<PolicySet, LoadError> {
+        let Some(rest) = spec.strip_prefix("git:") else {
+            return PolicySet::load(&[PathBuf::from(spec)]);
+        };
+        let err = |message: String| LoadError::Git {
+            spec: spec.to_string(),
+            message,
+        };
+        let (rev, path) = rest
+            .split_once(':')
+            .ok_or_else(|| err("expected git:REV:PATH".into()))?;
+        let git = |args: &[&str]| -> Result<Vec<u8>, LoadError> {
+            let out = std::process::Command::new("git")
+                .args(args)
+                .output()
+                .map_err(|e| err(format!("cannot run git: {e}")))?;
+            if !out.status.success() {
+                return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            }
+            Ok(out.stdout)
+        };
+        let listing = git(&[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            rev,
+            "--",
+            if path.is_empty() { "." } else { path },
+        ])?;
+        let mut files: Vec<String> = String::from_utf8_lossy(&listing)
+            .lines()
+            .map(str::to_string)
+            .filter(|f| is_policy_file(Path::new(f)))
+            .collect();
+        files.sort();
+        let mut set = PolicySet::default();
+        for f in files {
+            let bytes = git(&["show", &format!("{rev}:{f}")])?;
+            set.add_bytes(PathBuf::from(format!("git:{rev}:{f}")), &bytes);
+        }
+        set.finish_notes();
+        if set.policies.is_empty() {
+            set.notes.push(Note {
+                message: format!("no policy found in {spec}; using an empty policy set"),
                 span: None,
             });
         }

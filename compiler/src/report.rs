@@ -381,3 +381,108 @@ pub fn tables_text(
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// cnpc diff
+
+use crate::diff::Change;
+
+fn port_text(c: &Change) -> String {
+    if c.ports.lo == c.ports.hi {
+        format!("{}/{}", c.ports.lo, c.protocol.as_str())
+    } else {
+        format!("{}-{}/{}", c.ports.lo, c.ports.hi, c.protocol.as_str())
+    }
+}
+
+fn outcome_json(o: crate::diff::Outcome) -> &'static str {
+    match o {
+        crate::diff::Outcome::Denied => "denied",
+        _ => "allowed",
+    }
+}
+
+/// `cnpc diff -o json` (DESIGN.md §7). `before`/`after` are "allowed" or "denied"; `l7` says
+/// whether the allowed flow goes through L7 rules.
+pub fn diff_json(changes: &[Change]) -> Value {
+    let changes: Vec<Value> = changes
+        .iter()
+        .map(|c| {
+            json!({
+                "from": c.from,
+                "to": c.to,
+                "port": port_text(c),
+                "before": outcome_json(c.before),
+                "after": outcome_json(c.after),
+                "l7": {"before": c.before == crate::diff::Outcome::Proxied, "after": c.after == crate::diff::Outcome::Proxied},
+                "policies": c.policies,
+            })
+        })
+        .collect();
+    json!({"changes": changes})
+}
+
+/// `cnpc diff` for people: the flipped flows per workload pair, then a unified view of the
+/// tables that changed.
+pub fn diff_text(changes: &[Change], old_tables: &str, new_tables: &str) -> String {
+    let mut out = String::new();
+    if changes.is_empty() {
+        return out;
+    }
+    for ((from, to), list) in crate::diff::by_pair(changes) {
+        let _ = writeln!(out, "{from} -> {to}");
+        // A pair whose every protocol and port flipped the same way reads as one line.
+        let full = |c: &&Change| {
+            c.ports.lo == 0
+                && c.ports.hi
+                    == if matches!(
+                        c.protocol,
+                        cnpc_ir::Protocol::Icmp | cnpc_ir::Protocol::Icmpv6
+                    ) {
+                        255
+                    } else {
+                        u16::MAX
+                    }
+        };
+        let everything = list.len() == 5
+            && list.iter().all(full)
+            && list
+                .windows(2)
+                .all(|w| (w[0].before, w[0].after) == (w[1].before, w[1].after));
+        if everything {
+            let mut policies: Vec<&String> = list.iter().flat_map(|c| &c.policies).collect();
+            policies.sort();
+            policies.dedup();
+            let names: Vec<&str> = policies.iter().map(|s| s.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "  {:<16} {} -> {}   ({})",
+                "all traffic",
+                list[0].before.as_str(),
+                list[0].after.as_str(),
+                names.join(", ")
+            );
+            continue;
+        }
+        for c in list {
+            let _ = writeln!(
+                out,
+                "  {:<16} {} -> {}   ({})",
+                port_text(c),
+                c.before.as_str(),
+                c.after.as_str(),
+                c.policies.join(", ")
+            );
+        }
+    }
+    let diff = similar::TextDiff::from_lines(old_tables, new_tables);
+    let unified = diff
+        .unified_diff()
+        .context_radius(2)
+        .header("old tables", "new tables")
+        .to_string();
+    if !unified.is_empty() {
+        let _ = writeln!(out, "\n{unified}");
+    }
+    out
+}

@@ -32,6 +32,12 @@ pub struct PeerIdentity {
 
 /// Every peer identity of a program, sorted by number.
 pub fn peer_universe(program: &Program) -> Vec<PeerIdentity> {
+    peer_universe_of(program, &[program])
+}
+
+/// The peer identities of `program`'s cluster together with the CIDR and FQDN peers named by
+/// any of `rule_sources` (for comparing two policy versions over one cluster).
+pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<PeerIdentity> {
     let mut out = Vec::new();
     for (r, id) in program.identities.iter() {
         let mut named_ports: Vec<(String, Protocol, u16)> = program
@@ -52,7 +58,7 @@ pub fn peer_universe(program: &Program) -> Vec<PeerIdentity> {
     }
     let mut prefixes = BTreeSet::new();
     let mut matchers = BTreeSet::new();
-    for rule in program.rules.values() {
+    for rule in rule_sources.iter().flat_map(|p| p.rules.values()) {
         for p in &rule.peers {
             match p {
                 Peer::Cidr { net, except } => {
