@@ -18,18 +18,39 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
             p.body.cilium_rules().map(move |r| ScopedRule {
                 ns: ns.clone(),
                 rule: r,
+                labels: r.endpoint_selector.as_ref().and_then(|s| plain_labels(s)),
             })
         })
         .collect();
+    // Only rules with DNS proxy rules can cover a toFQDNs rule, and only rules with deny
+    // sections can shadow an allow: compare against those alone.
+    let dns_rules: Vec<&ScopedRule> = scoped
+        .iter()
+        .filter(|s| has_dns_rule(&s.rule.value))
+        .collect();
+    let deny_rules: Vec<&ScopedRule> = scoped
+        .iter()
+        .filter(|s| s.rule.ingress_deny.is_some() || s.rule.egress_deny.is_some())
+        .collect();
     for sr in &scoped {
-        fqdn_without_dns(sr, &scoped, &mut out);
-        deny_shadows_allow(sr, &scoped, &mut out);
+        fqdn_without_dns(sr, &dns_rules, &mut out);
+        deny_shadows_allow(sr, &deny_rules, &mut out);
         for sel in selectors_of(&sr.rule.value) {
             contradictory_selector(sel, &mut out);
             suspicious_keys(sel, &mut out);
         }
         cidrs_meaning_world(&sr.rule.value, &mut out);
     }
+    // Each endpoint's labels, built once: policies × workloads would otherwise rebuild them.
+    let endpoints: Vec<(&str, crate::labels::LabelSet)> = cluster.map_or_else(Vec::new, |c| {
+        c.workloads
+            .iter()
+            .map(|w| (w.namespace.as_str(), c.security_labels(w)))
+            .collect()
+    });
+    let nodes: Vec<crate::labels::LabelSet> = cluster.map_or_else(Vec::new, |c| {
+        c.nodes.iter().map(|n| c.node_labels(n)).collect()
+    });
     for p in policies {
         if let PolicyBody::Kubernetes { spec: Some(spec) } = &p.body {
             np_cidrs_meaning_world(spec, &mut out);
@@ -37,8 +58,8 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
                 contradictory_selector(sel, &mut out);
             }
         }
-        if let Some(c) = cluster {
-            selects_nothing(p, c, &mut out);
+        if cluster.is_some() {
+            selects_nothing(p, &endpoints, &nodes, &mut out);
         }
     }
     out
@@ -57,6 +78,8 @@ fn scope(p: &Policy) -> Option<String> {
 struct ScopedRule<'a> {
     ns: Option<String>,
     rule: &'a Spanned<Rule>,
+    /// The endpoint selector's labels without sources, when it has no expressions.
+    labels: Option<BTreeSet<(String, String)>>,
 }
 
 /// matchLabels as (key without source, value) pairs, when the selector has no expressions;
@@ -87,8 +110,8 @@ fn covers_endpoints(a: &ScopedRule, b: &ScopedRule) -> bool {
     let (Some(sa), Some(sb)) = (&a.rule.endpoint_selector, &b.rule.endpoint_selector) else {
         return false;
     };
-    match (plain_labels(sa), plain_labels(sb)) {
-        (Some(la), Some(lb)) => la.is_subset(&lb),
+    match (&a.labels, &b.labels) {
+        (Some(la), Some(lb)) => la.is_subset(lb),
         _ => sa.value == sb.value,
     }
 }
@@ -105,14 +128,12 @@ fn has_dns_rule(r: &Rule) -> bool {
 /// Cilium learns toFQDNs addresses only from DNS answers its DNS proxy sees, and the proxy sees
 /// a lookup only when an egress rule with a `dns` L7 rule covers it (docs: "DNS based" policy,
 /// "the DNS proxy must be in the path"). Without one the FQDN rule never allows anything.
-fn fqdn_without_dns(sr: &ScopedRule, all: &[ScopedRule], out: &mut Vec<Diagnostic>) {
+fn fqdn_without_dns(sr: &ScopedRule, dns_rules: &[&ScopedRule], out: &mut Vec<Diagnostic>) {
     for e in sr.rule.egress.iter().flat_map(|l| l.value.iter()) {
         let Some(fqdns) = e.to_fqdns.as_ref().filter(|f| !f.value.is_empty()) else {
             continue;
         };
-        let covered = all
-            .iter()
-            .any(|other| has_dns_rule(&other.rule.value) && covers_endpoints(other, sr));
+        let covered = dns_rules.iter().any(|other| covers_endpoints(other, sr));
         if !covered {
             out.push(
                 Diagnostic::new(
@@ -554,7 +575,7 @@ fn has_icmps(i: &Option<Spanned<List<IcmpRule>>>) -> bool {
     i.as_ref().is_some_and(|l| !l.value.is_empty())
 }
 
-fn deny_shadows_allow(sr: &ScopedRule, all: &[ScopedRule], out: &mut Vec<Diagnostic>) {
+fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec<Diagnostic>) {
     let r = &sr.rule.value;
     let allows_in: Vec<Entry> = r
         .ingress
@@ -580,7 +601,7 @@ fn deny_shadows_allow(sr: &ScopedRule, all: &[ScopedRule], out: &mut Vec<Diagnos
         return;
     }
     // Deny rules of any rule that selects at least the same endpoints apply to these allows.
-    for other in all.iter().filter(|o| covers_endpoints(o, sr)) {
+    for other in deny_rules.iter().filter(|o| covers_endpoints(o, sr)) {
         let o = &other.rule.value;
         let denies_in = o
             .ingress_deny
@@ -624,19 +645,23 @@ fn deny_shadows_allow(sr: &ScopedRule, all: &[ScopedRule], out: &mut Vec<Diagnos
 
 // ---------------------------------------------------------------------------------------------
 
-fn selects_nothing(p: &Policy, c: &Cluster, out: &mut Vec<Diagnostic>) {
+/// `endpoints`: each workload's namespace and security labels; `node_labels`: each node's.
+fn selects_nothing(
+    p: &Policy,
+    endpoints: &[(&str, crate::labels::LabelSet)],
+    node_labels: &[crate::labels::LabelSet],
+    out: &mut Vec<Diagnostic>,
+) {
     let ns = scope(p);
-    let in_scope = |w: &&crate::cluster::Workload| ns.as_ref().is_none_or(|n| &w.namespace == n);
     let mut check = |sel: &Spanned<LabelSelector>, nodes: bool| {
+        let selector = crate::labels::selector(sel);
         let any = if nodes {
-            c.nodes
-                .iter()
-                .any(|n| crate::labels::matches(&c.node_labels(n), sel))
+            node_labels.iter().any(|l| selector.matches(l))
         } else {
-            c.workloads
+            endpoints
                 .iter()
-                .filter(in_scope)
-                .any(|w| crate::labels::matches(&c.security_labels(w), sel))
+                .filter(|(n, _)| ns.as_deref().is_none_or(|want| *n == want))
+                .any(|(_, l)| selector.matches(l))
         };
         if !any {
             let where_ = match (&ns, nodes) {

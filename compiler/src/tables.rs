@@ -254,68 +254,7 @@ pub fn decision_table(
             .iter()
             .filter(|a| a.r.peers.iter().any(|p| peer_matches(p, peer)))
             .collect();
-        let mut rows = Vec::new();
-        for proto in PROTOCOLS {
-            // Cut the port space at every boundary of every matching rule.
-            let mut cuts: BTreeSet<u32> = [0, u32::from(max_port(proto)) + 1].into();
-            let mut term_ranges = Vec::new();
-            for a in &matching {
-                let rs = ranges(&a.r.l4, proto, named);
-                for r in &rs {
-                    cuts.insert(u32::from(r.lo));
-                    cuts.insert(u32::from(r.hi) + 1);
-                }
-                term_ranges.push((a, rs));
-            }
-            let cuts: Vec<u32> = cuts.into_iter().collect();
-            for w in cuts.windows(2) {
-                let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
-                let covering: Vec<&Applicable> = term_ranges
-                    .iter()
-                    .filter(|(_, rs)| rs.iter().any(|r| r.lo <= lo && hi <= r.hi))
-                    .map(|(a, _)| **a)
-                    .collect();
-                let verdict = if covering.iter().any(|a| a.r.action == Action::Deny) {
-                    TableVerdict::Deny
-                } else {
-                    let allows: Vec<&Applicable> = if reqs_ok {
-                        covering
-                            .iter()
-                            .copied()
-                            .filter(|a| a.r.action == Action::Allow)
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    if allows.is_empty() {
-                        default.clone()
-                    } else if allows.iter().any(|a| a.r.l7.is_none()) {
-                        TableVerdict::Allow
-                    } else {
-                        let mut refs: Vec<RuleRef> = allows.iter().map(|a| a.rule).collect();
-                        refs.sort();
-                        TableVerdict::Proxy(refs)
-                    }
-                };
-                if verdict != default {
-                    rows.push((proto, PortRange { lo, hi }, verdict));
-                }
-            }
-        }
-        // Merge adjacent ranges with equal verdicts.
-        let mut merged: PeerRows = Vec::new();
-        for row in rows {
-            match merged.last_mut() {
-                Some(last)
-                    if last.0 == row.0
-                        && last.2 == row.2
-                        && u32::from(last.1.hi) + 1 == u32::from(row.1.lo) =>
-                {
-                    last.1.hi = row.1.hi
-                }
-                _ => merged.push(row),
-            }
-        }
+        let merged = rows_for(&matching, reqs_ok, named, &default);
         per_peer.insert(peer.numeric, merged);
     }
     // Group peers with equal rows; peers with no rows need no class.
@@ -351,9 +290,89 @@ pub fn decision_table(
     table
 }
 
+/// The rows of one peer: the port space of every protocol cut at every boundary of the rules
+/// that match the peer, each piece decided deny > allow (proxied when every allow has L7) >
+/// default, equal neighbours merged, pieces equal to the default dropped.
+fn rows_for(
+    matching: &[&Applicable],
+    reqs_ok: bool,
+    named: &[(String, Protocol, u16)],
+    default: &TableVerdict,
+) -> PeerRows {
+    let mut rows = Vec::new();
+    for proto in PROTOCOLS {
+        // Cut the port space at every boundary of every matching rule.
+        let mut cuts: BTreeSet<u32> = [0, u32::from(max_port(proto)) + 1].into();
+        let mut term_ranges = Vec::new();
+        for &a in matching {
+            let rs = ranges(&a.r.l4, proto, named);
+            for r in &rs {
+                cuts.insert(u32::from(r.lo));
+                cuts.insert(u32::from(r.hi) + 1);
+            }
+            term_ranges.push((a, rs));
+        }
+        let cuts: Vec<u32> = cuts.into_iter().collect();
+        for w in cuts.windows(2) {
+            let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
+            let covering: Vec<&Applicable> = term_ranges
+                .iter()
+                .filter(|(_, rs)| rs.iter().any(|r| r.lo <= lo && hi <= r.hi))
+                .map(|(a, _)| *a)
+                .collect();
+            let verdict = if covering.iter().any(|a| a.r.action == Action::Deny) {
+                TableVerdict::Deny
+            } else {
+                let allows: Vec<&Applicable> = if reqs_ok {
+                    covering
+                        .iter()
+                        .copied()
+                        .filter(|a| a.r.action == Action::Allow)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if allows.is_empty() {
+                    default.clone()
+                } else if allows.iter().any(|a| a.r.l7.is_none()) {
+                    TableVerdict::Allow
+                } else {
+                    let mut refs: Vec<RuleRef> = allows.iter().map(|a| a.rule).collect();
+                    refs.sort();
+                    TableVerdict::Proxy(refs)
+                }
+            };
+            if verdict != *default {
+                rows.push((proto, PortRange { lo, hi }, verdict));
+            }
+        }
+    }
+    // Merge adjacent ranges with equal verdicts.
+    let mut merged: PeerRows = Vec::new();
+    for row in rows {
+        match merged.last_mut() {
+            Some(last)
+                if last.0 == row.0
+                    && last.2 == row.2
+                    && u32::from(last.1.hi) + 1 == u32::from(row.1.lo) =>
+            {
+                last.1.hi = row.1.hi
+            }
+            _ => merged.push(row),
+        }
+    }
+    merged
+}
+
 /// Tables for every pod identity of the program (one endpoint stands for its identity), in
 /// identity order: ingress then egress.
 pub fn all_tables(program: &Program) -> Vec<DecisionTable> {
+    TableCompiler::new(program).all()
+}
+
+/// [`all_tables`] through the reference [`decision_table`]: slow, obviously right, and what the
+/// fast path is tested against.
+pub fn all_tables_reference(program: &Program) -> Vec<DecisionTable> {
     let universe = peer_universe(program);
     let mut seen = BTreeSet::new();
     let mut reps: Vec<&Endpoint> = program
@@ -375,5 +394,319 @@ pub fn table_verdict_of(d: &crate::eval::Decision) -> Option<bool> {
     match d.verdict {
         DirVerdict::Denied => Some(false),
         DirVerdict::Allowed | DirVerdict::NotEnforced => Some(true),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path: all tables at once.
+//
+// `decision_table` above is the reference: clear, and quadratic (every peer against every rule
+// for every subject). `TableCompiler` computes the same tables (the property test checks they
+// are equal) by matching each selector once through a label index, and by partitioning the peer
+// universe with the peer sets of a subject's rules, so rows are computed once per group of peers
+// that every rule treats alike.
+
+use std::collections::HashMap;
+
+/// Label index over a list of label sets: (key without source, value) → positions.
+struct LabelIndex<'a> {
+    sets: Vec<&'a LabelSet>,
+    by_kv: HashMap<(&'a str, &'a str), Vec<u32>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    fn new(sets: Vec<&'a LabelSet>) -> LabelIndex<'a> {
+        let mut by_kv: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+        for (i, s) in sets.iter().enumerate() {
+            for (k, (_, v)) in &s.0 {
+                by_kv
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i as u32);
+            }
+        }
+        LabelIndex { sets, by_kv }
+    }
+
+    /// Positions of the sets `sel` matches: candidates from the rarest single-value `In`
+    /// requirement, each verified in full.
+    fn select(&self, sel: &Selector) -> Vec<u32> {
+        let narrowest = sel
+            .requirements
+            .iter()
+            .filter(|(_, op, values)| *op == labels::Operator::In && values.len() == 1)
+            .map(|(k, _, values)| {
+                self.by_kv
+                    .get(&(labels::split_source(k).1, values[0].as_str()))
+                    .map_or(&[][..], |v| &v[..])
+            })
+            .min_by_key(|v| v.len());
+        match narrowest {
+            Some(cands) => cands
+                .iter()
+                .copied()
+                .filter(|&i| sel.matches(self.sets[i as usize]))
+                .collect(),
+            None => (0..self.sets.len() as u32)
+                .filter(|&i| sel.matches(self.sets[i as usize]))
+                .collect(),
+        }
+    }
+}
+
+use cnpc_ir::labels;
+
+/// A set of peer positions in the universe: sorted members and a membership bitmap.
+struct PeerSet {
+    members: Vec<u32>,
+    bits: Vec<u64>,
+}
+
+impl PeerSet {
+    fn new(mut members: Vec<u32>, n: usize) -> PeerSet {
+        members.sort_unstable();
+        members.dedup();
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        for &m in &members {
+            bits[m as usize / 64] |= 1 << (m % 64);
+        }
+        PeerSet { members, bits }
+    }
+
+    fn contains(&self, i: u32) -> bool {
+        self.bits[i as usize / 64] >> (i % 64) & 1 == 1
+    }
+}
+
+/// Everything shared by the tables of one program.
+pub struct TableCompiler<'a> {
+    program: &'a Program,
+    pub universe: Vec<PeerIdentity>,
+    rule_peers: Vec<PeerSet>,
+    requirement_peers: Vec<PeerSet>,
+}
+
+impl<'a> TableCompiler<'a> {
+    pub fn new(program: &'a Program) -> TableCompiler<'a> {
+        let universe = peer_universe(program);
+        let n = universe.len();
+        let index = LabelIndex::new(universe.iter().map(|p| &p.labels).collect());
+        // Many rules name the same selector (an entity, a namespace): match each once.
+        let mut memo: HashMap<&Selector, Vec<u32>> = HashMap::new();
+        let mut peer_set = |peers: &'a [Peer]| -> PeerSet {
+            let mut members = Vec::new();
+            for p in peers {
+                match p {
+                    Peer::Any => members.extend(0..n as u32),
+                    Peer::Selector(s) => members.extend(
+                        memo.entry(s)
+                            .or_insert_with(|| index.select(s))
+                            .iter()
+                            .copied(),
+                    ),
+                    Peer::Nodes(_) => {}
+                    Peer::Cidr { .. } | Peer::Fqdn(_) => members
+                        .extend((0..n as u32).filter(|&i| peer_matches(p, &universe[i as usize]))),
+                }
+            }
+            PeerSet::new(members, n)
+        };
+        let rule_peers = program.rules.values().map(|r| peer_set(&r.peers)).collect();
+        let requirement_peers = program
+            .requirements
+            .iter()
+            .map(|q| PeerSet::new(index.select(&q.selector), n))
+            .collect();
+        TableCompiler {
+            program,
+            universe,
+            rule_peers,
+            requirement_peers,
+        }
+    }
+
+    /// Tables for every pod identity (as [`all_tables`]).
+    pub fn all(&self) -> Vec<DecisionTable> {
+        let p = self.program;
+        let mut seen = BTreeSet::new();
+        let mut reps: Vec<&Endpoint> = p
+            .endpoints
+            .values()
+            .filter(|e| e.is_pod && seen.insert(e.identity))
+            .collect();
+        reps.sort_by_key(|e| p.identities[e.identity].numeric);
+        // Subjects of each rule, found through the index over the representatives' labels.
+        let index = LabelIndex::new(reps.iter().map(|e| &e.labels).collect());
+        let mut rules_of: Vec<Vec<RuleRef>> = vec![Vec::new(); reps.len()];
+        for (r, rule) in p.rules.iter() {
+            if let Subject::Endpoints(sel) = &rule.subject {
+                for i in index.select(sel) {
+                    rules_of[i as usize].push(r);
+                }
+            }
+        }
+        let mut enforced_of = vec![[false; 2]; reps.len()];
+        for e in &p.enforcement {
+            if let Subject::Endpoints(sel) = &e.subject {
+                for i in index.select(sel) {
+                    enforced_of[i as usize][e.direction as usize] = true;
+                }
+            }
+        }
+        let mut reqs_of: Vec<Vec<usize>> = vec![Vec::new(); reps.len()];
+        for (qi, q) in p.requirements.iter().enumerate() {
+            if let Subject::Endpoints(sel) = &q.subject {
+                for i in index.select(sel) {
+                    reqs_of[i as usize].push(qi);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(reps.len() * 2);
+        for (i, e) in reps.iter().enumerate() {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let rules: Vec<RuleRef> = rules_of[i]
+                    .iter()
+                    .copied()
+                    .filter(|r| p.rules[*r].direction == dir)
+                    .collect();
+                let reqs: Vec<usize> = reqs_of[i]
+                    .iter()
+                    .copied()
+                    .filter(|q| p.requirements[*q].direction == dir)
+                    .collect();
+                out.push(self.table(e, dir, &rules, enforced_of[i][dir as usize], &reqs));
+            }
+        }
+        out
+    }
+
+    fn table(
+        &self,
+        subject: &Endpoint,
+        direction: Direction,
+        rules: &[RuleRef],
+        enforced: bool,
+        reqs: &[usize],
+    ) -> DecisionTable {
+        let p = self.program;
+        let n = self.universe.len();
+        let default = if enforced {
+            TableVerdict::Deny
+        } else {
+            TableVerdict::Allow
+        };
+        let subject_numeric = p.identities[subject.identity].numeric;
+        // Partition the universe: peers in one group are matched by exactly the same rules and
+        // requirements (and, on egress with named ports, declare the same named ports).
+        let mut group = vec![0u32; n];
+        let mut groups = 1u32;
+        let mut split: HashMap<u32, u32> = HashMap::new();
+        let sets = rules
+            .iter()
+            .map(|r| &self.rule_peers[r.index()])
+            .chain(reqs.iter().map(|q| &self.requirement_peers[*q]));
+        for set in sets {
+            if set.members.len() == n {
+                continue;
+            }
+            split.clear();
+            for &m in &set.members {
+                let g = group[m as usize];
+                let child = *split.entry(g).or_insert_with(|| {
+                    groups += 1;
+                    groups - 1
+                });
+                group[m as usize] = child;
+            }
+        }
+        let named = direction == Direction::Egress
+            && rules.iter().any(|r| {
+                p.rules[*r]
+                    .l4
+                    .iter()
+                    .any(|t| matches!(t, L4Term::Named { .. }))
+            });
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); groups as usize];
+        for i in 0..n as u32 {
+            buckets[group[i as usize] as usize].push(i);
+        }
+        // On egress, named ports resolve against the peer: split groups by declared ports.
+        let mut members_of: Vec<Vec<u32>> = Vec::new();
+        for b in buckets.into_iter().filter(|b| !b.is_empty()) {
+            if named {
+                let mut by_ports: BTreeMap<&[(String, Protocol, u16)], Vec<u32>> = BTreeMap::new();
+                for i in b {
+                    by_ports
+                        .entry(&self.universe[i as usize].named_ports)
+                        .or_default()
+                        .push(i);
+                }
+                members_of.extend(by_ports.into_values());
+            } else {
+                members_of.push(b);
+            }
+        }
+        let subject_ports = self
+            .universe
+            .iter()
+            .find(|u| u.numeric == subject_numeric)
+            .map(|u| u.named_ports.clone())
+            .unwrap_or_default();
+        let mut classes: BTreeMap<PeerRows, Vec<NumericIdentity>> = BTreeMap::new();
+        for members in members_of {
+            let rep = members[0];
+            let peer = &self.universe[rep as usize];
+            let named_ports = if direction == Direction::Ingress {
+                &subject_ports
+            } else {
+                &peer.named_ports
+            };
+            let reqs_ok = reqs
+                .iter()
+                .all(|q| self.requirement_peers[*q].contains(rep));
+            let matching: Vec<Applicable> = rules
+                .iter()
+                .filter(|r| self.rule_peers[r.index()].contains(rep))
+                .map(|&rule| Applicable {
+                    rule,
+                    r: &p.rules[rule],
+                })
+                .collect();
+            let matching: Vec<&Applicable> = matching.iter().collect();
+            let rows = rows_for(&matching, reqs_ok, named_ports, &default);
+            if !rows.is_empty() {
+                classes
+                    .entry(rows)
+                    .or_default()
+                    .extend(members.iter().map(|&m| self.universe[m as usize].numeric));
+            }
+        }
+        let mut classes: Vec<(Vec<NumericIdentity>, PeerRows)> = classes
+            .into_iter()
+            .map(|(rows, mut members)| {
+                members.sort();
+                (members, rows)
+            })
+            .collect();
+        classes.sort();
+        let mut table = DecisionTable {
+            subject: subject_numeric,
+            direction,
+            default,
+            classes: Vec::new(),
+            rows: Vec::new(),
+        };
+        for (i, (members, rows)) in classes.into_iter().enumerate() {
+            table.classes.push(IdentityClass { members });
+            table
+                .rows
+                .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
+                    class: i as u32,
+                    protocol,
+                    ports,
+                    verdict,
+                }));
+        }
+        table
     }
 }

@@ -40,6 +40,10 @@ proptest! {
     ) {
         let (program, cluster, yaml) = build(&pods, &policies);
         let universe = peer_universe(&program);
+        // The fast table compiler builds exactly the reference tables.
+        let fast = cnpc_compiler::tables::all_tables(&program);
+        let reference = cnpc_compiler::tables::all_tables_reference(&program);
+        prop_assert_eq!(&fast, &reference, "{}", yaml);
 
         let parties = parties(&program, &cluster, &pods);
         let ports = probe_ports();

@@ -11,6 +11,7 @@
 
 pub mod labels;
 
+pub use cranelift_entity::EntityRef;
 use cranelift_entity::{entity_impl, PrimaryMap};
 pub use ipnet::IpNet;
 pub use labels::{LabelSet, Selector};

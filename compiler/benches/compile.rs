@@ -1,0 +1,166 @@
+//! Compile benchmark (issue 3): a synthetic cluster of 5,000 workloads with 2,000 identities and
+//! 10,000 policies mixing L3, L4, CIDR, FQDN and deny rules. Prints figures and ratios from one
+//! run; targets are checked by reading them, not by timing assertions (the machines are shared).
+//!
+//!     cargo bench -p cnpc-compiler --bench compile [-- --scale 0.1]
+
+use cnpc_compiler::{check, load_str, lower, tables, Cluster};
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Instant;
+
+struct Shape {
+    workloads: usize,
+    identities: usize,
+    policies: usize,
+    namespaces: usize,
+}
+
+fn cluster_yaml(s: &Shape) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for n in 0..s.namespaces {
+        let _ = writeln!(y, "- {{apiVersion: v1, kind: Namespace, metadata: {{name: ns{n}, labels: {{team: t{}}}}}}}", n % 7);
+    }
+    for w in 0..s.workloads {
+        // Workloads with the same app share labels and namespace: one identity per app.
+        let app = w % s.identities;
+        let ns = app % s.namespaces;
+        let _ = writeln!(
+            y,
+            "- {{apiVersion: v1, kind: Pod, metadata: {{name: w{w}, namespace: ns{ns}, labels: {{app: a{app}, tier: t{}}}}}, status: {{podIPs: [{{ip: 10.{}.{}.{}}}]}}}}",
+            app % 3,
+            w / 65536 % 256,
+            w / 256 % 256,
+            w % 256
+        );
+    }
+    y
+}
+
+fn policies_yaml(s: &Shape) -> String {
+    let mut y = String::new();
+    for p in 0..s.policies {
+        let app = p % s.identities;
+        let ns = app % s.namespaces;
+        let peer = (p * 7 + 3) % s.identities;
+        let _ = write!(y, "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a{app}}}}}\n");
+        match p % 5 {
+            // L3/L4 from a peer app anywhere in the cluster.
+            0 => {
+                let _ = write!(y, "  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: a{peer}, k8s:io.kubernetes.pod.namespace: ns{}}}}}]\n    toPorts: [{{ports: [{{port: \"{}\", protocol: TCP}}]}}]\n", peer % s.namespaces, 8000 + p % 100);
+            }
+            // L3 by tier within the namespace, and a port range.
+            1 => {
+                let _ = write!(y, "  ingress:\n  - fromEndpoints: [{{matchLabels: {{tier: t{}}}}}]\n    toPorts: [{{ports: [{{port: \"9000\", endPort: {}, protocol: ANY}}]}}]\n", p % 3, 9000 + p % 50);
+            }
+            // CIDR egress with an except.
+            2 => {
+                let _ = write!(y, "  egress:\n  - toCIDRSet: [{{cidr: {}.0.0.0/8, except: [{}.{}.0.0/16]}}]\n    toPorts: [{{ports: [{{port: \"443\", protocol: TCP}}]}}]\n", 20 + p % 50, 20 + p % 50, p % 200);
+            }
+            // FQDN egress with the DNS rule that makes it work.
+            3 => {
+                let _ = write!(y, "  egress:\n  - toFQDNs: [{{matchPattern: \"*.svc{}.example.com\"}}]\n    toPorts: [{{ports: [{{port: \"443\", protocol: TCP}}]}}]\n  - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: ns0, app: a0}}}}]\n    toPorts:\n    - ports: [{{port: \"53\", protocol: ANY}}]\n      rules: {{dns: [{{matchPattern: \"*\"}}]}}\n", p % 300);
+            }
+            // Deny from a namespace team, beside an allow-all from the cluster.
+            _ => {
+                let _ = write!(y, "  ingressDeny:\n  - fromEndpoints: [{{matchLabels: {{io.cilium.k8s.namespace.labels.team: t{}}}}}]\n  ingress:\n  - fromEntities: [cluster]\n", p % 7);
+            }
+        }
+    }
+    y
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How many power-of-two-aligned port prefixes cover [lo, hi] (Cilium's policy map keys port
+/// ranges as prefixes).
+fn prefixes(mut lo: u32, hi: u32) -> u64 {
+    let mut n = 0;
+    while lo <= hi {
+        let mut size = 1u32;
+        while lo % (size * 2) == 0 && lo + size * 2 - 1 <= hi && size < 65536 {
+            size *= 2;
+        }
+        lo += size;
+        n += 1;
+    }
+    n
+}
+
+fn main() {
+    let scale: f64 = std::env::args()
+        .skip_while(|a| a != "--scale")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let shape = Shape {
+        workloads: (5000.0 * scale) as usize,
+        identities: (2000.0 * scale) as usize,
+        policies: (10000.0 * scale) as usize,
+        namespaces: 50,
+    };
+    println!(
+        "shape: {} workloads, {} identities, {} policies (scale {scale})",
+        shape.workloads, shape.identities, shape.policies
+    );
+    let (cy, py) = (cluster_yaml(&shape), policies_yaml(&shape));
+
+    let t = Instant::now();
+    let mut set = load_str("policies.yaml", &py);
+    let mut cluster = Cluster::default();
+    cluster.add_str(&mut set.sources, Path::new("cluster.yaml"), &cy);
+    let parse = t.elapsed();
+    let report = check(set, Some(cluster));
+    let checked = t.elapsed();
+    assert_eq!(report.errors(), 0, "the synthetic policies must be valid");
+    let cluster = report.cluster.as_ref().unwrap();
+    let program = lower::build(
+        &report.set.policies,
+        &report.set.sources,
+        cluster,
+        &Default::default(),
+    );
+    let lowered = t.elapsed();
+    let all = tables::all_tables(&program);
+    let total = t.elapsed();
+    let rows: usize = all.iter().map(|t| t.rows.len()).sum();
+    println!("full compile to tables: {:.3} s (parse {:.3}, check {:.3}, lower {:.3}, tables {:.3}); target <= 2 s",
+        total.as_secs_f64(), parse.as_secs_f64(), (checked - parse).as_secs_f64(), (lowered - checked).as_secs_f64(), (total - lowered).as_secs_f64());
+    println!(
+        "identities: {}, tables: {}, rows: {rows}",
+        program.identities.len(),
+        all.len()
+    );
+
+    // Cilium-style map entries: one per (peer identity, protocol, port prefix) per endpoint.
+    let mut entries = 0u64;
+    let mut worst = (0u64, 0usize);
+    for t in &all {
+        let e: u64 = t
+            .rows
+            .iter()
+            .map(|r| {
+                t.classes[r.class as usize].members.len() as u64
+                    * prefixes(u32::from(r.ports.lo), u32::from(r.ports.hi))
+            })
+            .sum();
+        entries += e;
+        if e > worst.0 {
+            worst = (e, t.rows.len());
+        }
+    }
+    println!("policy-map entries a per-(identity, peer, port) map needs: {entries}; table rows: {rows}; ratio {:.1}x", entries as f64 / rows.max(1) as f64);
+    println!("largest table: {} rows where the per-peer map needs {} entries (Cilium's default limit is 16384 per endpoint)", worst.1, worst.0);
+
+    match peak_rss_kib() {
+        Some(kib) => println!(
+            "peak memory: {:.1} MiB; target <= 1024 MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("peak memory: not available on this system"),
+    }
+}
