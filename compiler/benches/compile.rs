@@ -82,7 +82,7 @@ fn prefixes(mut lo: u32, hi: u32) -> u64 {
     let mut n = 0;
     while lo <= hi {
         let mut size = 1u32;
-        while lo % (size * 2) == 0 && lo + size * 2 - 1 <= hi && size < 65536 {
+        while lo.is_multiple_of(size * 2) && lo + size * 2 - 1 <= hi && size < 65536 {
             size *= 2;
         }
         lo += size;
