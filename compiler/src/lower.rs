@@ -34,10 +34,12 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
-/// Assigns numbers to cluster label sets. Sets in `previous` keep their numbers; a new set takes
-/// the first free number at or after a hash of its labels (probing upwards, wrapping), so
-/// numbering depends on each set's own labels, not on what else is in the cluster: adding or
-/// removing one workload never renumbers the others.
+/// Assigns numbers to cluster label sets. Sets in `previous` keep their numbers, and a new set
+/// takes the first number at or after a hash of its labels that is neither taken nor was ever
+/// given to another set in `previous`. So with the previous allocation as input (what the loader
+/// persists, `--identities`), adding or removing workloads never renumbers the others. Without
+/// it, numbering is still deterministic, but two sets whose hashes collide are ordered by their
+/// labels, so an addition can, rarely, shift a colliding set.
 pub fn allocate(
     sets: &BTreeSet<LabelSet>,
     previous: &Allocation,

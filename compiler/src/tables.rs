@@ -367,7 +367,7 @@ fn rows_for(
 /// Tables for every pod identity of the program (one endpoint stands for its identity), in
 /// identity order: ingress then egress.
 pub fn all_tables(program: &Program) -> Vec<DecisionTable> {
-    TableCompiler::new(program).all()
+    TableCompiler::new(program).all(program)
 }
 
 /// [`all_tables`] through the reference [`decision_table`]: slow, obviously right, and what the
@@ -478,22 +478,32 @@ impl PeerSet {
     }
 }
 
-/// Everything shared by the tables of one program.
-pub struct TableCompiler<'a> {
-    program: &'a Program,
+/// Everything shared by the tables of one program: the peer universe and, for every rule and
+/// requirement, the set of peers it matches.
+pub struct TableCompiler {
     pub universe: Vec<PeerIdentity>,
     rule_peers: Vec<PeerSet>,
     requirement_peers: Vec<PeerSet>,
+    /// Identities that no longer exist (their positions stay, so the peer sets stay valid).
+    removed: std::collections::HashSet<NumericIdentity>,
 }
 
-impl<'a> TableCompiler<'a> {
-    pub fn new(program: &'a Program) -> TableCompiler<'a> {
+/// The rules, requirements and enforcement that apply to one table's subject.
+#[derive(Clone, Debug, Default)]
+struct TableInputs {
+    rules: Vec<RuleRef>,
+    reqs: Vec<usize>,
+    enforced: bool,
+}
+
+impl TableCompiler {
+    pub fn new<'p>(program: &'p Program) -> TableCompiler {
         let universe = peer_universe(program);
         let n = universe.len();
         let index = LabelIndex::new(universe.iter().map(|p| &p.labels).collect());
         // Many rules name the same selector (an entity, a namespace): match each once.
-        let mut memo: HashMap<&Selector, Vec<u32>> = HashMap::new();
-        let mut peer_set = |peers: &'a [Peer]| -> PeerSet {
+        let mut memo: HashMap<&'p Selector, Vec<u32>> = HashMap::new();
+        let mut peer_set = |peers: &'p [Peer]| -> PeerSet {
             let mut members = Vec::new();
             for p in peers {
                 match p {
@@ -518,16 +528,23 @@ impl<'a> TableCompiler<'a> {
             .map(|q| PeerSet::new(index.select(&q.selector), n))
             .collect();
         TableCompiler {
-            program,
             universe,
             rule_peers,
             requirement_peers,
+            removed: Default::default(),
         }
     }
 
     /// Tables for every pod identity (as [`all_tables`]).
-    pub fn all(&self) -> Vec<DecisionTable> {
-        let p = self.program;
+    pub fn all(&self, program: &Program) -> Vec<DecisionTable> {
+        self.all_with_inputs(program)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    }
+
+    fn all_with_inputs(&self, program: &Program) -> Vec<(DecisionTable, TableInputs)> {
+        let p = program;
         let mut seen = BTreeSet::new();
         let mut reps: Vec<&Endpoint> = p
             .endpoints
@@ -564,17 +581,20 @@ impl<'a> TableCompiler<'a> {
         let mut out = Vec::with_capacity(reps.len() * 2);
         for (i, e) in reps.iter().enumerate() {
             for dir in [Direction::Ingress, Direction::Egress] {
-                let rules: Vec<RuleRef> = rules_of[i]
-                    .iter()
-                    .copied()
-                    .filter(|r| p.rules[*r].direction == dir)
-                    .collect();
-                let reqs: Vec<usize> = reqs_of[i]
-                    .iter()
-                    .copied()
-                    .filter(|q| p.requirements[*q].direction == dir)
-                    .collect();
-                out.push(self.table(e, dir, &rules, enforced_of[i][dir as usize], &reqs));
+                let inputs = TableInputs {
+                    rules: rules_of[i]
+                        .iter()
+                        .copied()
+                        .filter(|r| p.rules[*r].direction == dir)
+                        .collect(),
+                    reqs: reqs_of[i]
+                        .iter()
+                        .copied()
+                        .filter(|q| p.requirements[*q].direction == dir)
+                        .collect(),
+                    enforced: enforced_of[i][dir as usize],
+                };
+                out.push((self.table(p, e, dir, &inputs), inputs));
             }
         }
         out
@@ -582,13 +602,13 @@ impl<'a> TableCompiler<'a> {
 
     fn table(
         &self,
+        program: &Program,
         subject: &Endpoint,
         direction: Direction,
-        rules: &[RuleRef],
-        enforced: bool,
-        reqs: &[usize],
+        inputs: &TableInputs,
     ) -> DecisionTable {
-        let p = self.program;
+        let p = program;
+        let (rules, reqs, enforced) = (&inputs.rules[..], &inputs.reqs[..], inputs.enforced);
         let n = self.universe.len();
         let default = if enforced {
             TableVerdict::Deny
@@ -628,7 +648,9 @@ impl<'a> TableCompiler<'a> {
             });
         let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); groups as usize];
         for i in 0..n as u32 {
-            buckets[group[i as usize] as usize].push(i);
+            if !self.removed.contains(&self.universe[i as usize].numeric) {
+                buckets[group[i as usize] as usize].push(i);
+            }
         }
         // On egress, named ports resolve against the peer: split groups by declared ports.
         let mut members_of: Vec<Vec<u32>> = Vec::new();
@@ -708,5 +730,298 @@ impl<'a> TableCompiler<'a> {
                 }));
         }
         table
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incremental recompilation.
+
+/// A program with all its tables, kept up to date as endpoints change.
+pub struct TableSet {
+    pub program: Program,
+    peers: TableCompiler,
+    /// Per table, what applies to its subject; in the order of `tables`.
+    inputs: Vec<TableInputs>,
+    /// Sorted by (subject, direction), as [`all_tables`] returns them.
+    pub tables: Vec<DecisionTable>,
+}
+
+impl TableSet {
+    pub fn build(program: Program) -> TableSet {
+        let peers = TableCompiler::new(&program);
+        let (tables, inputs) = peers.all_with_inputs(&program).into_iter().unzip();
+        TableSet {
+            program,
+            peers,
+            inputs,
+            tables,
+        }
+    }
+
+    /// The current allocation, for [`crate::lower::allocate`]'s `previous`.
+    pub fn allocation(&self) -> crate::lower::Allocation {
+        self.program
+            .identities
+            .values()
+            .filter(|i| i.kind == IdentityKind::Cluster)
+            .map(|i| (i.labels.to_strings().join(";"), i.numeric.0))
+            .collect()
+    }
+
+    /// One endpoint changed (its pods were relabelled, or its container ports changed): give it
+    /// the identity of its new label set and update every table, without recompiling the rest.
+    pub fn update_endpoint(
+        &mut self,
+        endpoint: EndpointRef,
+        labels: LabelSet,
+        named_ports: Vec<(String, Protocol, u16)>,
+    ) {
+        let old = self.program.endpoints[endpoint].identity;
+        let existing = self
+            .program
+            .identities
+            .iter()
+            .find(|(_, i)| i.kind == IdentityKind::Cluster && i.labels == labels)
+            .map(|(r, _)| r);
+        let new = match existing {
+            Some(r) => r,
+            None => {
+                let mut sets: BTreeSet<LabelSet> = self
+                    .program
+                    .identities
+                    .values()
+                    .filter(|i| i.kind == IdentityKind::Cluster)
+                    .map(|i| i.labels.clone())
+                    .collect();
+                sets.insert(labels.clone());
+                let numeric = crate::lower::allocate(&sets, &self.allocation())[&labels];
+                self.program.identities.push(Identity {
+                    numeric,
+                    kind: IdentityKind::Cluster,
+                    labels: labels.clone(),
+                })
+            }
+        };
+        {
+            let e = &mut self.program.endpoints[endpoint];
+            e.identity = new;
+            e.labels = labels;
+            e.named_ports = named_ports;
+        }
+        let has_pods =
+            |p: &Program, r: IdentityRef| p.endpoints.values().any(|e| e.is_pod && e.identity == r);
+        let old_numeric = self.program.identities[old].numeric;
+        let new_numeric = self.program.identities[new].numeric;
+        let old_gone = old != new && !has_pods(&self.program, old);
+        self.peers.removed.remove(&new_numeric);
+        if old_gone {
+            self.peers.removed.insert(old_numeric);
+        }
+
+        // The universe: the new identity as a peer (with its endpoints' named ports), and the old
+        // one dropped from every class when no pod carries it any more.
+        let named = |p: &Program, r: IdentityRef| {
+            let mut v: Vec<(String, Protocol, u16)> = p
+                .endpoints
+                .values()
+                .filter(|e| e.is_pod && e.identity == r)
+                .flat_map(|e| e.named_ports.clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let pos = match self
+            .peers
+            .universe
+            .iter()
+            .position(|u| u.numeric == new_numeric)
+        {
+            Some(i) => {
+                self.peers.universe[i].named_ports = named(&self.program, new);
+                i as u32
+            }
+            None => {
+                let id = &self.program.identities[new];
+                let peer = PeerIdentity {
+                    numeric: new_numeric,
+                    labels: id.labels.clone(),
+                    cidr: None,
+                    fqdn: None,
+                    named_ports: named(&self.program, new),
+                };
+                let i = self.peers.universe.len() as u32;
+                for (set, rule) in self
+                    .peers
+                    .rule_peers
+                    .iter_mut()
+                    .zip(self.program.rules.values())
+                {
+                    set.push(i, rule.peers.iter().any(|p| peer_matches(p, &peer)));
+                }
+                for (set, q) in self
+                    .peers
+                    .requirement_peers
+                    .iter_mut()
+                    .zip(&self.program.requirements)
+                {
+                    set.push(i, q.selector.matches(&peer.labels));
+                }
+                self.peers.universe.push(peer);
+                i
+            }
+        };
+        if let Some(u) = self
+            .peers
+            .universe
+            .iter_mut()
+            .find(|u| u.numeric == old_numeric)
+        {
+            u.named_ports = named(&self.program, old);
+        }
+
+        // Tables of the two identities as subjects are recomputed whole.
+        let mut i = 0;
+        while i < self.tables.len() {
+            if self.tables[i].subject == old_numeric || self.tables[i].subject == new_numeric {
+                self.tables.remove(i);
+                self.inputs.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let mut subjects = vec![(new, endpoint)];
+        if !old_gone && old != new {
+            let rep = self
+                .program
+                .endpoints
+                .iter()
+                .find(|(_, e)| e.is_pod && e.identity == old)
+                .map(|(r, _)| r);
+            subjects.extend(rep.map(|r| (old, r)));
+        }
+        for (_, ep) in subjects {
+            let e = self.program.endpoints[ep].clone();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let inputs = TableInputs {
+                    rules: self
+                        .program
+                        .rules
+                        .iter()
+                        .filter(|(_, r)| r.direction == dir && r.subject.selects(&e))
+                        .map(|(r, _)| r)
+                        .collect(),
+                    reqs: self
+                        .program
+                        .requirements
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, q)| q.direction == dir && q.subject.selects(&e))
+                        .map(|(i, _)| i)
+                        .collect(),
+                    enforced: self
+                        .program
+                        .enforcement
+                        .iter()
+                        .any(|x| x.direction == dir && x.subject.selects(&e)),
+                };
+                let t = self.peers.table(&self.program, &e, dir, &inputs);
+                let at = self
+                    .tables
+                    .partition_point(|x| (x.subject, x.direction) < (t.subject, t.direction));
+                self.tables.insert(at, t);
+                self.inputs.insert(at, inputs);
+            }
+        }
+
+        // Every other table: the old identity leaves its class, the new one joins the class
+        // with its rows.
+        for (t, inputs) in self.tables.iter_mut().zip(&self.inputs) {
+            if t.subject == new_numeric || (!old_gone && t.subject == old_numeric) {
+                continue;
+            }
+            let mut classes: Vec<(Vec<NumericIdentity>, PeerRows)> = t
+                .classes
+                .iter()
+                .enumerate()
+                .map(|(ci, c)| {
+                    (
+                        c.members.clone(),
+                        t.rows
+                            .iter()
+                            .filter(|r| r.class == ci as u32)
+                            .map(|r| (r.protocol, r.ports, r.verdict.clone()))
+                            .collect(),
+                    )
+                })
+                .collect();
+            for (members, _) in classes.iter_mut() {
+                members.retain(|m| *m != new_numeric && !(old_gone && *m == old_numeric));
+            }
+            let peer = &self.peers.universe[pos as usize];
+            let subject_ports = self
+                .peers
+                .universe
+                .iter()
+                .find(|u| u.numeric == t.subject)
+                .map(|u| u.named_ports.clone())
+                .unwrap_or_default();
+            let named_ports = if t.direction == Direction::Ingress {
+                &subject_ports
+            } else {
+                &peer.named_ports
+            };
+            let reqs_ok = inputs
+                .reqs
+                .iter()
+                .all(|q| self.peers.requirement_peers[*q].contains(pos));
+            let matching: Vec<Applicable> = inputs
+                .rules
+                .iter()
+                .filter(|r| self.peers.rule_peers[r.index()].contains(pos))
+                .map(|&rule| Applicable {
+                    rule,
+                    r: &self.program.rules[rule],
+                })
+                .collect();
+            let matching: Vec<&Applicable> = matching.iter().collect();
+            let rows = rows_for(&matching, reqs_ok, named_ports, &t.default);
+            if !rows.is_empty() {
+                match classes.iter_mut().find(|(_, r)| *r == rows) {
+                    Some((members, _)) => members.push(new_numeric),
+                    None => classes.push((vec![new_numeric], rows)),
+                }
+            }
+            classes.retain(|(m, _)| !m.is_empty());
+            for (members, _) in classes.iter_mut() {
+                members.sort();
+            }
+            classes.sort();
+            t.classes.clear();
+            t.rows.clear();
+            for (ci, (members, rows)) in classes.into_iter().enumerate() {
+                t.classes.push(IdentityClass { members });
+                t.rows
+                    .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
+                        class: ci as u32,
+                        protocol,
+                        ports,
+                        verdict,
+                    }));
+            }
+        }
+    }
+}
+
+impl PeerSet {
+    /// Adds position `i` (one past the last) with the given membership.
+    fn push(&mut self, i: u32, member: bool) {
+        if self.bits.len() * 64 <= i as usize {
+            self.bits.push(0);
+        }
+        if member {
+            self.members.push(i);
+            self.bits[i as usize / 64] |= 1 << (i % 64);
+        }
     }
 }

@@ -280,6 +280,15 @@ pub fn policies_yaml(ps: &[PolicyGen]) -> String {
 
 /// A checked, lowered world: the cluster of `pods` and the policies of `policies`.
 pub fn build(pods: &[Pod], policies: &[PolicyGen]) -> (Program, Cluster, String) {
+    build_with(pods, policies, &Default::default())
+}
+
+/// [`build`] with a previous identity allocation.
+pub fn build_with(
+    pods: &[Pod],
+    policies: &[PolicyGen],
+    previous: &cnpc_compiler::lower::Allocation,
+) -> (Program, Cluster, String) {
     let yaml = policies_yaml(policies);
     let mut set = load_str("p.yaml", &yaml);
     let mut cluster = Cluster::default();
@@ -296,7 +305,7 @@ pub fn build(pods: &[Pod], policies: &[PolicyGen]) -> (Program, Cluster, String)
         &r.set.policies,
         &r.set.sources,
         r.cluster.as_ref().unwrap(),
-        &Default::default(),
+        previous,
     );
     (program, r.cluster.unwrap(), yaml)
 }
