@@ -47,6 +47,9 @@ enum Command {
         /// Cluster snapshot (`kubectl get -o yaml` output).
         #[arg(long, value_name = "FILE", required = true)]
         cluster: Vec<PathBuf>,
+        /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
         /// Source: pod:NS/NAME, labels:NS:k=v,..., ip:ADDR, fqdn:NAME=ADDR or entity:NAME.
         #[arg(long = "from", value_name = "PEER")]
         from: String,
@@ -79,6 +82,9 @@ enum Command {
         new: String,
         #[arg(long, value_name = "FILE", required = true)]
         cluster: Vec<PathBuf>,
+        /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
         output: TraceFormat,
         /// Exit 1 when some verdict changes.
@@ -91,9 +97,20 @@ enum Command {
         paths: Vec<PathBuf>,
         #[arg(long, value_name = "FILE", required = true)]
         cluster: Vec<PathBuf>,
+        /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
         /// Only the tables of this numeric identity.
         #[arg(long, value_name = "N")]
         identity: Option<u32>,
+    },
+    /// Print the identity allocation of a cluster snapshot (JSON: labels -> number), to pass
+    /// back with --identities so numbers stay stable as the cluster changes.
+    Identities {
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
     },
     /// Print the JSON Schema of the policy kinds (for yaml-language-server and editors).
     Schema,
@@ -139,6 +156,7 @@ fn main() -> ExitCode {
             dns_query,
             engine,
             output,
+            identities,
         } => {
             let request = http.map(|v| HttpRequest {
                 method: v[0].clone(),
@@ -160,6 +178,7 @@ fn main() -> ExitCode {
                 dns_query,
                 engine,
                 output,
+                identities,
             };
             run_trace(args)
         }
@@ -169,12 +188,18 @@ fn main() -> ExitCode {
             cluster,
             output,
             exit_code,
-        } => run_diff(&old, &new, &cluster, output, exit_code),
+            identities,
+        } => run_diff(&old, &new, &cluster, output, exit_code, &identities),
         Command::Tables {
             paths,
             cluster,
             identity,
-        } => run_tables(&paths, &cluster, identity),
+            identities,
+        } => run_tables(&paths, &cluster, identity, &identities),
+        Command::Identities {
+            cluster,
+            identities,
+        } => run_identities(&cluster, &identities),
         Command::Schema => print(&format!("{:#}\n", cnpc_compiler::schema::policy_schema())),
     }
 }
@@ -198,6 +223,7 @@ fn fail(e: impl Into<miette::Report>) -> ExitCode {
 }
 
 struct TraceArgs {
+    identities: Option<PathBuf>,
     paths: Vec<PathBuf>,
     cluster: Vec<PathBuf>,
     from: String,
@@ -237,12 +263,10 @@ fn run_trace(a: TraceArgs) -> ExitCode {
         Err(code) => return code,
     };
     let cluster = report.cluster.as_ref().expect("loaded by load_checked");
-    let program = lower::build(
-        &report.set.policies,
-        &report.set.sources,
-        cluster,
-        &Default::default(),
-    );
+    let program = match program_of(&report, &a.identities) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let party = |spec: &str| eval::parse_peer(&program, cluster, spec);
     let (src, dst) = match (party(&a.from), party(&a.to)) {
         (Ok(s), Ok(d)) => (s, d),
@@ -287,21 +311,36 @@ fn checked(
     Ok(report)
 }
 
-fn tables_of(report: &cnpc_compiler::CheckReport) -> (cnpc_ir::Program, String) {
-    let cluster = report.cluster.as_ref().expect("loaded by checked");
-    let program = lower::build(
+/// The lowered program of a checked report, with a previous identity allocation if given.
+fn program_of(
+    report: &cnpc_compiler::CheckReport,
+    identities: &Option<PathBuf>,
+) -> Result<cnpc_ir::Program, ExitCode> {
+    let previous = match identities {
+        Some(path) => lower::read_allocation(path).map_err(fail)?,
+        None => Default::default(),
+    };
+    let cluster = report.cluster.as_ref().expect("checked with a cluster");
+    Ok(lower::build(
         &report.set.policies,
         &report.set.sources,
         cluster,
-        &Default::default(),
-    );
+        &previous,
+    ))
+}
+
+fn tables_of(
+    report: &cnpc_compiler::CheckReport,
+    identities: &Option<PathBuf>,
+) -> Result<(cnpc_ir::Program, String), ExitCode> {
+    let program = program_of(report, identities)?;
     let universe = cnpc_compiler::tables::peer_universe(&program);
     let text = report::tables_text(
         &program,
         &universe,
         &cnpc_compiler::tables::all_tables(&program),
     );
-    (program, text)
+    Ok((program, text))
 }
 
 fn run_diff(
@@ -310,6 +349,7 @@ fn run_diff(
     cluster: &[PathBuf],
     output: TraceFormat,
     exit_code: bool,
+    identities: &Option<PathBuf>,
 ) -> ExitCode {
     let load = |spec: &str| {
         PolicySet::load_spec(spec)
@@ -320,8 +360,11 @@ fn run_diff(
         (Ok(o), Ok(n)) => (o, n),
         (Err(code), _) | (_, Err(code)) => return code,
     };
-    let (old_program, old_text) = tables_of(&old);
-    let (new_program, new_text) = tables_of(&new);
+    let ((old_program, old_text), (new_program, new_text)) =
+        match (tables_of(&old, identities), tables_of(&new, identities)) {
+            (Ok(o), Ok(n)) => (o, n),
+            (Err(code), _) | (_, Err(code)) => return code,
+        };
     let changes = cnpc_compiler::diff::diff(&old_program, &new_program);
     let printed = match output {
         TraceFormat::Text => print(&report::diff_text(&changes, &old_text, &new_text)),
@@ -337,18 +380,34 @@ fn run_diff(
     }
 }
 
-fn run_tables(paths: &[PathBuf], cluster: &[PathBuf], identity: Option<u32>) -> ExitCode {
+fn run_identities(cluster: &[PathBuf], identities: &Option<PathBuf>) -> ExitCode {
+    let report = match checked(PolicySet::default(), cluster) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match program_of(&report, identities) {
+        Ok(program) => print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&lower::allocation_of(&program)).unwrap_or_default()
+        )),
+        Err(code) => code,
+    }
+}
+
+fn run_tables(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+    identity: Option<u32>,
+    identities: &Option<PathBuf>,
+) -> ExitCode {
     let report = match load_checked(paths, cluster) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let cluster = report.cluster.as_ref().expect("loaded by load_checked");
-    let program = lower::build(
-        &report.set.policies,
-        &report.set.sources,
-        cluster,
-        &Default::default(),
-    );
+    let program = match program_of(&report, identities) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let universe = cnpc_compiler::tables::peer_universe(&program);
     let mut tables = cnpc_compiler::tables::all_tables(&program);
     if let Some(n) = identity {

@@ -54,6 +54,8 @@ pub struct Service {
     pub selector: Option<BTreeMap<String, String>>,
     pub ports: Vec<ServicePort>,
     pub cluster_ip: Option<IpAddr>,
+    /// Backend addresses from EndpointSlices (for Services without a selector).
+    pub backends: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +74,8 @@ pub struct Cluster {
     pub services: Vec<Service>,
     pub nodes: Vec<ClusterNode>,
     pub diagnostics: Vec<Diagnostic>,
+    /// EndpointSlices read so far: (namespace, service, addresses); joined to their Services.
+    slices: Vec<(String, String, Vec<IpAddr>)>,
 }
 
 /// Cilium's default cluster name (`--cluster-name`).
@@ -121,6 +125,17 @@ impl Cluster {
                 }
             }
         }
+        // Slices may come before or after their Service, in this file or another.
+        for svc in &mut self.services {
+            svc.backends = self
+                .slices
+                .iter()
+                .filter(|(ns, name, _)| *ns == svc.namespace && *name == svc.name)
+                .flat_map(|(_, _, ips)| ips.iter().copied())
+                .collect();
+            svc.backends.sort();
+            svc.backends.dedup();
+        }
     }
 
     fn add_object(&mut self, node: &Node) {
@@ -162,6 +177,19 @@ impl Cluster {
                     ips,
                 })
             }
+            // discovery.k8s.io/v1: the slice names its Service in the kubernetes.io/service-name label.
+            "EndpointSlice" => {
+                let service = own_labels
+                    .get("kubernetes.io/service-name")
+                    .cloned()
+                    .unwrap_or_default();
+                let ips: Vec<IpAddr> = seq(node.get("endpoints"))
+                    .iter()
+                    .flat_map(|e| seq(e.get("addresses")))
+                    .filter_map(|a| a.as_str()?.parse().ok())
+                    .collect();
+                self.slices.push((namespace, service, ips));
+            }
             "Service" => {
                 let spec = node.get("spec");
                 let selector = spec
@@ -197,6 +225,7 @@ impl Cluster {
                     selector,
                     ports,
                     cluster_ip,
+                    backends: Vec::new(),
                 });
             }
             "Pod" => {

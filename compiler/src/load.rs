@@ -22,6 +22,9 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not an identity allocation: {message}")]
+    #[diagnostic(code(cnpc::identities), help("pass a file written by `cnpc identities --cluster FILE` (a JSON object of labels to numbers)"))]
+    BadAllocation { path: PathBuf, message: String },
     #[error("cannot read `{spec}` from git: {message}")]
     #[diagnostic(code(cnpc::git), help("write git:REV:PATH with a revision git knows (a branch, tag or commit) and a path inside the repository, run inside the repository"))]
     Git { spec: String, message: String },

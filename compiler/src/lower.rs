@@ -23,6 +23,28 @@ use std::collections::{BTreeMap, BTreeSet};
 /// joined by `;`) → number. Reusing it keeps numbers stable when the cluster changes.
 pub type Allocation = BTreeMap<String, u32>;
 
+/// A program's cluster identities as an allocation, to persist and pass back as `previous`.
+pub fn allocation_of(program: &Program) -> Allocation {
+    program
+        .identities
+        .values()
+        .filter(|i| i.kind == IdentityKind::Cluster)
+        .map(|i| (allocation_key(&i.labels), i.numeric.0))
+        .collect()
+}
+
+/// Reads an allocation written by `cnpc identities` (a JSON object: labels → number).
+pub fn read_allocation(path: &std::path::Path) -> Result<Allocation, crate::LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| crate::LoadError::BadAllocation {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 fn allocation_key(labels: &LabelSet) -> String {
     labels.to_strings().join(";")
 }
@@ -405,6 +427,13 @@ impl Lowering<'_> {
         }
         for s in matched {
             let Some(selector) = &s.selector else {
+                // A Service without a selector stands for the addresses of its EndpointSlices,
+                // which Cilium turns into CIDR rules (pkg/policy/api: ToServices, Generated
+                // ToCIDRSet entries).
+                out.extend(s.backends.iter().map(|ip| Peer::Cidr {
+                    net: IpNet::from(*ip),
+                    except: Vec::new(),
+                }));
                 continue;
             };
             let mut sel = Selector::default().with(

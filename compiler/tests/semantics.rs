@@ -27,6 +27,14 @@ items:
   kind: Service
   metadata: {name: db, namespace: b, labels: {tier: data}}
   spec: {selector: {app: db}, ports: [{port: 5432}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: ext, namespace: a}
+  spec: {ports: [{port: 443}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: ext-x1, namespace: a, labels: {kubernetes.io/service-name: ext}}
+  endpoints: [{addresses: [203.0.113.7]}]
 "#;
 
 struct World {
@@ -469,6 +477,19 @@ fn to_services_through_service_selectors() {
     assert!(!w.allowed("pod:a/web", "pod:b/client", "5432"));
     let w = world(&cnp("a", "p", &format!("{WEB}  egress:\n  - toServices: [{{k8sServiceSelector: {{selector: {{matchLabels: {{tier: data}}}}}}}}]\n")));
     assert!(w.allowed("pod:a/web", "pod:b/db", "5432"));
+}
+
+/// toServices naming a Service without a selector stands for the addresses of its
+/// EndpointSlices (Cilium generates CIDR rules for them).
+#[test]
+fn to_services_without_selector_use_endpoint_slices() {
+    let w = world(&cnp(
+        "a",
+        "p",
+        &format!("{WEB}  egress:\n  - toServices: [{{k8sService: {{serviceName: ext}}}}]\n"),
+    ));
+    assert!(w.allowed("pod:a/web", "ip:203.0.113.7", "443"));
+    assert!(!w.allowed("pod:a/web", "ip:203.0.113.8", "443"));
 }
 
 /// Kubernetes NetworkPolicy: policyTypes decide which directions are isolated; an empty
