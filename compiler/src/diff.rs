@@ -162,14 +162,6 @@ fn origins(d: &Decision, out: &mut BTreeSet<String>) {
     }
 }
 
-const PROTOCOLS: [Protocol; 5] = [
-    Protocol::Tcp,
-    Protocol::Udp,
-    Protocol::Sctp,
-    Protocol::Icmp,
-    Protocol::Icmpv6,
-];
-
 /// The flows whose verdict differs between `old` and `new` (built over the same cluster).
 pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
     let universe = peer_universe_of(new, &[old, new]);
@@ -206,12 +198,8 @@ pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
             ) else {
                 continue;
             };
-            for proto in PROTOCOLS {
-                let max = if matches!(proto, Protocol::Icmp | Protocol::Icmpv6) {
-                    255u32
-                } else {
-                    65535
-                };
+            for proto in Protocol::ALL {
+                let max = u32::from(proto.max_port());
                 let mut cuts: BTreeSet<u32> = [0, max + 1].into();
                 let relevant = table_cache[si][..2]
                     .iter()

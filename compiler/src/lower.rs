@@ -322,24 +322,38 @@ impl Lowering<'_> {
         })
     }
 
-    /// Peers of an ingress or egress rule; `None` when the rule names no peer (all peers).
-    fn ingress_peers(&self, ns: &Option<String>, p: &ast::IngressPeers) -> Vec<Peer> {
-        let mut out = Vec::new();
-        for s in p.from_endpoints.iter().flat_map(|l| l.value.iter()) {
-            out.push(Peer::Selector(self.peer_selector(ns, s)));
+    /// The peers both directions share: endpoint and node selectors, CIDRs, CIDR sets, entities.
+    fn common_peers(
+        &self,
+        ns: &Option<String>,
+        [endpoints, nodes]: [&Option<Spanned<ast::List<ast::LabelSelector>>>; 2],
+        cidrs: &Option<Spanned<ast::List<String>>>,
+        cidr_sets: &Option<Spanned<ast::List<ast::CidrRule>>>,
+        entities: &Option<Spanned<ast::List<String>>>,
+    ) -> Vec<Peer> {
+        fn items<T>(l: &Option<Spanned<ast::List<T>>>) -> impl Iterator<Item = &Spanned<T>> {
+            l.iter().flat_map(|l| l.value.iter())
         }
-        for s in p.from_nodes.iter().flat_map(|l| l.value.iter()) {
-            out.push(Peer::Nodes(labels::selector(s)));
-        }
-        for c in p.from_cidr.iter().flat_map(|l| l.value.iter()) {
-            out.extend(self.cidr(&c.value));
-        }
-        for c in p.from_cidr_set.iter().flat_map(|l| l.value.iter()) {
-            out.extend(self.cidr_rule(c));
-        }
-        for e in p.from_entities.iter().flat_map(|l| l.value.iter()) {
+        let mut out: Vec<Peer> = Vec::new();
+        out.extend(items(endpoints).map(|s| Peer::Selector(self.peer_selector(ns, s))));
+        out.extend(items(nodes).map(|s| Peer::Nodes(labels::selector(s))));
+        out.extend(items(cidrs).filter_map(|c| self.cidr(&c.value)));
+        out.extend(items(cidr_sets).filter_map(|c| self.cidr_rule(c)));
+        for e in items(entities) {
             self.entity(&e.value, &mut out);
         }
+        out
+    }
+
+    /// Peers of an ingress or egress rule; `None` when the rule names no peer (all peers).
+    fn ingress_peers(&self, ns: &Option<String>, p: &ast::IngressPeers) -> Vec<Peer> {
+        let out = self.common_peers(
+            ns,
+            [&p.from_endpoints, &p.from_nodes],
+            &p.from_cidr,
+            &p.from_cidr_set,
+            &p.from_entities,
+        );
         match p.lists() {
             PeerLists::ExplicitlyEmpty => Vec::new(),
             PeerLists::Absent if out.is_empty() && p.from_groups.is_none() => vec![Peer::Any],
@@ -353,22 +367,13 @@ impl Lowering<'_> {
         p: &ast::EgressPeers,
         fqdns: Option<&Spanned<ast::List<ast::FqdnSelector>>>,
     ) -> Vec<Peer> {
-        let mut out = Vec::new();
-        for s in p.to_endpoints.iter().flat_map(|l| l.value.iter()) {
-            out.push(Peer::Selector(self.peer_selector(ns, s)));
-        }
-        for s in p.to_nodes.iter().flat_map(|l| l.value.iter()) {
-            out.push(Peer::Nodes(labels::selector(s)));
-        }
-        for c in p.to_cidr.iter().flat_map(|l| l.value.iter()) {
-            out.extend(self.cidr(&c.value));
-        }
-        for c in p.to_cidr_set.iter().flat_map(|l| l.value.iter()) {
-            out.extend(self.cidr_rule(c));
-        }
-        for e in p.to_entities.iter().flat_map(|l| l.value.iter()) {
-            self.entity(&e.value, &mut out);
-        }
+        let mut out = self.common_peers(
+            ns,
+            [&p.to_endpoints, &p.to_nodes],
+            &p.to_cidr,
+            &p.to_cidr_set,
+            &p.to_entities,
+        );
         for svc in p.to_services.iter().flat_map(|l| l.value.iter()) {
             self.services(ns, svc, &mut out);
         }

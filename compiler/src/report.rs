@@ -432,18 +432,7 @@ pub fn diff_text(changes: &[Change], old_tables: &str, new_tables: &str) -> Stri
     for ((from, to), list) in crate::diff::by_pair(changes) {
         let _ = writeln!(out, "{from} -> {to}");
         // A pair whose every protocol and port flipped the same way reads as one line.
-        let full = |c: &&Change| {
-            c.ports.lo == 0
-                && c.ports.hi
-                    == if matches!(
-                        c.protocol,
-                        cnpc_ir::Protocol::Icmp | cnpc_ir::Protocol::Icmpv6
-                    ) {
-                        255
-                    } else {
-                        u16::MAX
-                    }
-        };
+        let full = |c: &&Change| c.ports.lo == 0 && c.ports.hi == c.protocol.max_port();
         let everything = list.len() == 5
             && list.iter().all(full)
             && list

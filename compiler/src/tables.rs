@@ -145,28 +145,12 @@ fn peer_matches(peer: &Peer, p: &PeerIdentity) -> bool {
     }
 }
 
-const PROTOCOLS: [Protocol; 5] = [
-    Protocol::Tcp,
-    Protocol::Udp,
-    Protocol::Sctp,
-    Protocol::Icmp,
-    Protocol::Icmpv6,
-];
-
-fn max_port(p: Protocol) -> u16 {
-    if matches!(p, Protocol::Icmp | Protocol::Icmpv6) {
-        255
-    } else {
-        u16::MAX
-    }
-}
-
 /// The port ranges of `terms` that apply to `proto` (named ports resolved in `named`).
 fn ranges(terms: &[L4Term], proto: Protocol, named: &[(String, Protocol, u16)]) -> Vec<PortRange> {
     if terms.is_empty() {
         return vec![PortRange {
             lo: 0,
-            hi: max_port(proto),
+            hi: proto.max_port(),
         }];
     }
     let any = |ps: &[Protocol]| {
@@ -269,25 +253,12 @@ pub fn decision_table(
         .map(|(rows, members)| (members, rows))
         .collect();
     classes.sort();
-    let mut table = DecisionTable {
-        subject: program.identities[subject.identity].numeric,
+    assemble(
+        program.identities[subject.identity].numeric,
         direction,
         default,
-        classes: Vec::new(),
-        rows: Vec::new(),
-    };
-    for (i, (members, rows)) in classes.into_iter().enumerate() {
-        table.classes.push(IdentityClass { members });
-        table
-            .rows
-            .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
-                class: i as u32,
-                protocol,
-                ports,
-                verdict,
-            }));
-    }
-    table
+        classes,
+    )
 }
 
 /// The rows of one peer: the port space of every protocol cut at every boundary of the rules
@@ -300,9 +271,9 @@ fn rows_for(
     default: &TableVerdict,
 ) -> PeerRows {
     let mut rows = Vec::new();
-    for proto in PROTOCOLS {
+    for proto in Protocol::ALL {
         // Cut the port space at every boundary of every matching rule.
-        let mut cuts: BTreeSet<u32> = [0, u32::from(max_port(proto)) + 1].into();
+        let mut cuts: BTreeSet<u32> = [0, u32::from(proto.max_port()) + 1].into();
         let mut term_ranges = Vec::new();
         for &a in matching {
             let rs = ranges(&a.r.l4, proto, named);
@@ -362,6 +333,44 @@ fn rows_for(
         }
     }
     merged
+}
+
+/// A canonical table from (members, rows) classes: members sorted, classes sorted, rows
+/// numbered by class.
+fn assemble(
+    subject: NumericIdentity,
+    direction: Direction,
+    default: TableVerdict,
+    classes: Vec<(Vec<NumericIdentity>, PeerRows)>,
+) -> DecisionTable {
+    let mut classes: Vec<(Vec<NumericIdentity>, PeerRows)> = classes
+        .into_iter()
+        .filter(|(m, _)| !m.is_empty())
+        .map(|(mut members, rows)| {
+            members.sort();
+            (members, rows)
+        })
+        .collect();
+    classes.sort();
+    let mut table = DecisionTable {
+        subject,
+        direction,
+        default,
+        classes: Vec::new(),
+        rows: Vec::new(),
+    };
+    for (i, (members, rows)) in classes.into_iter().enumerate() {
+        table.classes.push(IdentityClass { members });
+        table
+            .rows
+            .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
+                class: i as u32,
+                protocol,
+                ports,
+                verdict,
+            }));
+    }
+    table
 }
 
 /// Tables for every pod identity of the program (one endpoint stands for its identity), in
@@ -711,25 +720,7 @@ impl TableCompiler {
             })
             .collect();
         classes.sort();
-        let mut table = DecisionTable {
-            subject: subject_numeric,
-            direction,
-            default,
-            classes: Vec::new(),
-            rows: Vec::new(),
-        };
-        for (i, (members, rows)) in classes.into_iter().enumerate() {
-            table.classes.push(IdentityClass { members });
-            table
-                .rows
-                .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
-                    class: i as u32,
-                    protocol,
-                    ports,
-                    verdict,
-                }));
-        }
-        table
+        assemble(subject_numeric, direction, default, classes)
     }
 }
 
@@ -992,23 +983,7 @@ impl TableSet {
                     None => classes.push((vec![new_numeric], rows)),
                 }
             }
-            classes.retain(|(m, _)| !m.is_empty());
-            for (members, _) in classes.iter_mut() {
-                members.sort();
-            }
-            classes.sort();
-            t.classes.clear();
-            t.rows.clear();
-            for (ci, (members, rows)) in classes.into_iter().enumerate() {
-                t.classes.push(IdentityClass { members });
-                t.rows
-                    .extend(rows.into_iter().map(|(protocol, ports, verdict)| TableRow {
-                        class: ci as u32,
-                        protocol,
-                        ports,
-                        verdict,
-                    }));
-            }
+            *t = assemble(t.subject, t.direction, t.default.clone(), classes);
         }
     }
 }

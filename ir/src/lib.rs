@@ -154,6 +154,23 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::Icmp,
+        Protocol::Icmpv6,
+    ];
+
+    /// The largest "port": 65535, or 255 for ICMP, whose type stands in the port's place.
+    pub fn max_port(self) -> u16 {
+        if matches!(self, Protocol::Icmp | Protocol::Icmpv6) {
+            255
+        } else {
+            u16::MAX
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
