@@ -46,6 +46,29 @@ impl Program {
             .collect()
     }
 
+    /// The program with every map reference resolved to a file descriptor (what the loader
+    /// does before BPF_PROG_LOAD); `fd_of` returns `None` for a map it does not know.
+    pub fn with_map_fds(&self, fd_of: impl Fn(&str) -> Option<i32>) -> Option<Program> {
+        let slots = self.slots();
+        let mut insns = self.insns.clone();
+        for (slot, name) in &self.map_relocs {
+            let i = slots.iter().position(|s| s == slot)?;
+            let fd = fd_of(name)?;
+            insns[i] = Insn::LdImm64 {
+                dst: match insns[i] {
+                    Insn::LdImm64 { dst, .. } => dst,
+                    _ => return None,
+                },
+                imm: i64::from(fd),
+                map: true,
+            };
+        }
+        Some(Program {
+            insns,
+            map_relocs: self.map_relocs.clone(),
+        })
+    }
+
     pub fn slot_count(&self) -> usize {
         self.insns.iter().map(Insn::slots).sum()
     }

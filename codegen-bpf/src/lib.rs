@@ -9,6 +9,7 @@
 pub mod asm;
 pub mod check;
 pub mod disasm;
+pub mod gen;
 pub mod insn;
 
 pub use asm::{Asm, Label, Program};

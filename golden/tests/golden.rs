@@ -135,3 +135,39 @@ fn decision_tables_of_every_example_set() {
         );
     }
 }
+
+#[test]
+fn bpf_listing_of_every_example_set() {
+    for dir in [
+        "policies/starwars-l4",
+        "policies/starwars-l7",
+        "policies/dns/match-name",
+        "policies/dns/match-pattern",
+        "policies/dns/match-pattern-443",
+    ] {
+        let files: Vec<String> = files(dir);
+        let paths: Vec<&str> = files.iter().map(String::as_str).collect();
+        let mut set = load(&paths);
+        let cluster = demo_cluster(&mut set);
+        let r = check(set, Some(cluster));
+        let program = cnpc_compiler::lower::build(
+            &r.set.policies,
+            &r.set.sources,
+            r.cluster.as_ref().unwrap(),
+            &Default::default(),
+        );
+        let mut listing = String::new();
+        for t in cnpc_compiler::tables::all_tables(&program) {
+            let bpf = cnpc_codegen_bpf::gen::generate(&t);
+            cnpc_codegen_bpf::check::check(&bpf).unwrap();
+            listing.push_str(&format!(
+                "; identity {} {}: {} instructions\n",
+                t.subject.0,
+                t.direction.as_str(),
+                bpf.slot_count()
+            ));
+            listing.push_str(&cnpc_codegen_bpf::disasm::listing(&bpf));
+        }
+        insta::assert_snapshot!(format!("{}.bpf", snapshot_name(dir)), listing);
+    }
+}

@@ -4,3 +4,5 @@
 //! endpoints' interfaces and swaps generations atomically as the cluster changes (`DESIGN.md` §1,
 //! §6). It compiles no policy itself. Filled in by the runtime-loader work; until then it holds
 //! only this description.
+
+pub mod sys;

@@ -1,13 +1,39 @@
-//! A minimal bpf(2) harness for tests: load a socket-buffer classifier, run packets through it
-//! with BPF_PROG_TEST_RUN. Kernel facts from include/uapi/linux/bpf.h.
-
-#![allow(dead_code)]
+//! The bpf(2) commands cnpc needs, called directly: create and fill maps, load programs (the
+//! kernel verifier runs here), and run packets through loaded programs (BPF_PROG_TEST_RUN).
+//! Kernel facts from include/uapi/linux/bpf.h. Attaching, pinning and atomic swaps come with
+//! the loader proper.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+const BPF_MAP_CREATE: i64 = 0;
+const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_TEST_RUN: i64 = 10;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+/// LPM tries must not be preallocated.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    rest: [u32; 27],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -66,6 +92,34 @@ fn bpf<T>(cmd: i64, attr: &mut T) -> std::io::Result<i64> {
     }
 }
 
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Creates an LPM trie (flags as the kernel requires for it).
+pub fn lpm_map(key_size: u32, value_size: u32, max_entries: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_LPM_TRIE,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: BPF_F_NO_PREALLOC,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
 /// Loads a program; on rejection returns the verifier log.
 pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
     let license = b"GPL\0";
@@ -82,8 +136,7 @@ pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
     };
     attr.prog_name[..4].copy_from_slice(b"cnpc");
     match bpf(BPF_PROG_LOAD, &mut attr) {
-        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Ok(fd) => Ok(owned(fd)),
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             Err(format!("{e}: {}", String::from_utf8_lossy(&log[..end])))
@@ -91,9 +144,12 @@ pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
     }
 }
 
-/// Runs `packet` through the program; returns its return value.
-pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<u32> {
+/// Runs `packet` through the program; returns its return value and the `skb->mark` it left.
+pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<(u32, u32)> {
     let mut out = vec![0u8; packet.len() + 256];
+    // struct __sk_buff is 192 bytes; test runs accept it zeroed but for a few fields.
+    let ctx_in = [0u8; 192];
+    let mut ctx_out = [0u8; 192];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: packet.len() as u32,
@@ -101,10 +157,15 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<u32> {
         data_in: packet.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
         repeat: 1,
+        ctx_size_in: ctx_in.len() as u32,
+        ctx_size_out: ctx_out.len() as u32,
+        ctx_in: ctx_in.as_ptr() as u64,
+        ctx_out: ctx_out.as_mut_ptr() as u64,
         ..Default::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(attr.retval)
+    let mark = u32::from_le_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
+    Ok((attr.retval, mark))
 }
 
 /// Whether kernel tests must run (CI sets CNPC_REQUIRE_KERNEL=1): then a missing capability
