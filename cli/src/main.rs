@@ -91,6 +91,26 @@ enum Command {
         #[arg(long)]
         exit_code: bool,
     },
+    /// Compile policies to BPF programs and map images in an output directory.
+    Compile {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        /// The output directory (replaced atomically).
+        #[arg(short = 'o', long = "output", value_name = "DIR")]
+        output: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
+    },
+    /// Load every program of a compiled directory through the kernel verifier.
+    Verify { dir: PathBuf },
+    /// Disassemble the programs of a compiled directory.
+    Disasm {
+        dir: PathBuf,
+        /// Only this identity's programs.
+        identity: Option<u32>,
+    },
     /// Print the decision tables: per identity and direction, what each peer class may do.
     Tables {
         #[arg(required = true)]
@@ -196,6 +216,14 @@ fn main() -> ExitCode {
             identity,
             identities,
         } => run_tables(&paths, &cluster, identity, &identities),
+        Command::Compile {
+            paths,
+            cluster,
+            output,
+            identities,
+        } => run_compile(&paths, &cluster, &output, &identities),
+        Command::Disasm { dir, identity } => run_disasm(&dir, identity),
+        Command::Verify { dir } => run_verify(&dir),
         Command::Identities {
             cluster,
             identities,
@@ -378,6 +406,158 @@ fn run_diff(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn run_compile(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+    output: &std::path::Path,
+    identities: &Option<PathBuf>,
+) -> ExitCode {
+    let report = match load_checked(paths, cluster) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let program = match program_of(&report, identities) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let compiler = cnpc_compiler::tables::TableCompiler::new(&program);
+    let tables = compiler.all(&program);
+    let ipcache = cnpc_compiler::tables::ipcache_entries(&program, &compiler.universe);
+    let inputs: Vec<(String, String)> = report
+        .set
+        .sources
+        .files()
+        .map(|(_, f)| {
+            (
+                f.path.display().to_string(),
+                cnpc_codegen_bpf::artifacts::sha256(f.text.as_bytes()),
+            )
+        })
+        .collect();
+    let files = match cnpc_codegen_bpf::artifacts::render(&program, &tables, &ipcache, &inputs) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cnpc_codegen_bpf::artifacts::write_dir(output, &files) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let objects = files.keys().filter(|k| k.ends_with(".o")).count();
+    eprintln!(
+        "compiled {} tables into {objects} objects in {}",
+        tables.len(),
+        output.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn run_verify(dir: &std::path::Path) -> ExitCode {
+    let results = match cnpc_runtime_loader::verify::verify_dir(dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = format!(
+        "{:<10} {:<20} {:>12} {:>10} {:>10}  result\n",
+        "identity", "section", "instructions", "processed", "load"
+    );
+    let mut rejected = 0;
+    for v in &results {
+        let processed = v.processed.map_or("-".to_string(), |p| p.to_string());
+        let result = match &v.rejected {
+            None => "ok".to_string(),
+            Some(why) => {
+                rejected += 1;
+                format!("REJECTED: {why}")
+            }
+        };
+        out.push_str(&format!(
+            "{:<10} {:<20} {:>12} {:>10} {:>8.2}ms  {result}\n",
+            v.identity,
+            v.section,
+            v.instructions,
+            processed,
+            v.load_time.as_secs_f64() * 1000.0
+        ));
+    }
+    out.push_str(&format!(
+        "{} programs, {rejected} rejected\n",
+        results.len()
+    ));
+    let printed = print(&out);
+    if printed != ExitCode::SUCCESS {
+        return printed;
+    }
+    if rejected > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run_disasm(dir: &std::path::Path, identity: Option<u32>) -> ExitCode {
+    use object::{Object, ObjectSection};
+    let manifest: serde_json::Value = match std::fs::read_to_string(dir.join("manifest.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return usage(&format!(
+                "{}: not a compiled directory ({e}); run `cnpc compile -o DIR` first",
+                dir.display()
+            ))
+        }
+    };
+    let mut out = String::new();
+    for p in manifest["programs"].as_array().into_iter().flatten() {
+        let id = p["identity"].as_u64().unwrap_or(0) as u32;
+        if identity.is_some_and(|want| want != id) {
+            continue;
+        }
+        let file = p["file"].as_str().unwrap_or("");
+        let bytes = match std::fs::read(dir.join(file)) {
+            Ok(b) => b,
+            Err(e) => return usage(&format!("{}: {e}", dir.join(file).display())),
+        };
+        let obj = match object::File::parse(&*bytes) {
+            Ok(o) => o,
+            Err(e) => return usage(&format!("{file}: not an ELF object: {e}")),
+        };
+        for sec in obj
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with("classifier/")))
+        {
+            let data = sec.data().unwrap_or(&[]);
+            match cnpc_codegen_bpf::disasm::decode(data) {
+                Ok(insns) => {
+                    let program = cnpc_codegen_bpf::Program {
+                        insns,
+                        map_relocs: Vec::new(),
+                    };
+                    out.push_str(&format!(
+                        "identity {id} {} ({file}, {} instructions):\n",
+                        sec.name().unwrap_or("?"),
+                        program.slot_count()
+                    ));
+                    out.push_str(&cnpc_codegen_bpf::disasm::listing(&program));
+                    out.push('\n');
+                }
+                Err(e) => return usage(&format!("{file}: {e}")),
+            }
+        }
+    }
+    if out.is_empty() {
+        return usage("no program matched");
+    }
+    print(&out)
 }
 
 fn run_identities(cluster: &[PathBuf], identities: &Option<PathBuf>) -> ExitCode {

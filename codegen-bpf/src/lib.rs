@@ -6,9 +6,11 @@
 //! ([`disasm`]) and cnpc's own static checker ([`check`]). No C compiler or LLVM is involved. It
 //! makes no syscalls outside its tests.
 
+pub mod artifacts;
 pub mod asm;
 pub mod check;
 pub mod disasm;
+pub mod elf;
 pub mod gen;
 pub mod insn;
 

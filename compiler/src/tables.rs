@@ -106,6 +106,28 @@ pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<Pee
     out
 }
 
+/// What the ipcache must hold for `program`: every endpoint address (pods with their identity,
+/// node addresses as remote nodes) and every CIDR prefix policies name, with its local identity.
+/// Addresses learned from DNS are added at run time by the loader.
+pub fn ipcache_entries(
+    program: &Program,
+    universe: &[PeerIdentity],
+) -> Vec<(IpNet, NumericIdentity)> {
+    let mut out = Vec::new();
+    for e in program.endpoints.values() {
+        let id = if e.is_pod {
+            program.identities[e.identity].numeric
+        } else {
+            Reserved::RemoteNode.numeric()
+        };
+        out.extend(e.ips.iter().map(|ip| (IpNet::from(*ip), id)));
+    }
+    out.extend(universe.iter().filter_map(|p| Some((p.cidr?, p.numeric))));
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The peer identity of a flow's party, in the universe's terms.
 pub fn peer_of(universe: &[PeerIdentity], party: &Party) -> Option<NumericIdentity> {
     if party.world {

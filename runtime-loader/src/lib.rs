@@ -6,3 +6,4 @@
 //! only this description.
 
 pub mod sys;
+pub mod verify;

@@ -122,6 +122,20 @@ pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()
 
 /// Loads a program; on rejection returns the verifier log.
 pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
+    load_logged(prog_type, code, 1).map(|(fd, _)| fd)
+}
+
+/// Verifier log levels (include/uapi/linux/bpf.h): 1 the trace (kept for rejections), 4 the
+/// statistics line only.
+pub const LOG_LEVEL_TRACE: u32 = 1;
+pub const LOG_LEVEL_STATS: u32 = 4;
+
+/// Loads a program with the given verifier log level; returns the log with the descriptor.
+pub fn load_logged(
+    prog_type: u32,
+    code: &[u8],
+    log_level: u32,
+) -> Result<(OwnedFd, String), String> {
     let license = b"GPL\0";
     let mut log = vec![0u8; 1 << 20];
     let mut attr = ProgLoadAttr {
@@ -129,18 +143,18 @@ pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
         insn_cnt: (code.len() / 8) as u32,
         insns: code.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
+        log_level,
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         ..Default::default()
     };
     attr.prog_name[..4].copy_from_slice(b"cnpc");
-    match bpf(BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => Ok(owned(fd)),
-        Err(e) => {
-            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-            Err(format!("{e}: {}", String::from_utf8_lossy(&log[..end])))
-        }
+    let result = bpf(BPF_PROG_LOAD, &mut attr);
+    let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+    let text = String::from_utf8_lossy(&log[..end]).into_owned();
+    match result {
+        Ok(fd) => Ok((owned(fd), text)),
+        Err(e) => Err(format!("{e}: {text}")),
     }
 }
 
