@@ -257,9 +257,10 @@ fn bad_arguments_exit_2_with_a_reason() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("--dport"), "{err}");
+    // A labels: peer has no address to put in a packet.
     let (code, err) = run(&[
         "--from",
-        "pod:default/xwing",
+        "labels:default:org=alliance",
         "--to",
         "pod:default/deathstar",
         "--dport",
@@ -268,5 +269,172 @@ fn bad_arguments_exit_2_with_a_reason() {
         "bpf",
     ]);
     assert_eq!(code, 2);
-    assert!(err.contains("BPF"), "{err}");
+    assert!(err.contains("needs an address"), "{err}");
+}
+
+#[test]
+fn bpf_engine_agrees_with_the_reference_on_the_demo_flows() {
+    let flows: &[(&str, &[&str])] = &[
+        (
+            "policies/starwars-l4",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "80",
+            ],
+        ),
+        (
+            "policies/starwars-l4",
+            &[
+                "--from",
+                "pod:default/xwing",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "80",
+            ],
+        ),
+        (
+            "policies/starwars-l4",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "443",
+            ],
+        ),
+        (
+            "policies/starwars-l4",
+            &[
+                "--from",
+                "pod:default/xwing",
+                "--to",
+                "ip:1.1.1.1",
+                "--dport",
+                "443",
+            ],
+        ),
+        (
+            "policies/starwars-l7",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "80",
+                "--http",
+                "POST",
+                "/v1/request-landing",
+            ],
+        ),
+        (
+            "policies/starwars-l7",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "80",
+                "--http",
+                "PUT",
+                "/v1/exhaust-port",
+            ],
+        ),
+        (
+            "policies/dns/match-pattern",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                "fqdn:api.github.com=140.82.112.5",
+                "--dport",
+                "443",
+            ],
+        ),
+        (
+            "policies/dns/match-pattern",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                "fqdn:github.com=140.82.112.4",
+                "--dport",
+                "443",
+            ],
+        ),
+        (
+            "policies/dns/match-pattern-443",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                "fqdn:support.github.com=140.82.112.6",
+                "--dport",
+                "80",
+            ],
+        ),
+        (
+            "policies/dns/match-name",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                "pod:kube-system/coredns",
+                "--dport",
+                "53/UDP",
+            ],
+        ),
+    ];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for (set, args) in flows {
+        let reference = verdict(set, args);
+        let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+            .args([
+                "trace",
+                set,
+                "--cluster",
+                "policies/cluster.yaml",
+                "-o",
+                "json",
+                "--engine",
+                "bpf",
+            ])
+            .args(*args)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if stderr.contains("Operation not permitted") {
+            assert!(
+                std::env::var("CNPC_REQUIRE_KERNEL").map_or(true, |v| v != "1"),
+                "CNPC_REQUIRE_KERNEL=1 but: {stderr}"
+            );
+            eprintln!("skipped: {stderr}");
+            return;
+        }
+        assert_eq!(out.status.code(), Some(0), "{set} {args:?}: {stderr}");
+        let bpf: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(bpf["verdict"], reference["verdict"], "{set} {args:?}");
+        for dir in ["egress", "ingress"] {
+            let norm = |v: &Value| {
+                if v == "not-enforced" {
+                    Value::from("allowed")
+                } else {
+                    v.clone()
+                }
+            };
+            assert_eq!(
+                norm(&bpf[dir]["verdict"]),
+                norm(&reference[dir]["verdict"]),
+                "{set} {args:?} {dir}"
+            );
+        }
+    }
 }

@@ -6,4 +6,5 @@
 //! only this description.
 
 pub mod sys;
+pub mod testrun;
 pub mod verify;
