@@ -281,15 +281,11 @@ fn run_trace(a: TraceArgs) -> ExitCode {
             a.dport
         ));
     };
-    let report = match load_checked(&a.paths, &a.cluster) {
-        Ok(r) => r,
+    let (report, program) = match load_program(&a.paths, &a.cluster, &a.identities) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let cluster = report.cluster.as_ref().expect("loaded by load_checked");
-    let program = match program_of(&report, &a.identities) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
     let party = |spec: &str| eval::parse_peer(&program, cluster, spec);
     let (src, dst) = match (party(&a.from), party(&a.to)) {
         (Ok(s), Ok(d)) => (s, d),
@@ -364,6 +360,17 @@ fn checked(
         return Err(ExitCode::from(1));
     }
     Ok(report)
+}
+
+/// Loads, checks and lowers: the report (for sources and the cluster) and the program.
+fn load_program(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+    identities: &Option<PathBuf>,
+) -> Result<(cnpc_compiler::CheckReport, cnpc_ir::Program), ExitCode> {
+    let report = load_checked(paths, cluster)?;
+    let program = program_of(&report, identities)?;
+    Ok((report, program))
 }
 
 /// The lowered program of a checked report, with a previous identity allocation if given.
@@ -441,12 +448,8 @@ fn run_compile(
     output: &std::path::Path,
     identities: &Option<PathBuf>,
 ) -> ExitCode {
-    let report = match load_checked(paths, cluster) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    let program = match program_of(&report, identities) {
-        Ok(p) => p,
+    let (report, program) = match load_program(paths, cluster, identities) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let compiler = cnpc_compiler::tables::TableCompiler::new(&program);
@@ -607,12 +610,8 @@ fn run_tables(
     identity: Option<u32>,
     identities: &Option<PathBuf>,
 ) -> ExitCode {
-    let report = match load_checked(paths, cluster) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    let program = match program_of(&report, identities) {
-        Ok(p) => p,
+    let (report, program) = match load_program(paths, cluster, identities) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let universe = cnpc_compiler::tables::peer_universe(&program);

@@ -105,28 +105,35 @@ fn ast_of_every_example() {
     }
 }
 
+/// The example policy sets, each meant to be applied on its own.
+const EXAMPLE_SETS: [&str; 5] = [
+    "policies/starwars-l4",
+    "policies/starwars-l7",
+    "policies/dns/match-name",
+    "policies/dns/match-pattern",
+    "policies/dns/match-pattern-443",
+];
+
+/// An example set, checked against the demo cluster and lowered.
+fn example_program(dir: &str) -> cnpc_ir::Program {
+    let files: Vec<String> = files(dir);
+    let paths: Vec<&str> = files.iter().map(String::as_str).collect();
+    let mut set = load(&paths);
+    let cluster = demo_cluster(&mut set);
+    let r = check(set, Some(cluster));
+    assert_eq!(r.errors(), 0, "{dir}");
+    cnpc_compiler::lower::build(
+        &r.set.policies,
+        &r.set.sources,
+        r.cluster.as_ref().unwrap(),
+        &Default::default(),
+    )
+}
+
 #[test]
 fn decision_tables_of_every_example_set() {
-    for dir in [
-        "policies/starwars-l4",
-        "policies/starwars-l7",
-        "policies/dns/match-name",
-        "policies/dns/match-pattern",
-        "policies/dns/match-pattern-443",
-    ] {
-        let files: Vec<String> = files(dir);
-        let paths: Vec<&str> = files.iter().map(String::as_str).collect();
-        let mut set = load(&paths);
-        let cluster = demo_cluster(&mut set);
-        let r = check(set, Some(cluster));
-        assert_eq!(r.errors(), 0, "{dir}");
-        let cluster = r.cluster.as_ref().unwrap();
-        let program = cnpc_compiler::lower::build(
-            &r.set.policies,
-            &r.set.sources,
-            cluster,
-            &Default::default(),
-        );
+    for dir in EXAMPLE_SETS {
+        let program = example_program(dir);
         let universe = cnpc_compiler::tables::peer_universe(&program);
         let tables = cnpc_compiler::tables::all_tables(&program);
         insta::assert_snapshot!(
@@ -138,24 +145,8 @@ fn decision_tables_of_every_example_set() {
 
 #[test]
 fn bpf_listing_of_every_example_set() {
-    for dir in [
-        "policies/starwars-l4",
-        "policies/starwars-l7",
-        "policies/dns/match-name",
-        "policies/dns/match-pattern",
-        "policies/dns/match-pattern-443",
-    ] {
-        let files: Vec<String> = files(dir);
-        let paths: Vec<&str> = files.iter().map(String::as_str).collect();
-        let mut set = load(&paths);
-        let cluster = demo_cluster(&mut set);
-        let r = check(set, Some(cluster));
-        let program = cnpc_compiler::lower::build(
-            &r.set.policies,
-            &r.set.sources,
-            r.cluster.as_ref().unwrap(),
-            &Default::default(),
-        );
+    for dir in EXAMPLE_SETS {
+        let program = example_program(dir);
         let mut listing = String::new();
         for t in cnpc_compiler::tables::all_tables(&program) {
             let bpf = cnpc_codegen_bpf::gen::generate(&t);
