@@ -610,7 +610,7 @@ fn run_tables(
     identity: Option<u32>,
     identities: &Option<PathBuf>,
 ) -> ExitCode {
-    let (report, program) = match load_program(paths, cluster, identities) {
+    let (_, program) = match load_program(paths, cluster, identities) {
         Ok(x) => x,
         Err(code) => return code,
     };
