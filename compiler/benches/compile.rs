@@ -92,6 +92,17 @@ fn prefixes(mut lo: u32, hi: u32) -> u64 {
     n
 }
 
+/// Entries a per-(identity, peer identity, port prefix) policy map needs for one table.
+fn map_entries(t: &cnpc_ir::DecisionTable) -> u64 {
+    t.rows
+        .iter()
+        .map(|r| {
+            t.classes[r.class as usize].members.len() as u64
+                * prefixes(u32::from(r.ports.lo), u32::from(r.ports.hi))
+        })
+        .sum()
+}
+
 fn main() {
     let scale: f64 = std::env::args()
         .skip_while(|a| a != "--scale")
@@ -141,14 +152,7 @@ fn main() {
     let mut entries = 0u64;
     let mut worst = (0u64, 0usize);
     for t in &all {
-        let e: u64 = t
-            .rows
-            .iter()
-            .map(|r| {
-                t.classes[r.class as usize].members.len() as u64
-                    * prefixes(u32::from(r.ports.lo), u32::from(r.ports.hi))
-            })
-            .sum();
+        let e = map_entries(t);
         entries += e;
         if e > worst.0 {
             worst = (e, t.rows.len());
@@ -195,14 +199,7 @@ fn main() {
         .iter()
         .find(|t| !t.rows.is_empty())
         .expect("the wide rule makes rows");
-    let e: u64 = t
-        .rows
-        .iter()
-        .map(|r| {
-            t.classes[r.class as usize].members.len() as u64
-                * prefixes(u32::from(r.ports.lo), u32::from(r.ports.hi))
-        })
-        .sum();
+    let e = map_entries(t);
     println!("wide rule (cluster -> 1024-65535/TCP+UDP): per-peer map {e} entries ({}), cnpc table {} rows in {} class(es)",
         if e > 16384 { "over Cilium's 16384 limit" } else { "under the limit" }, t.rows.len(), t.classes.len());
 

@@ -159,27 +159,21 @@ fn peer_matches(peer: &Peer, remote: &Party) -> bool {
     }
 }
 
-fn covers(protocols: &[Protocol], p: Protocol) -> bool {
-    if protocols.is_empty() {
-        // Cilium's ANY: TCP, UDP and SCTP (pkg/policy/api/l4.go).
-        matches!(p, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
-    } else {
-        protocols.contains(&p)
-    }
-}
-
 fn l4_matches(terms: &[L4Term], flow: &Flow) -> bool {
     if terms.is_empty() {
         return true;
     }
     terms.iter().any(|t| match t {
         L4Term::Ports { protocols, range } => {
-            covers(protocols, flow.protocol) && range.contains(flow.port)
+            protocols_cover(protocols, flow.protocol) && range.contains(flow.port)
         }
         // Named ports resolve against the destination's container ports.
         L4Term::Named { protocols, name } => flow.dst.endpoint.as_ref().is_some_and(|e| {
             e.named_ports.iter().any(|(n, p, num)| {
-                n == name && *num == flow.port && *p == flow.protocol && covers(protocols, *p)
+                n == name
+                    && *num == flow.port
+                    && *p == flow.protocol
+                    && protocols_cover(protocols, *p)
             })
         }),
         L4Term::Icmp {

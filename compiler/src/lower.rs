@@ -569,6 +569,23 @@ impl Lowering<'_> {
         ))
     }
 
+    /// A deny rule's L4: the ports of all its toPorts entries (deny rules carry no L7), or its
+    /// ICMP types.
+    fn deny_l4(
+        &self,
+        to_ports: Option<&Spanned<ast::List<ast::PortDenyRule>>>,
+        icmps: &Option<Spanned<ast::List<ast::IcmpRule>>>,
+    ) -> Vec<L4Term> {
+        match to_ports.filter(|t| !t.value.is_empty()) {
+            Some(tp) => tp
+                .value
+                .iter()
+                .flat_map(|pr| self.ports(pr.ports.as_ref()))
+                .collect(),
+            None => self.icmps(icmps),
+        }
+    }
+
     fn push(&mut self, base: &Rule, l4: Vec<L4Term>, l7: Option<L7Rules>) {
         let mut r = base.clone();
         r.l4 = l4;
@@ -670,14 +687,7 @@ impl Lowering<'_> {
                 i.span,
                 self,
             );
-            let l4 = match i.to_ports.as_ref().filter(|t| !t.value.is_empty()) {
-                Some(tp) => tp
-                    .value
-                    .iter()
-                    .flat_map(|pr| self.ports(pr.ports.as_ref()))
-                    .collect(),
-                None => self.icmps(&i.icmps),
-            };
+            let l4 = self.deny_l4(i.to_ports.as_ref(), &i.icmps);
             self.push(&base, l4, None);
         }
         for e in r.egress.iter().flat_map(|l| l.value.iter()) {
@@ -706,14 +716,7 @@ impl Lowering<'_> {
                 e.span,
                 self,
             );
-            let l4 = match e.to_ports.as_ref().filter(|t| !t.value.is_empty()) {
-                Some(tp) => tp
-                    .value
-                    .iter()
-                    .flat_map(|pr| self.ports(pr.ports.as_ref()))
-                    .collect(),
-                None => self.icmps(&e.icmps),
-            };
+            let l4 = self.deny_l4(e.to_ports.as_ref(), &e.icmps);
             self.push(&base, l4, None);
         }
     }

@@ -175,13 +175,7 @@ fn ranges(terms: &[L4Term], proto: Protocol, named: &[(String, Protocol, u16)]) 
             hi: proto.max_port(),
         }];
     }
-    let any = |ps: &[Protocol]| {
-        if ps.is_empty() {
-            matches!(proto, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
-        } else {
-            ps.contains(&proto)
-        }
-    };
+    let any = |ps: &[Protocol]| protocols_cover(ps, proto);
     let mut out = Vec::new();
     for t in terms {
         match t {

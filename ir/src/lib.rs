@@ -234,6 +234,16 @@ pub enum L4Term {
     },
 }
 
+/// Whether a term's protocol list applies to `p`: an empty list is Cilium's ANY, which covers
+/// TCP, UDP and SCTP but not ICMP (pkg/policy/api/l4.go).
+pub fn protocols_cover(protocols: &[Protocol], p: Protocol) -> bool {
+    if protocols.is_empty() {
+        matches!(p, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
+    } else {
+        protocols.contains(&p)
+    }
+}
+
 /// Who a rule allows or denies, as the rule names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
