@@ -495,8 +495,8 @@ fn run_verify(dir: &std::path::Path) -> ExitCode {
         }
     };
     let mut out = format!(
-        "{:<10} {:<20} {:>12} {:>10} {:>10}  result\n",
-        "identity", "section", "instructions", "processed", "load"
+        "{:<10} {:<20} {:<14} {:>12} {:>10} {:>10}  result\n",
+        "identity", "section", "decision", "instructions", "processed", "load"
     );
     let mut rejected = 0;
     for v in &results {
@@ -509,9 +509,10 @@ fn run_verify(dir: &std::path::Path) -> ExitCode {
             }
         };
         out.push_str(&format!(
-            "{:<10} {:<20} {:>12} {:>10} {:>8.2}ms  {result}\n",
+            "{:<10} {:<20} {:<14} {:>12} {:>10} {:>8.2}ms  {result}\n",
             v.identity,
             v.section,
+            v.strategy,
             v.instructions,
             processed,
             v.load_time.as_secs_f64() * 1000.0
@@ -648,44 +649,48 @@ fn bpf_verdict(program: &cnpc_ir::Program, flow: &Flow) -> Result<eval::Verdict,
             entries.push((cnpc_ir::IpNet::from(ip), id));
         }
     }
-    let kernel = Kernel::new(&entries)
+    let mut kernel = Kernel::new(&entries)
         .map_err(|e| format!("--engine bpf: {e} (it needs root and bpf(2))"))?;
     let packet = craft(src, dst, flow.protocol, flow.port);
-    let decide = |party: &eval::Party, dir: cnpc_ir::Direction| -> Result<eval::Decision, String> {
-        let Some(e) = party
-            .endpoint
-            .as_ref()
-            .filter(|e| e.is_pod && party.identity.is_some())
-        else {
-            return Ok(eval::Decision {
-                verdict: eval::DirVerdict::NotEnforced,
+    let mut decide =
+        |party: &eval::Party, dir: cnpc_ir::Direction| -> Result<eval::Decision, String> {
+            let Some(e) = party
+                .endpoint
+                .as_ref()
+                .filter(|e| e.is_pod && party.identity.is_some())
+            else {
+                return Ok(eval::Decision {
+                    verdict: eval::DirVerdict::NotEnforced,
+                    rules: Vec::new(),
+                    l7: None,
+                });
+            };
+            let tables = [cnpc_ir::Direction::Ingress, cnpc_ir::Direction::Egress]
+                .map(|d| cnpc_compiler::tables::decision_table(program, &universe, e, d));
+            let track = cnpc_codegen_bpf::gen::needs_tracking(&tables);
+            let table = &tables[usize::from(dir == cnpc_ir::Direction::Egress)];
+            let prog = kernel
+                .load(table, track)
+                .map_err(|e| format!("--engine bpf: {e}"))?;
+            let out = kernel
+                .run(&prog, &packet)
+                .map_err(|e| format!("--engine bpf: {e}"))?;
+            let verdict = if out.allowed() {
+                eval::DirVerdict::Allowed
+            } else {
+                eval::DirVerdict::Denied
+            };
+            let l7 = out.proxied().then(|| eval::L7Decision {
+                protocol: "proxy",
+                allowed: None,
                 rules: Vec::new(),
-                l7: None,
             });
+            Ok(eval::Decision {
+                verdict,
+                rules: Vec::new(),
+                l7,
+            })
         };
-        let table = cnpc_compiler::tables::decision_table(program, &universe, e, dir);
-        let prog = kernel
-            .load(&table)
-            .map_err(|e| format!("--engine bpf: {e}"))?;
-        let out = kernel
-            .run(&prog, &packet)
-            .map_err(|e| format!("--engine bpf: {e}"))?;
-        let verdict = if out.allowed() {
-            eval::DirVerdict::Allowed
-        } else {
-            eval::DirVerdict::Denied
-        };
-        let l7 = out.proxied().then(|| eval::L7Decision {
-            protocol: "proxy",
-            allowed: None,
-            rules: Vec::new(),
-        });
-        Ok(eval::Decision {
-            verdict,
-            rules: Vec::new(),
-            l7,
-        })
-    };
     let egress = decide(&flow.src, cnpc_ir::Direction::Egress)?;
     let ingress = decide(&flow.dst, cnpc_ir::Direction::Ingress)?;
     let allowed =

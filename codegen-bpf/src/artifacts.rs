@@ -6,6 +6,7 @@
 //! DIR/programs/<id>.o      ELF with `classifier/ingress` and `classifier/egress`; identities
 //!                          whose programs are identical share one file
 //! DIR/maps/ipcache.bin     the ipcache image: records of key (24 bytes) then value (4 bytes)
+//! DIR/maps/<name>.bin      images of the maps large tables are decided with (`cls_*`, `rul_*`)
 //! ```
 //!
 //! Byte-identical for identical inputs; written to a temporary directory beside DIR and renamed
@@ -38,18 +39,6 @@ pub fn sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The ipcache map as programs read it.
-pub fn ipcache_def(max_entries: u32) -> MapDef {
-    MapDef {
-        name: gen::IPCACHE_MAP.into(),
-        map_type: 11,
-        key_size: gen::IPCACHE_KEY_SIZE,
-        value_size: gen::IPCACHE_VALUE_SIZE,
-        max_entries,
-        flags: 1,
-    }
-}
-
 /// An ipcache key for a prefix: prefix length (family word + address bits), family, address.
 pub fn ipcache_key(net: IpNet) -> [u8; 24] {
     let mut k = [0u8; 24];
@@ -67,6 +56,49 @@ pub fn ipcache_key(net: IpNet) -> [u8; 24] {
     k
 }
 
+fn map_type_name(t: u32) -> &'static str {
+    match t {
+        gen::BPF_MAP_TYPE_HASH => "hash",
+        gen::BPF_MAP_TYPE_LRU_HASH => "lru_hash",
+        gen::BPF_MAP_TYPE_LPM_TRIE => "lpm_trie",
+        gen::BPF_MAP_TYPE_RINGBUF => "ringbuf",
+        _ => "other",
+    }
+}
+
+fn map_entry(
+    def: &MapDef,
+    key_layout: &str,
+    value_layout: &str,
+    image: Option<(String, usize)>,
+) -> Value {
+    let mut m = json!({
+        "name": def.name,
+        "type": map_type_name(def.map_type),
+        "map_type": def.map_type,
+        "key_size": def.key_size,
+        "value_size": def.value_size,
+        "max_entries": def.max_entries,
+        "flags": def.flags,
+        "key_layout": key_layout,
+        "value_layout": value_layout,
+    });
+    if let Some((path, entries)) = image {
+        m["image"] = json!(path);
+        m["entries"] = json!(entries);
+    }
+    m
+}
+
+/// A map image: its records back to back, key then value.
+fn image_bytes(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    records
+        .iter()
+        .flat_map(|(k, v)| k.iter().chain(v))
+        .copied()
+        .collect()
+}
+
 /// Everything `cnpc compile` writes, in memory: relative path → bytes.
 pub fn render(
     program: &Program,
@@ -75,29 +107,38 @@ pub fn render(
     inputs: &[(String, String)],
 ) -> Result<BTreeMap<String, Vec<u8>>, ArtifactError> {
     let mut files = BTreeMap::new();
-    let max_entries = (ipcache.len() as u32 * 2).max(65_536);
-    let maps = [ipcache_def(max_entries)];
-    // Programs per identity, shared between identities whose code is identical.
+    let shared = gen::shared_maps(ipcache.len());
+    // Programs per identity, shared between identities whose objects are identical.
     let mut by_subject: BTreeMap<NumericIdentity, Vec<&DecisionTable>> = BTreeMap::new();
     for t in tables {
         by_subject.entry(t.subject).or_default().push(t);
     }
     let mut objects: BTreeMap<Vec<u8>, String> = BTreeMap::new();
+    let mut own_maps: BTreeMap<String, gen::MapImage> = BTreeMap::new();
     let mut program_entries = Vec::new();
     for (subject, ts) in by_subject {
-        let mut sections = Vec::new();
-        let generated: Vec<(Direction, crate::Program)> =
-            ts.iter().map(|t| (t.direction, gen::generate(t))).collect();
+        let track = gen::needs_tracking(ts.iter().copied());
+        let generated: Vec<(Direction, gen::Generated)> = ts
+            .iter()
+            .map(|t| (t.direction, gen::generate(t, track)))
+            .collect();
         let named: Vec<(String, String, &crate::Program)> = generated
             .iter()
-            .map(|(d, p)| {
+            .map(|(d, g)| {
                 (
                     format!("classifier/{}", d.as_str()),
                     d.as_str().to_string(),
-                    p,
+                    &g.program,
                 )
             })
             .collect();
+        let mut maps = shared.clone();
+        for (_, g) in &generated {
+            for m in &g.maps {
+                maps.push(m.def.clone());
+                own_maps.insert(m.def.name.clone(), m.clone());
+            }
+        }
         let bytes = elf::write_object(&named, &maps)?;
         let file = match objects.get(&bytes) {
             Some(f) => f.clone(),
@@ -108,22 +149,29 @@ pub fn render(
                 f
             }
         };
-        for (d, p) in &generated {
-            sections.push(json!({"section": format!("classifier/{}", d.as_str()), "direction": d.as_str(), "instructions": p.slot_count(), "sha256": sha256(&p.bytes())}));
-        }
-        program_entries.push(json!({"identity": subject.0, "file": file, "programs": sections}));
+        let sections: Vec<Value> = generated
+            .iter()
+            .map(|(d, g)| {
+                json!({
+                    "section": format!("classifier/{}", d.as_str()),
+                    "direction": d.as_str(),
+                    "instructions": g.program.slot_count(),
+                    "strategy": g.strategy.as_str(),
+                    "maps": g.maps.iter().map(|m| m.def.name.clone()).collect::<Vec<_>>(),
+                    "sha256": sha256(&g.program.bytes()),
+                })
+            })
+            .collect();
+        program_entries.push(
+            json!({"identity": subject.0, "file": file, "conntrack": track, "programs": sections}),
+        );
     }
-    let mut image = Vec::with_capacity(ipcache.len() * 28);
-    let mut entries: Vec<([u8; 24], u32)> = ipcache
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = ipcache
         .iter()
-        .map(|(n, id)| (ipcache_key(*n), id.0))
+        .map(|(n, id)| (ipcache_key(*n).to_vec(), id.0.to_le_bytes().to_vec()))
         .collect();
     entries.sort();
     entries.dedup();
-    for (k, v) in &entries {
-        image.extend(k);
-        image.extend(v.to_le_bytes());
-    }
     let identities: Vec<Value> = program
         .identities
         .iter()
@@ -132,24 +180,44 @@ pub fn render(
             json!({"identity": id.numeric.0, "labels": id.labels.to_strings(), "endpoints": endpoints})
         })
         .collect();
+    let mut map_entries = vec![
+        map_entry(
+            &shared[0],
+            "u32 prefix length (32 + address bits), u32 family (4 or 6), u8[16] address",
+            "u32 identity",
+            Some(("maps/ipcache.bin".into(), entries.len())),
+        ),
+        map_entry(
+            &shared[1],
+            "u8[16] local address, u8[16] peer address, be16 local port, be16 peer port, u8 protocol, u8 family, u16 zero",
+            "u32 opened by (1 the endpoint, 2 a peer), u32 zero",
+            None,
+        ),
+        map_entry(
+            &shared[2],
+            "",
+            "verdict events of 24 bytes: u32 subject, u32 peer, u32 row, u16 port, u8 protocol, u8 verdict, u8 direction, u8 family, u16 zero, u32 zero",
+            None,
+        ),
+    ];
+    files.insert("maps/ipcache.bin".into(), image_bytes(&entries));
+    for (name, m) in &own_maps {
+        let path = format!("maps/{name}.bin");
+        map_entries.push(map_entry(
+            &m.def,
+            m.key_layout,
+            m.value_layout,
+            Some((path.clone(), m.records.len())),
+        ));
+        files.insert(path, image_bytes(&m.records));
+    }
     let manifest = json!({
         "format": 1,
         "inputs": inputs.iter().map(|(f, h)| json!({"file": f, "sha256": h})).collect::<Vec<_>>(),
         "identities": identities,
         "programs": program_entries,
-        "maps": [{
-            "name": gen::IPCACHE_MAP,
-            "type": "lpm_trie",
-            "key_size": gen::IPCACHE_KEY_SIZE,
-            "value_size": gen::IPCACHE_VALUE_SIZE,
-            "max_entries": max_entries,
-            "key_layout": "u32 prefix length (32 + address bits), u32 family (4 or 6), u8[16] address",
-            "value_layout": "u32 identity",
-            "image": "maps/ipcache.bin",
-            "entries": entries.len(),
-        }],
+        "maps": map_entries,
     });
-    files.insert("maps/ipcache.bin".into(), image);
     files.insert(
         "manifest.json".into(),
         format!("{manifest:#}\n").into_bytes(),

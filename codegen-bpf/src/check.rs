@@ -5,8 +5,9 @@
 //! Checked: every jump lands on an instruction inside the program; jumps only go forward (the
 //! generator emits no loops, so every path is finite); no path runs off the end; every register
 //! is written before it is read on every path (r1 holds the context and r10 the frame pointer
-//! on entry; a helper call clobbers r1-r5 and sets r0); r10 is never written; the program stays
-//! far below the kernel's instruction limit.
+//! on entry; a helper call clobbers r1-r5 and sets r0); r10 is never written; every instruction
+//! is reachable (the kernel rejects dead code); the program stays far below the kernel's
+//! instruction limit.
 //!
 //! Not yet checked here (the kernel verifier still checks it in CI): that every packet access
 //! is behind a bounds check.
@@ -128,6 +129,13 @@ pub fn check(p: &Program) -> Result<(), Vec<CheckError>> {
             init[s] = Some(init[s].map_or(regs, |r| r & regs));
         }
     }
+    // The kernel rejects dead code (kernel/bpf/verifier.c, check_cfg: "unreachable insn").
+    if let Some(i) = init.iter().position(Option::is_none) {
+        errors.push(err(
+            slots[i],
+            format!("unreachable instruction ({})", p.insns[i]),
+        ));
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -198,6 +206,10 @@ mod tests {
         let mut a = Asm::new();
         a.mov(R10, Src::Imm(0)).ret(0);
         assert!(errors(a)[0].contains("read-only"));
+
+        let mut a = Asm::new();
+        a.ret(0).ret(2);
+        assert!(errors(a)[0].contains("unreachable"));
     }
 
     #[test]

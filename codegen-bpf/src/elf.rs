@@ -123,43 +123,40 @@ mod tests {
         }
     }
 
-    fn ipcache() -> MapDef {
-        MapDef {
-            name: "ipcache".into(),
-            map_type: 11,
-            key_size: gen::IPCACHE_KEY_SIZE,
-            value_size: gen::IPCACHE_VALUE_SIZE,
-            max_entries: 65536,
-            flags: 1,
-        }
+    fn maps() -> Vec<MapDef> {
+        gen::shared_maps(10)
     }
 
     #[test]
     fn aya_obj_parses_what_we_write() {
-        let ingress = gen::generate(&table(Direction::Ingress));
-        let egress = gen::generate(&table(Direction::Egress));
+        let ingress = gen::generate(&table(Direction::Ingress), true).program;
+        let egress = gen::generate(&table(Direction::Egress), true).program;
         let bytes = write_object(
             &[
                 ("classifier/ingress".into(), "ingress".into(), &ingress),
                 ("classifier/egress".into(), "egress".into(), &egress),
             ],
-            &[ipcache()],
+            &maps(),
         )
         .unwrap();
         let obj = aya_obj::Object::parse(&bytes).expect("aya-obj parses the object");
         let mut programs: Vec<&String> = obj.programs.keys().collect();
         programs.sort();
         assert_eq!(programs, ["egress", "ingress"]);
-        let map = obj.maps.get("ipcache").expect("the ipcache map");
-        assert_eq!(
-            (
-                map.map_type(),
-                map.key_size(),
-                map.value_size(),
-                map.max_entries()
-            ),
-            (11, 24, 4, 65536)
-        );
+        for def in maps() {
+            let map = obj.maps.get(&def.name).expect("every map");
+            assert_eq!(
+                (
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                ),
+                (def.map_type, def.key_size, def.value_size, def.max_entries),
+                "{}",
+                def.name
+            );
+        }
         assert_eq!(obj.license.to_str().unwrap(), "GPL");
         // The instructions aya sees are ours.
         let f = obj
@@ -172,15 +169,15 @@ mod tests {
 
     #[test]
     fn output_is_byte_identical_across_runs() {
-        let p = gen::generate(&table(Direction::Ingress));
+        let p = gen::generate(&table(Direction::Ingress), true).program;
         let a = write_object(
             &[("classifier/ingress".into(), "ingress".into(), &p)],
-            &[ipcache()],
+            &maps(),
         )
         .unwrap();
         let b = write_object(
             &[("classifier/ingress".into(), "ingress".into(), &p)],
-            &[ipcache()],
+            &maps(),
         )
         .unwrap();
         assert_eq!(a, b);
@@ -188,7 +185,7 @@ mod tests {
 
     #[test]
     fn unknown_maps_are_an_error() {
-        let p = gen::generate(&table(Direction::Ingress));
+        let p = gen::generate(&table(Direction::Ingress), true).program;
         assert!(write_object(&[("classifier/ingress".into(), "ingress".into(), &p)], &[]).is_err());
     }
 }

@@ -1,19 +1,48 @@
 //! Program generation: one decision table becomes one tc classifier (DESIGN.md §6).
 //!
-//! The program parses Ethernet, IPv4 (any header length) or IPv6 (skipping hop-by-hop, routing
-//! and destination-options headers, up to [`MAX_EXT_HEADERS`]), and the L4 header; finds the
-//! peer's identity in the `ipcache` LPM map (a miss is the world); and decides with the table
-//! compiled into branches. Behaviours fixed here, each tested:
+//! The program parses Ethernet, IPv4 (any header length) or IPv6 (skipping hop-by-hop, routing,
+//! destination-options and fragment headers, up to [`MAX_EXT_HEADERS`]), and the L4 header; finds
+//! the peer's identity in the `ipcache` LPM map (a miss is the world); decides with the table;
+//! and consults the `ct` map so replies of tracked connections pass. Behaviours fixed here, each
+//! tested in the kernel:
 //! - frames that are not IP pass (ARP must work; policy is about IP peers);
 //! - a packet too short for the headers its type announces is dropped;
 //! - a non-first fragment carries no ports, so it cannot be matched against port rules: it is
 //!   dropped, and so no fragment of a denied flow gets through unchecked;
 //! - an IP protocol other than TCP, UDP, SCTP, ICMP and ICMPv6 gets the table's default;
 //! - Proxy sets `skb->mark` to [`PROXY_MARK`] (the L7 stage takes marked packets) and passes.
+//!
+//! # Connection tracking
+//! As in Cilium (bpf/lib/conntrack.h), policy decides the first packet of a connection and the
+//! replies of an allowed connection pass whatever the reverse direction's policy says. Keys are
+//! written from the endpoint's side ([`CT_KEY_SIZE`]: local address, peer address, local port,
+//! peer port, protocol, family), so the endpoint's egress program and its ingress program name a
+//! connection with the same key. An allowed (or proxied) packet of TCP, UDP or SCTP that finds no
+//! entry creates one recording which side opened it; a packet the table denies passes only when
+//! an entry exists that the *other* side opened, i.e. when it is a reply. Packets in the opening
+//! direction are decided by the table every time, so a policy change applies to established
+//! connections at once. ICMP is not tracked: an echo reply is decided by the table.
+//!
+//! # Events
+//! A verdict event ([`EVENT_SIZE`] bytes, layout in [`event`]) goes to the `events` ring buffer for
+//! every dropped packet and for every connection a packet opens, as Cilium's policy verdict
+//! notifications do; packets of established connections emit nothing, which keeps the fast path
+//! free of ring-buffer traffic.
+//!
+//! # Deciding
+//! The generator picks the form of the decision by the table's size ([`Strategy`]): compare
+//! chains for a few peers, binary-search trees over identities and port ranges for up to
+//! [`TREE_MAX_MEMBERS`] peers and [`TREE_MAX_SEGMENTS`] port segments, and two map lookups beyond
+//! (identity to class in a hash map, then class, protocol and port in an LPM trie whose port
+//! prefixes cover each range exactly). Code size is bounded either way, so no program needs
+//! tail calls to stay under the verifier's limits.
 
 use crate::asm::{Asm, Label, Program};
+use crate::elf::MapDef;
 use crate::insn::*;
 use cnpc_ir::{DecisionTable, Direction, Protocol, TableVerdict};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -30,6 +59,57 @@ pub const IPCACHE_KEY_SIZE: u32 = 24;
 pub const IPCACHE_VALUE_SIZE: u32 = 4;
 pub const IPCACHE_MAP: &str = "ipcache";
 
+/// The conntrack map: LRU hash, key `u8[16] local address, u8[16] peer address, be16 local
+/// port, be16 peer port, u8 protocol, u8 family (4 or 6), u16 zero`; value `u32 opened by`
+/// ([`CT_OPENED_BY_EGRESS`] or [`CT_OPENED_BY_INGRESS`]), `u32 zero`.
+pub const CT_MAP: &str = "ct";
+pub const CT_KEY_SIZE: u32 = 40;
+pub const CT_VALUE_SIZE: u32 = 8;
+pub const CT_MAX_ENTRIES: u32 = 65_536;
+/// The endpoint opened the connection (its egress program allowed the first packet).
+pub const CT_OPENED_BY_EGRESS: u32 = 1;
+/// A peer opened the connection (the endpoint's ingress program allowed the first packet).
+pub const CT_OPENED_BY_INGRESS: u32 = 2;
+
+/// The ring buffer of verdict events.
+pub const EVENTS_MAP: &str = "events";
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+pub const EVENT_SIZE: usize = 24;
+
+/// Field offsets of a verdict event (little-endian):
+/// `u32 subject identity, u32 peer identity, u32 row (index into the table's rows; u32::MAX for
+/// the default), u16 port (host order; ICMP type), u8 protocol, u8 verdict (0 allowed, 1
+/// denied, 2 proxied), u8 direction (0 ingress, 1 egress), u8 family (4 or 6), u16 zero, u32
+/// zero`.
+pub mod event {
+    pub const SUBJECT: usize = 0;
+    pub const PEER: usize = 4;
+    pub const ROW: usize = 8;
+    pub const PORT: usize = 12;
+    pub const PROTOCOL: usize = 14;
+    pub const VERDICT: usize = 15;
+    pub const DIRECTION: usize = 16;
+    pub const FAMILY: usize = 17;
+}
+
+/// Peers up to which identities are matched by a compare chain.
+pub const CHAIN_MAX_MEMBERS: usize = 8;
+/// Peers and port segments up to which the decision is a binary-search tree in code.
+pub const TREE_MAX_MEMBERS: usize = 64;
+pub const TREE_MAX_SEGMENTS: usize = 256;
+
+// Map types and flags (include/uapi/linux/bpf.h).
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+// Helpers.
+const MAP_LOOKUP_ELEM: i32 = 1;
+const MAP_UPDATE_ELEM: i32 = 2;
+const RINGBUF_OUTPUT: i32 = 130;
+
 // struct __sk_buff offsets (include/uapi/linux/bpf.h).
 const SKB_MARK: i16 = 8;
 const SKB_DATA: i16 = 76;
@@ -40,9 +120,104 @@ const CTX: Reg = R6;
 const DATA: Reg = R7;
 const DATA_END: Reg = R8;
 const PROTO: Reg = R9;
-// Stack: the ipcache key at fp-24..fp-1, the port at fp-32.
-const KEY: i16 = -24;
-const PORT: i16 = -32;
+// Stack slots (offsets from r10).
+const KEY: i16 = -24; // ipcache key, 24 bytes
+const PORT: i16 = -32; // u32: destination port or ICMP type, host order
+const CT: i16 = -72; // conntrack key, 40 bytes
+const EVT: i16 = -96; // event, 24 bytes
+const CTVAL: i16 = -104; // conntrack value, 8 bytes
+const RET: i16 = -108; // u32: the return code on the event path
+const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
+
+/// How a program decides, chosen by the table's size; `cnpc verify` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Strategy {
+    /// No rows: the default alone, no peer lookup.
+    Constant,
+    /// Compare chains over identities and port ranges.
+    Branches,
+    /// Binary-search trees over identities and port ranges.
+    BinarySearch,
+    /// Identity to class in a hash map, then an LPM trie over (class, protocol, port prefix).
+    Maps,
+    /// Cilium's way, for the datapath benchmark: hash lookups of (identity, port, protocol),
+    /// then (identity, any port, protocol), then (identity, any), then (any).
+    HashBaseline,
+    /// Parses the headers and returns: the benchmark's floor.
+    ParseOnly,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Constant => "constant",
+            Strategy::Branches => "branches",
+            Strategy::BinarySearch => "binary-search",
+            Strategy::Maps => "maps",
+            Strategy::HashBaseline => "hash-baseline",
+            Strategy::ParseOnly => "parse-only",
+        }
+    }
+}
+
+/// A map a program reads beside the shared ones, with its contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapImage {
+    pub def: MapDef,
+    /// (key, value) records, sorted by key.
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The key and value layouts, for the manifest.
+    pub key_layout: &'static str,
+    pub value_layout: &'static str,
+}
+
+/// A generated program and what it needs.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub program: Program,
+    pub strategy: Strategy,
+    /// Maps of this program's own, named by a hash of their contents (so identical tables still
+    /// give identical programs).
+    pub maps: Vec<MapImage>,
+}
+
+/// The maps every program shares.
+pub fn shared_maps(ipcache_entries: usize) -> Vec<MapDef> {
+    vec![
+        MapDef {
+            name: IPCACHE_MAP.into(),
+            map_type: BPF_MAP_TYPE_LPM_TRIE,
+            key_size: IPCACHE_KEY_SIZE,
+            value_size: IPCACHE_VALUE_SIZE,
+            max_entries: (ipcache_entries as u32).saturating_mul(2).max(65_536),
+            flags: BPF_F_NO_PREALLOC,
+        },
+        MapDef {
+            name: CT_MAP.into(),
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size: CT_KEY_SIZE,
+            value_size: CT_VALUE_SIZE,
+            max_entries: CT_MAX_ENTRIES,
+            flags: 0,
+        },
+        MapDef {
+            name: EVENTS_MAP.into(),
+            map_type: BPF_MAP_TYPE_RINGBUF,
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_BYTES,
+            flags: 0,
+        },
+    ]
+}
+
+/// Whether the programs of an endpoint whose tables are `tables` (both directions) must track
+/// connections: unless every direction allows everything, a reply may need the ct map.
+pub fn needs_tracking<'a>(tables: impl IntoIterator<Item = &'a DecisionTable>) -> bool {
+    tables
+        .into_iter()
+        .any(|t| !(t.rows.is_empty() && t.default == TableVerdict::Allow))
+}
 
 fn ip_proto(p: Protocol) -> i32 {
     match p {
@@ -54,35 +229,145 @@ fn ip_proto(p: Protocol) -> i32 {
     }
 }
 
-fn verdict_code(a: &mut Asm, v: &TableVerdict) {
-    match v {
-        TableVerdict::Allow => {
-            a.ret(TC_ACT_OK);
-        }
-        TableVerdict::Deny => {
-            a.ret(TC_ACT_SHOT);
-        }
-        TableVerdict::Proxy(_) => {
-            a.store(Size::W, CTX, SKB_MARK, Src::Imm(PROXY_MARK))
-                .ret(TC_ACT_OK);
-        }
-    }
-}
-
-/// Bounds check: `if DATA + off + len > DATA_END goto fail` with `off` in `base` (a packet
-/// pointer register) and a constant.
+/// Bounds check: `if base + end_off > DATA_END goto fail`.
 fn need(a: &mut Asm, base: Reg, end_off: i32, fail: Label) {
     a.mov(R2, Src::Reg(base))
         .alu(AluOp::Add, R2, Src::Imm(end_off))
         .jump_if(Cond::Gt, R2, Src::Reg(DATA_END), fail);
 }
 
-/// The classifier for `table` (its direction says which address is the peer's).
-pub fn generate(table: &DecisionTable) -> Program {
-    if table.rows.is_empty() {
-        return constant(&table.default);
+/// The classifier for `table` (its direction says which address is the peer's), tracking
+/// connections when `track` (see [`needs_tracking`]).
+pub fn generate(table: &DecisionTable, track: bool) -> Generated {
+    let strategy = if table.rows.is_empty() && !track {
+        Strategy::Constant
+    } else {
+        choose(table)
+    };
+    build(table, track, strategy)
+}
+
+/// The strategy the generator picks for `table`'s rows.
+pub fn choose(table: &DecisionTable) -> Strategy {
+    let members: usize = table.classes.iter().map(|c| c.members.len()).sum();
+    let segments = segments(table).values().map(Vec::len).max().unwrap_or(0);
+    // Immediates are sign-extended 32-bit values: identities from 2^31 up need a map.
+    let small_ids = table
+        .classes
+        .iter()
+        .flat_map(|c| &c.members)
+        .all(|m| m.0 < 1 << 31);
+    if !small_ids || members > TREE_MAX_MEMBERS || segments > TREE_MAX_SEGMENTS {
+        Strategy::Maps
+    } else if members <= CHAIN_MAX_MEMBERS && segments <= 4 {
+        Strategy::Branches
+    } else {
+        Strategy::BinarySearch
+    }
+}
+
+/// A port segment of one (class, protocol): `[lo, hi]` decided by row `row` (first match wins,
+/// as in [`DecisionTable::lookup`]). Segments of one key are disjoint and sorted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    lo: u16,
+    hi: u16,
+    row: usize,
+}
+
+/// The rows of `table` as disjoint port segments per (class, protocol).
+fn segments(table: &DecisionTable) -> BTreeMap<(u32, Protocol), Vec<Segment>> {
+    let mut out: BTreeMap<(u32, Protocol), Vec<Segment>> = BTreeMap::new();
+    for (i, row) in table.rows.iter().enumerate() {
+        let segs = out.entry((row.class, row.protocol)).or_default();
+        // The part of the row's range no earlier row of the key covers.
+        let mut pieces = vec![(u32::from(row.ports.lo), u32::from(row.ports.hi))];
+        for s in segs.iter() {
+            let (slo, shi) = (u32::from(s.lo), u32::from(s.hi));
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(lo, hi)| {
+                    let mut left = Vec::new();
+                    if lo < slo {
+                        left.push((lo, hi.min(slo - 1)));
+                    }
+                    if hi > shi {
+                        left.push((lo.max(shi + 1), hi));
+                    }
+                    if hi < slo || lo > shi {
+                        left = vec![(lo, hi)];
+                    }
+                    left
+                })
+                .collect();
+        }
+        segs.extend(pieces.into_iter().map(|(lo, hi)| Segment {
+            lo: lo as u16,
+            hi: hi as u16,
+            row: i,
+        }));
+        segs.sort_by_key(|s| s.lo);
+    }
+    out
+}
+
+/// Entry points of the verdict code the decision jumps to, with the row index in r3.
+/// Only the tails something jumps to are emitted: the kernel rejects unreachable code.
+struct Tails {
+    allow: Label,
+    deny: Label,
+    proxy: Label,
+    used: std::cell::Cell<[bool; 3]>,
+}
+
+impl Tails {
+    fn new(a: &mut Asm) -> Tails {
+        Tails {
+            allow: a.label(),
+            deny: a.label(),
+            proxy: a.label(),
+            used: Default::default(),
+        }
+    }
+
+    /// The tail of `verdict`, marked used.
+    fn of(&self, verdict: &TableVerdict) -> Label {
+        let (i, l) = match verdict {
+            TableVerdict::Allow => (0, self.allow),
+            TableVerdict::Deny => (1, self.deny),
+            TableVerdict::Proxy(_) => (2, self.proxy),
+        };
+        let mut used = self.used.get();
+        used[i] = true;
+        self.used.set(used);
+        l
+    }
+
+    /// Jumps to the tail of the verdict read from a map: r1 (0 allow, 1 deny, 2 proxy).
+    fn dispatch(&self, a: &mut Asm) {
+        a.jump_if(Cond::Eq, R1, Src::Imm(0), self.of(&TableVerdict::Allow));
+        a.jump_if(Cond::Eq, R1, Src::Imm(1), self.of(&TableVerdict::Deny));
+        a.goto(self.of(&TableVerdict::Proxy(Vec::new())));
+    }
+}
+
+fn verdict_jump(a: &mut Asm, tails: &Tails, verdict: &TableVerdict, row: Option<usize>) {
+    let row = row.map_or(-1, |r| r as i32);
+    a.mov(R3, Src::Imm(row));
+    a.goto(tails.of(verdict));
+}
+
+/// The program for `table` decided the `strategy` way; [`generate`] picks the strategy.
+pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generated {
+    if strategy == Strategy::Constant {
+        return Generated {
+            program: constant(&table.default),
+            strategy,
+            maps: Vec::new(),
+        };
     }
     let mut a = Asm::new();
+    let egress = table.direction == Direction::Egress;
     let drop = a.label();
     let pass = a.label();
     let ipv4 = a.label();
@@ -115,18 +400,21 @@ pub fn generate(table: &DecisionTable) -> Program {
         .push(Insn::ToBe { dst: R4, bits: 16 })
         .alu(AluOp::And, R4, Src::Imm(0x1fff))
         .jump_if(Cond::Ne, R4, Src::Imm(0), drop);
-    let addr = if table.direction == Direction::Egress {
-        30
-    } else {
-        26
-    };
+    let (local, peer) = if egress { (26, 30) } else { (30, 26) };
     a.store(Size::W, R10, KEY, Src::Imm(64)); // prefix length: family word + 32 address bits
     a.store(Size::W, R10, KEY + 4, Src::Imm(4));
-    a.load(Size::W, R5, DATA, addr)
-        .store(Size::W, R10, KEY + 8, Src::Reg(R5));
-    a.store(Size::W, R10, KEY + 12, Src::Imm(0))
-        .store(Size::W, R10, KEY + 16, Src::Imm(0))
-        .store(Size::W, R10, KEY + 20, Src::Imm(0));
+    a.load(Size::W, R5, DATA, peer)
+        .store(Size::W, R10, KEY + 8, Src::Reg(R5))
+        .store(Size::W, R10, CT + 16, Src::Reg(R5));
+    a.load(Size::W, R5, DATA, local)
+        .store(Size::W, R10, CT, Src::Reg(R5));
+    for off in [12, 16, 20] {
+        a.store(Size::W, R10, KEY + off, Src::Imm(0));
+    }
+    for off in [4, 8, 12, 20, 24, 28] {
+        a.store(Size::W, R10, CT + off, Src::Imm(0));
+    }
+    a.store(Size::W, R10, CT + 36, Src::Imm(4 << 8)); // family byte; protocol set below
     a.mov(R4, Src::Reg(R3)).alu(AluOp::Add, R4, Src::Imm(14));
     a.goto(l4);
 
@@ -134,17 +422,17 @@ pub fn generate(table: &DecisionTable) -> Program {
     a.bind(ipv6);
     need(&mut a, DATA, 54, drop);
     a.load(Size::B, PROTO, DATA, 20);
-    let addr = if table.direction == Direction::Egress {
-        38
-    } else {
-        22
-    };
+    let (local, peer) = if egress { (22, 38) } else { (38, 22) };
     a.store(Size::W, R10, KEY, Src::Imm(160)); // family word + 128 address bits
     a.store(Size::W, R10, KEY + 4, Src::Imm(6));
     for w in 0..4 {
-        a.load(Size::W, R5, DATA, addr + 4 * w)
-            .store(Size::W, R10, KEY + 8 + 4 * w, Src::Reg(R5));
+        a.load(Size::W, R5, DATA, peer + 4 * w)
+            .store(Size::W, R10, KEY + 8 + 4 * w, Src::Reg(R5))
+            .store(Size::W, R10, CT + 16 + 4 * w, Src::Reg(R5));
+        a.load(Size::W, R5, DATA, local + 4 * w)
+            .store(Size::W, R10, CT + 4 * w, Src::Reg(R5));
     }
+    a.store(Size::W, R10, CT + 36, Src::Imm(6 << 8));
     a.mov(R4, Src::Imm(54));
     for _ in 0..MAX_EXT_HEADERS {
         let not_ext = a.label();
@@ -186,6 +474,8 @@ pub fn generate(table: &DecisionTable) -> Program {
     let ports = a.label();
     let icmp = a.label();
     a.store(Size::W, R10, PORT, Src::Imm(0));
+    a.store(Size::W, R10, CT + 32, Src::Imm(0));
+    a.store(Size::B, R10, CT + 36, Src::Reg(PROTO));
     for p in [6, 17, 132] {
         a.jump_if(Cond::Eq, PROTO, Src::Imm(p), ports);
     }
@@ -195,6 +485,12 @@ pub fn generate(table: &DecisionTable) -> Program {
     a.bind(ports);
     a.mov(R3, Src::Reg(DATA)).alu(AluOp::Add, R3, Src::Reg(R4));
     need(&mut a, R3, 4, drop);
+    // Ports as on the wire for the conntrack key: the endpoint's first.
+    let (local_port, peer_port) = if egress { (0, 2) } else { (2, 0) };
+    a.load(Size::H, R5, R3, local_port)
+        .store(Size::H, R10, CT + 32, Src::Reg(R5));
+    a.load(Size::H, R5, R3, peer_port)
+        .store(Size::H, R10, CT + 34, Src::Reg(R5));
     a.load(Size::H, R5, R3, 2)
         .push(Insn::ToBe { dst: R5, bits: 16 })
         .store(Size::W, R10, PORT, Src::Reg(R5));
@@ -204,35 +500,198 @@ pub fn generate(table: &DecisionTable) -> Program {
     need(&mut a, R3, 1, drop);
     a.load(Size::B, R5, R3, 0)
         .store(Size::W, R10, PORT, Src::Reg(R5));
+    a.goto(lookup);
 
-    // Peer identity: R0 = ipcache[key] or the world.
+    // Out of line, within short reach of the parser's checks.
+    a.bind(drop);
+    a.ret(TC_ACT_SHOT);
+    a.bind(pass);
+    a.ret(TC_ACT_OK);
+
+    // Peer identity: R1 = ipcache[key] or the world.
     a.bind(lookup);
+    if strategy == Strategy::ParseOnly {
+        a.ret(TC_ACT_OK);
+        return Generated {
+            // The assembler fails only on unbound labels and over-long jumps; see below.
+            program: a.finish().expect("generated code assembles"),
+            strategy,
+            maps: Vec::new(),
+        };
+    }
     let found = a.label();
     let decide = a.label();
     a.ld_map(R1, IPCACHE_MAP);
     a.mov(R2, Src::Reg(R10))
         .alu(AluOp::Add, R2, Src::Imm(i32::from(KEY)));
-    a.call(1); // map_lookup_elem
+    a.call(MAP_LOOKUP_ELEM);
     a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
     a.mov(R1, Src::Imm(WORLD)).goto(decide);
     a.bind(found);
     a.load(Size::W, R1, R0, 0);
     a.bind(decide);
+    a.store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
     // R1 = identity, R2 = port, PROTO = protocol.
     a.load(Size::W, R2, R10, PORT);
-    decision(&mut a, table);
-
-    a.bind(drop);
-    a.ret(TC_ACT_SHOT);
-    a.bind(pass);
-    a.ret(TC_ACT_OK);
-    // The assembler only fails on an unbound label or an over-long jump, neither of which this
-    // generator produces for tables of any size a jump offset can span.
-    a.finish().expect("generated code assembles")
+    let tails = Tails::new(&mut a);
+    let maps = match strategy {
+        Strategy::HashBaseline => baseline_decision(&mut a, table, &tails),
+        _ => decision(&mut a, table, strategy, &tails),
+    };
+    verdict_tails(&mut a, &tails, egress, track);
+    Generated {
+        // The assembler fails only on an unbound label (every label above is bound) or a jump
+        // longer than 32,767 slots: code size is bounded by TREE_MAX_MEMBERS and
+        // TREE_MAX_SEGMENTS, far below that.
+        program: a.finish().expect("generated code assembles"),
+        strategy,
+        maps,
+    }
 }
 
-/// A table without rows decides by its default alone: no peer lookup, no port parsing. Frames
-/// that are not IP still pass, as in every program.
+/// What happens after the decision: the conntrack check, events, the return code. r3 holds the
+/// row index on entry.
+fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
+    let opened_here = if egress {
+        CT_OPENED_BY_EGRESS
+    } else {
+        CT_OPENED_BY_INGRESS
+    } as i32;
+    let emit = a.label();
+    let ok = a.label();
+    let ct_lookup = |a: &mut Asm| {
+        a.ld_map(R1, CT_MAP);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(CT)));
+        a.call(MAP_LOOKUP_ELEM);
+    };
+    let untracked = |a: &mut Asm, target: Label| {
+        let tracked = a.label();
+        for p in [6, 17, 132] {
+            a.jump_if(Cond::Eq, PROTO, Src::Imm(p), tracked);
+        }
+        a.goto(target);
+        a.bind(tracked);
+    };
+
+    let [allow_used, deny_used, proxy_used] = tails.used.get();
+    let opens = allow_used || proxy_used;
+
+    // Denied: a reply of a connection the other side opened passes; anything else is dropped.
+    if deny_used {
+        a.bind(tails.deny);
+        let dropped = a.label();
+        a.store(Size::W, R10, EVT + event::ROW as i16, Src::Reg(R3));
+        a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(1));
+        if track {
+            untracked(a, dropped);
+            ct_lookup(a);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), dropped);
+            a.load(Size::W, R1, R0, 0)
+                .jump_if(Cond::Eq, R1, Src::Imm(opened_here), dropped);
+            a.goto(ok);
+        }
+        a.bind(dropped);
+        a.store(Size::W, R10, RET, Src::Imm(TC_ACT_SHOT));
+        a.goto(emit);
+    }
+
+    // Allowed or proxied: a packet that opens a connection records it and emits an event.
+    let opened = a.label();
+    if proxy_used {
+        a.bind(tails.proxy);
+        a.store(Size::W, CTX, SKB_MARK, Src::Imm(PROXY_MARK));
+        a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(2));
+        if allow_used {
+            a.goto(opened);
+        }
+    }
+    if allow_used {
+        a.bind(tails.allow);
+        a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(0));
+    }
+    if opens {
+        a.bind(opened);
+        if track {
+            a.store(Size::W, R10, EVT + event::ROW as i16, Src::Reg(R3));
+            untracked(a, ok);
+            ct_lookup(a);
+            a.jump_if(Cond::Ne, R0, Src::Imm(0), ok);
+            a.store(Size::W, R10, CTVAL, Src::Imm(opened_here)).store(
+                Size::W,
+                R10,
+                CTVAL + 4,
+                Src::Imm(0),
+            );
+            a.ld_map(R1, CT_MAP);
+            a.mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(i32::from(CT)));
+            a.mov(R3, Src::Reg(R10))
+                .alu(AluOp::Add, R3, Src::Imm(i32::from(CTVAL)));
+            a.mov(R4, Src::Imm(0)); // BPF_ANY
+            a.call(MAP_UPDATE_ELEM);
+            a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
+            a.goto(emit);
+        }
+    }
+    if opens || (deny_used && track) {
+        a.bind(ok);
+        a.ret(TC_ACT_OK);
+    }
+    if !(deny_used || (opens && track)) {
+        return;
+    }
+
+    // The event: the subject's identity is its own address's in the ipcache (so identities with
+    // equal tables can share one program), the rest is on the stack already.
+    a.bind(emit);
+    let v6 = a.label();
+    let keyed = a.label();
+    let subject = a.label();
+    a.load(Size::B, R1, R10, CT + 37);
+    a.store(Size::B, R10, EVT + event::FAMILY as i16, Src::Reg(R1));
+    a.store(Size::W, R10, KEY + 4, Src::Reg(R1));
+    a.jump_if(Cond::Eq, R1, Src::Imm(6), v6);
+    a.store(Size::W, R10, KEY, Src::Imm(64)).goto(keyed);
+    a.bind(v6);
+    a.store(Size::W, R10, KEY, Src::Imm(160));
+    a.bind(keyed);
+    for w in 0..4 {
+        a.load(Size::W, R1, R10, CT + 4 * w)
+            .store(Size::W, R10, KEY + 8 + 4 * w, Src::Reg(R1));
+    }
+    a.ld_map(R1, IPCACHE_MAP);
+    a.mov(R2, Src::Reg(R10))
+        .alu(AluOp::Add, R2, Src::Imm(i32::from(KEY)));
+    a.call(MAP_LOOKUP_ELEM);
+    a.mov(R1, Src::Imm(0));
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), subject);
+    a.load(Size::W, R1, R0, 0);
+    a.bind(subject);
+    a.store(Size::W, R10, EVT + event::SUBJECT as i16, Src::Reg(R1));
+    a.load(Size::W, R1, R10, PORT)
+        .store(Size::H, R10, EVT + event::PORT as i16, Src::Reg(R1));
+    a.store(Size::B, R10, EVT + event::PROTOCOL as i16, Src::Reg(PROTO));
+    a.store(
+        Size::B,
+        R10,
+        EVT + event::DIRECTION as i16,
+        Src::Imm(i32::from(egress)),
+    );
+    a.store(Size::H, R10, EVT + 18, Src::Imm(0))
+        .store(Size::W, R10, EVT + 20, Src::Imm(0));
+    a.ld_map(R1, EVENTS_MAP);
+    a.mov(R2, Src::Reg(R10))
+        .alu(AluOp::Add, R2, Src::Imm(i32::from(EVT)));
+    a.mov(R3, Src::Imm(EVENT_SIZE as i32)).mov(R4, Src::Imm(0));
+    a.call(RINGBUF_OUTPUT);
+    // A full ring buffer loses the event, never the verdict.
+    a.load(Size::W, R0, R10, RET);
+    a.exit();
+}
+
+/// A table without rows, on an endpoint that needs no connection tracking, decides by its
+/// default alone: no peer lookup, no port parsing. Frames that are not IP still pass.
 fn constant(default: &TableVerdict) -> Program {
     let mut a = Asm::new();
     if *default != TableVerdict::Allow {
@@ -247,40 +706,386 @@ fn constant(default: &TableVerdict) -> Program {
             .jump_if(Cond::Eq, R4, Src::Imm(0xdd86), ip);
         a.ret(TC_ACT_OK);
         a.bind(ip);
-        a.mov(CTX, Src::Reg(R1));
-        verdict_code(&mut a, default);
+        if let TableVerdict::Proxy(_) = default {
+            a.store(Size::W, R1, SKB_MARK, Src::Imm(PROXY_MARK));
+            a.ret(TC_ACT_OK);
+        } else {
+            a.ret(TC_ACT_SHOT);
+        }
     } else {
         a.ret(TC_ACT_OK);
     }
     a.finish().expect("generated code assembles")
 }
 
-/// The table as branches: R1 identity, R2 port, PROTO protocol.
-fn decision(a: &mut Asm, table: &DecisionTable) {
-    let default = a.label();
-    let classes: Vec<Label> = table.classes.iter().map(|_| a.label()).collect();
-    for (c, class) in table.classes.iter().enumerate() {
-        for m in &class.members {
-            a.jump_if(Cond::Eq, R1, Src::Imm(m.0 as i32), classes[c]);
+/// Emits `if reg == key goto target` for each sorted `(key, target)` as a binary-search tree
+/// (or a chain, for few keys); a miss goes to `miss`.
+fn search(a: &mut Asm, reg: Reg, keys: &[(u32, Label)], miss: Label) {
+    if keys.len() <= 4 {
+        for (k, target) in keys {
+            a.jump_if(Cond::Eq, reg, Src::Imm(*k as i32), *target);
         }
+        a.goto(miss);
+        return;
     }
-    a.goto(default);
-    for (c, label) in classes.iter().enumerate() {
-        a.bind(*label);
-        for row in table.rows.iter().filter(|r| r.class == c as u32) {
+    let mid = keys.len() / 2;
+    let upper = a.label();
+    a.jump_if(Cond::Ge, reg, Src::Imm(keys[mid].0 as i32), upper);
+    search(a, reg, &keys[..mid], miss);
+    a.bind(upper);
+    search(a, reg, &keys[mid..], miss);
+}
+
+/// Emits the port segments of one (class, protocol) as a tree: R2 is the port.
+fn port_tree(
+    a: &mut Asm,
+    table: &DecisionTable,
+    segs: &[Segment],
+    max: u16,
+    tails: &Tails,
+    miss: Label,
+) {
+    if segs.len() <= 3 {
+        for s in segs {
+            if s.lo == 0 && s.hi == max {
+                // Every port: nothing after it is reachable.
+                verdict_jump(a, tails, &table.rows[s.row].verdict, Some(s.row));
+                return;
+            }
             let next = a.label();
-            a.jump_if(Cond::Ne, PROTO, Src::Imm(ip_proto(row.protocol)), next);
-            if row.ports.lo > 0 {
-                a.jump_if(Cond::Lt, R2, Src::Imm(i32::from(row.ports.lo)), next);
+            if s.lo > 0 {
+                a.jump_if(Cond::Lt, R2, Src::Imm(i32::from(s.lo)), next);
             }
-            if row.ports.hi < row.protocol.max_port() {
-                a.jump_if(Cond::Gt, R2, Src::Imm(i32::from(row.ports.hi)), next);
+            if s.hi < max {
+                a.jump_if(Cond::Gt, R2, Src::Imm(i32::from(s.hi)), next);
             }
-            verdict_code(a, &row.verdict);
+            verdict_jump(a, tails, &table.rows[s.row].verdict, Some(s.row));
             a.bind(next);
         }
-        a.goto(default);
+        a.goto(miss);
+        return;
+    }
+    let mid = segs.len() / 2;
+    let (lower, upper) = (a.label(), a.label());
+    let s = segs[mid];
+    a.jump_if(Cond::Lt, R2, Src::Imm(i32::from(s.lo)), lower);
+    a.jump_if(Cond::Gt, R2, Src::Imm(i32::from(s.hi)), upper);
+    verdict_jump(a, tails, &table.rows[s.row].verdict, Some(s.row));
+    a.bind(lower);
+    port_tree(a, table, &segs[..mid], max, tails, miss);
+    a.bind(upper);
+    port_tree(a, table, &segs[mid + 1..], max, tails, miss);
+}
+
+/// Identity to class (members sorted by identity; the first class holding one wins).
+fn membership(table: &DecisionTable) -> Vec<(u32, u32)> {
+    let mut members: BTreeMap<u32, u32> = BTreeMap::new();
+    for (c, class) in table.classes.iter().enumerate() {
+        for m in &class.members {
+            members.entry(m.0).or_insert(c as u32);
+        }
+    }
+    members.into_iter().collect()
+}
+
+/// A map named by its kind and a hash of its contents.
+fn content_name(kind: &str, records: &[(Vec<u8>, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in records {
+        h.update(k);
+        h.update(v);
+    }
+    let hex: String = h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{kind}_{hex}")
+}
+
+/// The decision in code (or code and maps); returns the maps it reads.
+fn decision(
+    a: &mut Asm,
+    table: &DecisionTable,
+    strategy: Strategy,
+    tails: &Tails,
+) -> Vec<MapImage> {
+    let default = a.label();
+    let segments = segments(table);
+    let members = membership(table);
+    let mut maps = Vec::new();
+    if strategy == Strategy::Maps {
+        // Identity to class.
+        let classes: Vec<(Vec<u8>, Vec<u8>)> = members
+            .iter()
+            .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
+            .collect();
+        let class_map = content_name("cls", &classes);
+        a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
+        a.ld_map(R1, &class_map);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
+        // Rule key: u32 prefix length, be32 class, u8 protocol, u8 zero, be16 port.
+        a.load(Size::W, R1, R0, 0)
+            .push(Insn::ToBe { dst: R1, bits: 32 })
+            .store(Size::W, R10, SCRATCH + 4, Src::Reg(R1));
+        a.store(Size::W, R10, SCRATCH, Src::Imm(64));
+        a.store(Size::B, R10, SCRATCH + 8, Src::Reg(PROTO)).store(
+            Size::B,
+            R10,
+            SCRATCH + 9,
+            Src::Imm(0),
+        );
+        a.load(Size::W, R1, R10, PORT)
+            .push(Insn::ToBe { dst: R1, bits: 16 })
+            .store(Size::H, R10, SCRATCH + 10, Src::Reg(R1));
+        let mut rules = Vec::new();
+        for ((class, proto), segs) in &segments {
+            for s in segs {
+                for (port, bits) in port_prefixes(s.lo, s.hi) {
+                    let mut k = Vec::with_capacity(12);
+                    k.extend((48 + bits).to_le_bytes());
+                    k.extend(class.to_be_bytes());
+                    k.extend([ip_proto(*proto) as u8, 0]);
+                    k.extend(port.to_be_bytes());
+                    let verdict: u32 = match table.rows[s.row].verdict {
+                        TableVerdict::Allow => 0,
+                        TableVerdict::Deny => 1,
+                        TableVerdict::Proxy(_) => 2,
+                    };
+                    let mut v = verdict.to_le_bytes().to_vec();
+                    v.extend((s.row as u32).to_le_bytes());
+                    rules.push((k, v));
+                }
+            }
+        }
+        rules.sort();
+        let rule_map = content_name("rul", &rules);
+        a.ld_map(R1, &rule_map);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
+        a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
+        tails.dispatch(a);
+        maps.push(MapImage {
+            def: MapDef {
+                name: class_map,
+                map_type: BPF_MAP_TYPE_HASH,
+                key_size: 4,
+                value_size: 4,
+                max_entries: classes.len().max(1) as u32,
+                flags: 0,
+            },
+            records: classes,
+            key_layout: "u32 identity",
+            value_layout: "u32 class",
+        });
+        maps.push(MapImage {
+            def: MapDef {
+                name: rule_map,
+                map_type: BPF_MAP_TYPE_LPM_TRIE,
+                key_size: 12,
+                value_size: 8,
+                max_entries: rules.len().max(1) as u32,
+                flags: BPF_F_NO_PREALLOC,
+            },
+            records: rules,
+            key_layout:
+                "u32 prefix length (48 + port bits), be32 class, u8 protocol, u8 zero, be16 port",
+            value_layout: "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row",
+        });
+    } else {
+        let labels: Vec<Label> = table.classes.iter().map(|_| a.label()).collect();
+        let keys: Vec<(u32, Label)> = members
+            .iter()
+            .map(|(m, c)| (*m, labels[*c as usize]))
+            .collect();
+        if strategy == Strategy::Branches {
+            for (k, l) in &keys {
+                a.jump_if(Cond::Eq, R1, Src::Imm(*k as i32), *l);
+            }
+            a.goto(default);
+        } else {
+            search(a, R1, &keys, default);
+        }
+        for (c, label) in labels.iter().enumerate() {
+            a.bind(*label);
+            for ((_, proto), segs) in segments.iter().filter(|((k, _), _)| *k == c as u32) {
+                let next = a.label();
+                a.jump_if(Cond::Ne, PROTO, Src::Imm(ip_proto(*proto)), next);
+                port_tree(a, table, segs, proto.max_port(), tails, default);
+                a.bind(next);
+            }
+            a.goto(default);
+        }
     }
     a.bind(default);
-    verdict_code(a, &table.default);
+    verdict_jump(a, tails, &table.default, None);
+    maps
+}
+
+/// `[lo, hi]` as aligned prefix blocks: (first port, prefix bits).
+fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    while lo <= hi {
+        // The largest block starting at lo that is aligned and fits.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+/// Cilium's lookup order (bpf/lib/policy.h), for the benchmark: (identity, port, protocol),
+/// (identity, any port, protocol), (identity, any), (any); the first hit decides, a miss is the
+/// default. Port segments become exact keys (a full range becomes the any-port key), which is
+/// only practical for tables of single ports: the benchmark's.
+fn baseline_decision(a: &mut Asm, table: &DecisionTable, tails: &Tails) -> Vec<MapImage> {
+    let default = a.label();
+    let mut records = Vec::new();
+    for ((class, proto), segs) in segments(table) {
+        for (m, c) in membership(table) {
+            if c != class {
+                continue;
+            }
+            for s in &segs {
+                let ports: Vec<u16> = if s.lo == 0 && s.hi == proto.max_port() {
+                    vec![0]
+                } else {
+                    (s.lo..=s.hi).take(1024).collect()
+                };
+                let verdict: u32 = match table.rows[s.row].verdict {
+                    TableVerdict::Allow => 0,
+                    TableVerdict::Deny => 1,
+                    TableVerdict::Proxy(_) => 2,
+                };
+                for p in ports {
+                    let mut k = m.to_le_bytes().to_vec();
+                    k.extend(u32::from(p).to_le_bytes());
+                    k.extend((ip_proto(proto) as u32).to_le_bytes());
+                    let mut v = verdict.to_le_bytes().to_vec();
+                    v.extend((s.row as u32).to_le_bytes());
+                    records.push((k, v));
+                }
+            }
+        }
+    }
+    records.sort();
+    records.dedup_by(|x, y| x.0 == y.0);
+    let name = content_name("pol", &records);
+    // Key: u32 identity, u32 port, u32 protocol.
+    a.store(Size::W, R10, SCRATCH, Src::Reg(R1))
+        .store(Size::W, R10, SCRATCH + 4, Src::Reg(R2))
+        .store(Size::W, R10, SCRATCH + 8, Src::Reg(PROTO));
+    let hit = a.label();
+    for step in 0..4 {
+        match step {
+            1 => {
+                a.store(Size::W, R10, SCRATCH + 4, Src::Imm(0));
+            }
+            2 => {
+                a.store(Size::W, R10, SCRATCH + 8, Src::Imm(0));
+            }
+            3 => {
+                a.store(Size::W, R10, SCRATCH, Src::Imm(0));
+            }
+            _ => {}
+        }
+        a.ld_map(R1, &name);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Ne, R0, Src::Imm(0), hit);
+    }
+    a.goto(default);
+    a.bind(hit);
+    a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
+    tails.dispatch(a);
+    a.bind(default);
+    verdict_jump(a, tails, &table.default, None);
+    vec![MapImage {
+        def: MapDef {
+            name,
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: 12,
+            value_size: 8,
+            max_entries: records.len().max(1) as u32,
+            flags: 0,
+        },
+        records,
+        key_layout: "u32 identity, u32 port, u32 protocol",
+        value_layout: "u32 verdict, u32 row",
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_prefixes_cover_ranges_exactly() {
+        for (lo, hi) in [
+            (0u16, 65535u16),
+            (80, 80),
+            (1, 65535),
+            (1000, 2000),
+            (0, 0),
+            (65535, 65535),
+            (7, 9),
+        ] {
+            let blocks = port_prefixes(lo, hi);
+            let mut covered = Vec::new();
+            for (start, bits) in &blocks {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(u32::from(*start) % size, 0, "{start}/{bits} is aligned");
+                covered.extend(u32::from(*start)..u32::from(*start) + size);
+            }
+            let want: Vec<u32> = (u32::from(lo)..=u32::from(hi)).collect();
+            assert_eq!(covered, want, "{lo}-{hi}");
+            assert!(blocks.len() <= 32);
+        }
+    }
+
+    #[test]
+    fn segments_follow_first_match() {
+        use cnpc_ir::*;
+        let row = |lo, hi, verdict| TableRow {
+            class: 0,
+            protocol: Protocol::Tcp,
+            ports: PortRange { lo, hi },
+            verdict,
+        };
+        let table = DecisionTable {
+            subject: NumericIdentity(300),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(400)],
+            }],
+            rows: vec![
+                row(80, 90, TableVerdict::Allow),
+                row(0, 65535, TableVerdict::Deny),
+            ],
+        };
+        let s = &segments(&table)[&(0, Protocol::Tcp)];
+        let got: Vec<(u16, u16, usize)> = s.iter().map(|s| (s.lo, s.hi, s.row)).collect();
+        assert_eq!(got, [(0, 79, 1), (80, 90, 0), (91, 65535, 1)]);
+        for port in [0, 79, 80, 90, 91, 65535] {
+            let seg = s.iter().find(|s| s.lo <= port && port <= s.hi).unwrap();
+            assert_eq!(
+                &table.rows[seg.row].verdict,
+                table.lookup(NumericIdentity(400), Protocol::Tcp, port)
+            );
+        }
+    }
 }

@@ -148,14 +148,20 @@ fn bpf_listing_of_every_example_set() {
     for dir in EXAMPLE_SETS {
         let program = example_program(dir);
         let mut listing = String::new();
-        for t in cnpc_compiler::tables::all_tables(&program) {
-            let bpf = cnpc_codegen_bpf::gen::generate(&t);
+        let tables = cnpc_compiler::tables::all_tables(&program);
+        for t in &tables {
+            let track = cnpc_codegen_bpf::gen::needs_tracking(
+                tables.iter().filter(|o| o.subject == t.subject),
+            );
+            let g = cnpc_codegen_bpf::gen::generate(t, track);
+            let bpf = g.program;
             cnpc_codegen_bpf::check::check(&bpf).unwrap();
             listing.push_str(&format!(
-                "; identity {} {}: {} instructions\n",
+                "; identity {} {}: {} instructions, {}\n",
                 t.subject.0,
                 t.direction.as_str(),
-                bpf.slot_count()
+                bpf.slot_count(),
+                g.strategy.as_str()
             ));
             listing.push_str(&cnpc_codegen_bpf::disasm::listing(&bpf));
         }

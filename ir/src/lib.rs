@@ -141,6 +141,14 @@ impl Direction {
             Direction::Egress => "egress",
         }
     }
+
+    /// The other direction: where the replies of a connection opened in this one travel.
+    pub fn reverse(self) -> Direction {
+        match self {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        }
+    }
 }
 
 /// L4 protocol of a flow or a rule term.

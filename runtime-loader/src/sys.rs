@@ -6,7 +6,10 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const BPF_MAP_CREATE: i64 = 0;
+const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_MAP_DELETE_ELEM: i64 = 3;
+const BPF_MAP_GET_NEXT_KEY: i64 = 4;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_TEST_RUN: i64 = 10;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -110,6 +113,79 @@ pub fn lpm_map(key_size: u32, value_size: u32, max_entries: u32) -> std::io::Res
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
+/// Creates a map of any type (`gen::BPF_MAP_TYPE_*`).
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+) -> std::io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// The value under `key`, if any.
+pub fn map_lookup(
+    map: &OwnedFd,
+    key: &[u8],
+    value_size: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut value = vec![0u8; value_size];
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `key`; whether it was there.
+pub fn map_delete(map: &OwnedFd, key: &[u8]) -> std::io::Result<bool> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every key of a hash map.
+pub fn map_keys(map: &OwnedFd, key_size: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut next = vec![0u8; key_size];
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            // A null key asks for the first.
+            key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+            value: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => keys.push(next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
@@ -160,6 +236,16 @@ pub fn load_logged(
 
 /// Runs `packet` through the program; returns its return value and the `skb->mark` it left.
 pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<(u32, u32)> {
+    test_run_repeat(prog, packet, 1).map(|(code, mark, _)| (code, mark))
+}
+
+/// Runs `packet` through the program `repeat` times in the kernel; returns the last return
+/// value, the `skb->mark` and the kernel's mean time per run in nanoseconds.
+pub fn test_run_repeat(
+    prog: &OwnedFd,
+    packet: &[u8],
+    repeat: u32,
+) -> std::io::Result<(u32, u32, u32)> {
     let mut out = vec![0u8; packet.len() + 256];
     // struct __sk_buff is 192 bytes; test runs accept it zeroed but for a few fields.
     let ctx_in = [0u8; 192];
@@ -170,7 +256,7 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<(u32, u32)> {
         data_size_out: out.len() as u32,
         data_in: packet.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ctx_size_in: ctx_in.len() as u32,
         ctx_size_out: ctx_out.len() as u32,
         ctx_in: ctx_in.as_ptr() as u64,
@@ -179,7 +265,7 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8]) -> std::io::Result<(u32, u32)> {
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     let mark = u32::from_le_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
-    Ok((attr.retval, mark))
+    Ok((attr.retval, mark, attr.duration))
 }
 
 /// Whether kernel tests must run (CI sets CNPC_REQUIRE_KERNEL=1): then a missing capability
@@ -189,4 +275,111 @@ pub fn skip_or_fail(reason: &str) {
         panic!("CNPC_REQUIRE_KERNEL=1 but {reason}");
     }
     eprintln!("skipped: {reason}");
+}
+
+/// The consumer side of a BPF ring buffer (kernel/bpf/ringbuf.c): a read-write page holding the
+/// consumer position, then read-only the producer position page and the data pages, mapped
+/// twice in a row so a record that wraps reads as one.
+pub struct RingBuf {
+    consumer: *mut u8,
+    producer: *const u8,
+    size: usize,
+    page: usize,
+}
+
+impl RingBuf {
+    pub fn new(map: &OwnedFd, size: usize) -> std::io::Result<RingBuf> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: mapping a ring buffer map's fd as the kernel documents it; the results are
+        // checked against MAP_FAILED and unmapped in Drop.
+        let consumer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if consumer == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let producer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page + 2 * size,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                page as i64,
+            )
+        };
+        if producer == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping what was mapped above.
+            unsafe { libc::munmap(consumer, page) };
+            return Err(e);
+        }
+        Ok(RingBuf {
+            consumer: consumer as *mut u8,
+            producer: producer as *const u8,
+            size,
+            page,
+        })
+    }
+
+    /// Every record produced since the last call.
+    pub fn drain(&mut self) -> Vec<Vec<u8>> {
+        const BUSY: u32 = 1 << 31;
+        const DISCARD: u32 = 1 << 30;
+        let mut out = Vec::new();
+        // SAFETY: the positions are u64s at the start of their pages, written by the kernel
+        // (producer) and by us (consumer); atomics give the ordering the kernel expects.
+        let (cons_pos, prod_pos) = unsafe {
+            (
+                &*(self.consumer as *const std::sync::atomic::AtomicU64),
+                &*(self.producer as *const std::sync::atomic::AtomicU64),
+            )
+        };
+        use std::sync::atomic::Ordering;
+        let mut cons = cons_pos.load(Ordering::Acquire);
+        let prod = prod_pos.load(Ordering::Acquire);
+        while cons < prod {
+            let at = self.page + (cons as usize & (self.size - 1));
+            // SAFETY: `at` is inside the data area, which is mapped twice so a header and its
+            // record never run past the mapping.
+            let header =
+                unsafe { &*(self.producer.add(at) as *const std::sync::atomic::AtomicU32) }
+                    .load(Ordering::Acquire);
+            if header & BUSY != 0 {
+                break;
+            }
+            let len = (header & !(BUSY | DISCARD)) as usize;
+            if header & DISCARD == 0 {
+                // SAFETY: as above; the record is `len` bytes after its 8-byte header.
+                out.push(
+                    unsafe { std::slice::from_raw_parts(self.producer.add(at + 8), len) }.to_vec(),
+                );
+            }
+            cons += ((len + 8 + 7) & !7) as u64;
+            cons_pos.store(cons, Ordering::Release);
+        }
+        out
+    }
+}
+
+impl Drop for RingBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe {
+            libc::munmap(self.consumer as *mut libc::c_void, self.page);
+            libc::munmap(
+                self.producer as *mut libc::c_void,
+                self.page + 2 * self.size,
+            );
+        }
+    }
 }

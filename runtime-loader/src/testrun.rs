@@ -1,10 +1,11 @@
 //! Running packets through generated programs in the kernel without attaching them: programs
-//! loaded beside an ipcache map, packets crafted from a flow, BPF_PROG_TEST_RUN. Used by
+//! loaded beside the shared maps, packets crafted from a flow, BPF_PROG_TEST_RUN. Used by
 //! `cnpc trace --engine bpf` and by the differential tests.
 
 use crate::sys;
 use cnpc_codegen_bpf::{artifacts, check, gen};
 use cnpc_ir::{DecisionTable, IpNet, NumericIdentity, Protocol};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -16,10 +17,14 @@ pub enum RunError {
     Checker(String),
 }
 
-/// An ipcache map in the kernel, and programs loaded against it.
+/// The shared maps in the kernel (ipcache, ct, events), the maps of loaded programs, and
+/// programs loaded against them.
 pub struct Kernel {
-    ipcache: OwnedFd,
+    maps: BTreeMap<String, OwnedFd>,
 }
+
+/// A map record: key, value.
+pub type Record = (Vec<u8>, Vec<u8>);
 
 /// What a program did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +33,9 @@ pub struct Outcome {
     pub code: u32,
     /// `skb->mark` afterwards (gen::PROXY_MARK for the L7 proxy).
     pub mark: u32,
+    /// The conntrack entry the packet created, if it opened a connection: who opened it
+    /// (gen::CT_OPENED_BY_EGRESS or gen::CT_OPENED_BY_INGRESS).
+    pub opened: Option<u32>,
 }
 
 impl Outcome {
@@ -40,33 +48,70 @@ impl Outcome {
     }
 }
 
+fn kernel_err(what: &str) -> impl Fn(std::io::Error) -> RunError + '_ {
+    move |e| RunError::Kernel(format!("{what}: {e}"))
+}
+
 impl Kernel {
     pub fn new(entries: &[(IpNet, NumericIdentity)]) -> Result<Kernel, RunError> {
-        let max = (entries.len() as u32 * 2).max(1024);
-        let ipcache = sys::lpm_map(gen::IPCACHE_KEY_SIZE, gen::IPCACHE_VALUE_SIZE, max)
-            .map_err(|e| RunError::Kernel(format!("cannot create the ipcache map: {e}")))?;
-        for (net, id) in entries {
-            sys::map_update(&ipcache, &artifacts::ipcache_key(*net), &id.0.to_le_bytes())
-                .map_err(|e| RunError::Kernel(format!("cannot fill the ipcache map: {e}")))?;
+        let mut maps = BTreeMap::new();
+        for def in gen::shared_maps(entries.len()) {
+            let fd = sys::create_map(
+                def.map_type,
+                def.key_size,
+                def.value_size,
+                def.max_entries,
+                def.flags,
+            )
+            .map_err(kernel_err(&format!("cannot create the {} map", def.name)))?;
+            maps.insert(def.name, fd);
         }
-        Ok(Kernel { ipcache })
+        let k = Kernel { maps };
+        for (net, id) in entries {
+            k.insert(*net, *id)?;
+        }
+        Ok(k)
     }
 
-    /// Adds one entry (an address learned from DNS, say).
+    fn map(&self, name: &str) -> &OwnedFd {
+        // Kernel::new creates every shared map, and nothing removes one.
+        &self.maps[name]
+    }
+
+    /// Adds one ipcache entry (an address learned from DNS, say).
     pub fn insert(&self, net: IpNet, id: NumericIdentity) -> Result<(), RunError> {
         sys::map_update(
-            &self.ipcache,
+            self.map(gen::IPCACHE_MAP),
             &artifacts::ipcache_key(net),
             &id.0.to_le_bytes(),
         )
-        .map_err(|e| RunError::Kernel(e.to_string()))
+        .map_err(kernel_err("cannot fill the ipcache map"))
     }
 
-    /// Generates, checks and loads the program of `table`.
-    pub fn load(&self, table: &DecisionTable) -> Result<OwnedFd, RunError> {
-        let fd = self.ipcache.as_raw_fd();
-        let program = gen::generate(table)
-            .with_map_fds(|name| (name == gen::IPCACHE_MAP).then_some(fd))
+    /// Generates, checks and loads the program of `table`, tracking connections as
+    /// [`gen::needs_tracking`] says for the endpoint's tables.
+    pub fn load(&mut self, table: &DecisionTable, track: bool) -> Result<OwnedFd, RunError> {
+        self.load_generated(&gen::generate(table, track))
+    }
+
+    /// Creates and fills the maps of a generated program, checks it and loads it.
+    pub fn load_generated(&mut self, g: &gen::Generated) -> Result<OwnedFd, RunError> {
+        for m in &g.maps {
+            if self.maps.contains_key(&m.def.name) {
+                continue; // named by content: the same map
+            }
+            let d = &m.def;
+            let fd = sys::create_map(d.map_type, d.key_size, d.value_size, d.max_entries, d.flags)
+                .map_err(kernel_err(&format!("cannot create map {}", d.name)))?;
+            for (k, v) in &m.records {
+                sys::map_update(&fd, k, v)
+                    .map_err(kernel_err(&format!("cannot fill map {}", d.name)))?;
+            }
+            self.maps.insert(d.name.clone(), fd);
+        }
+        let program = g
+            .program
+            .with_map_fds(|name| self.maps.get(name).map(|fd| fd.as_raw_fd()))
             .ok_or_else(|| RunError::Checker("a map reference cannot be resolved".into()))?;
         check::check(&program).map_err(|e| {
             RunError::Checker(
@@ -79,16 +124,89 @@ impl Kernel {
         sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &program.bytes()).map_err(RunError::Kernel)
     }
 
+    /// Runs one packet as the first of its flow: connections it opens are forgotten afterwards,
+    /// so packets of different test flows never see each other's state.
     pub fn run(&self, prog: &OwnedFd, packet: &[u8]) -> Result<Outcome, RunError> {
-        let (code, mark) = sys::test_run(prog, packet)
-            .map_err(|e| RunError::Kernel(format!("BPF_PROG_TEST_RUN: {e}")))?;
-        Ok(Outcome { code, mark })
+        let mut out = self.run_keep(prog, packet)?;
+        let opened = self.connections()?;
+        out.opened = opened
+            .first()
+            .map(|(_, v)| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+        self.forget_connections()?;
+        Ok(out)
+    }
+
+    /// Runs the first packet of a flow through `prog`, and, when it opens a connection, its
+    /// reply (addresses and ports swapped) through `reverse`, the endpoint's program for the
+    /// other direction; then forgets the connection. Replies of an opened connection must pass
+    /// whatever `reverse`'s table says.
+    pub fn run_with_reply(
+        &self,
+        prog: &OwnedFd,
+        reverse: &OwnedFd,
+        packet: &[u8],
+        reply: &[u8],
+    ) -> Result<(Outcome, Option<Outcome>), RunError> {
+        let mut out = self.run_keep(prog, packet)?;
+        let opened = self.connections()?;
+        out.opened = opened
+            .first()
+            .map(|(_, v)| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+        let back = match out.opened {
+            Some(_) => Some(self.run_keep(reverse, reply)?),
+            None => None,
+        };
+        self.forget_connections()?;
+        Ok((out, back))
+    }
+
+    /// Runs one packet, keeping the conntrack state it leaves.
+    pub fn run_keep(&self, prog: &OwnedFd, packet: &[u8]) -> Result<Outcome, RunError> {
+        let (code, mark) = sys::test_run(prog, packet).map_err(kernel_err("BPF_PROG_TEST_RUN"))?;
+        Ok(Outcome {
+            code,
+            mark,
+            opened: None,
+        })
+    }
+
+    /// The conntrack entries: (key, value).
+    pub fn connections(&self) -> Result<Vec<Record>, RunError> {
+        let ct = self.map(gen::CT_MAP);
+        let mut out = Vec::new();
+        for k in sys::map_keys(ct, gen::CT_KEY_SIZE as usize).map_err(kernel_err("reading ct"))? {
+            if let Some(v) = sys::map_lookup(ct, &k, gen::CT_VALUE_SIZE as usize)
+                .map_err(kernel_err("reading ct"))?
+            {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn forget_connections(&self) -> Result<(), RunError> {
+        let ct = self.map(gen::CT_MAP);
+        for k in sys::map_keys(ct, gen::CT_KEY_SIZE as usize).map_err(kernel_err("reading ct"))? {
+            sys::map_delete(ct, &k).map_err(kernel_err("clearing ct"))?;
+        }
+        Ok(())
+    }
+
+    /// The consumer side of the events ring buffer.
+    pub fn events(&self) -> Result<sys::RingBuf, RunError> {
+        sys::RingBuf::new(self.map(gen::EVENTS_MAP), gen::EVENTS_BYTES as usize)
+            .map_err(kernel_err("cannot map the events ring buffer"))
     }
 }
 
 /// An Ethernet frame carrying one packet of the flow: IPv4 or IPv6 after the addresses, the
 /// destination port (or ICMP type) set, everything else zero. The addresses must be of one family.
 pub fn craft(src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> Vec<u8> {
+    craft_ports(src, dst, proto, 40000, port)
+}
+
+/// As [`craft`], with the source port given (ignored for ICMP).
+pub fn craft_ports(src: IpAddr, dst: IpAddr, proto: Protocol, sport: u16, port: u16) -> Vec<u8> {
     let (num, l4len) = match proto {
         Protocol::Tcp => (6u8, 20usize),
         Protocol::Udp => (17, 8),
@@ -131,7 +249,7 @@ pub fn craft(src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> Vec<u8> {
     match proto {
         Protocol::Icmp | Protocol::Icmpv6 => p[l4] = port as u8,
         _ => {
-            p[l4..l4 + 2].copy_from_slice(&40000u16.to_be_bytes());
+            p[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
             p[l4 + 2..l4 + 4].copy_from_slice(&port.to_be_bytes());
         }
     }

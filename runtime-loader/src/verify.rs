@@ -1,6 +1,6 @@
 //! `cnpc verify DIR`: every program of a compiled directory through cnpc's static checker and
-//! the kernel verifier (BPF_PROG_LOAD), with the ipcache map rebuilt from its image so map
-//! references resolve as they will when loaded for real.
+//! the kernel verifier (BPF_PROG_LOAD), with the maps of the manifest created (and filled from
+//! their images) so map references resolve as they will when loaded for real.
 
 use crate::sys;
 use cnpc_codegen_bpf::{check, disasm, Program};
@@ -23,6 +23,8 @@ pub struct Verified {
     pub identity: u32,
     pub section: String,
     pub instructions: usize,
+    /// How the program decides (`gen::Strategy`), as the manifest records it.
+    pub strategy: String,
     /// The verifier's "processed N insns", when it reports it.
     pub processed: Option<u64>,
     pub load_time: Duration,
@@ -49,13 +51,22 @@ pub fn verify_dir(dir: &Path) -> Result<Vec<Verified>, VerifyError> {
         let name = m["name"].as_str().unwrap_or("").to_string();
         let num = |k: &str| m[k].as_u64().unwrap_or(0) as u32;
         let (key_size, value_size) = (num("key_size"), num("value_size"));
-        let fd = sys::lpm_map(key_size, value_size, num("max_entries")).map_err(|source| {
-            VerifyError::Map {
-                map: name.clone(),
-                source,
-            }
+        let fd = sys::create_map(
+            num("map_type"),
+            key_size,
+            value_size,
+            num("max_entries"),
+            num("flags"),
+        )
+        .map_err(|source| VerifyError::Map {
+            map: name.clone(),
+            source,
         })?;
-        let image_path = dir.join(m["image"].as_str().unwrap_or(""));
+        let Some(image) = m["image"].as_str() else {
+            maps.push((name, fd));
+            continue;
+        };
+        let image_path = dir.join(image);
         let image = std::fs::read(&image_path).map_err(|e| artifact(&image_path, e.to_string()))?;
         let record = (key_size + value_size) as usize;
         if record == 0 || image.len() % record != 0 {
@@ -121,10 +132,19 @@ pub fn verify_dir(dir: &Path) -> Result<Vec<Verified>, VerifyError> {
                 map_relocs: Vec::new(),
             };
             let instructions = program.slot_count();
+            let strategy = p["programs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["section"] == section.as_str())
+                .and_then(|e| e["strategy"].as_str())
+                .unwrap_or("?")
+                .to_string();
             let mut v = Verified {
                 identity,
                 section: section.clone(),
                 instructions,
+                strategy,
                 processed: None,
                 load_time: Duration::ZERO,
                 rejected: None,

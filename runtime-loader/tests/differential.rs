@@ -1,6 +1,7 @@
 //! Verification ladder, rung (c) (DESIGN.md §6): packets run through the generated programs in
 //! the kernel (BPF_PROG_TEST_RUN) get exactly the reference evaluator's verdict, for every
-//! example policy set, every pair of parties, every protocol and every port boundary.
+//! example policy set, every pair of parties (IPv4 and IPv6), every protocol and every port
+//! boundary; and the reply of every connection a packet opens passes.
 
 use cnpc_codegen_bpf::gen::{self, PROXY_MARK, TC_ACT_OK, TC_ACT_SHOT};
 use cnpc_compiler::eval::{evaluate, parse_peer, Decision, DirVerdict, Flow, Party};
@@ -8,7 +9,7 @@ use cnpc_compiler::tables::{peer_universe, TableCompiler};
 use cnpc_compiler::{check as check_policies, lower, Cluster, PolicySet};
 use cnpc_ir::{Direction, NumericIdentity, Protocol};
 use cnpc_runtime_loader::sys;
-use cnpc_runtime_loader::testrun::{craft, Kernel};
+use cnpc_runtime_loader::testrun::{craft, craft_ports, Kernel};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
@@ -101,7 +102,7 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
             entries.push((cnpc_ir::IpNet::from(ip.parse::<IpAddr>().unwrap()), id));
         }
     }
-    let kernel = match Kernel::new(&entries) {
+    let mut kernel = match Kernel::new(&entries) {
         Ok(k) => k,
         Err(e) => {
             sys::skip_or_fail(&e.to_string());
@@ -110,9 +111,11 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
     };
     let mut programs = BTreeMap::new();
     let mut insns = 0;
-    for t in &compiler.all(&program) {
-        insns += gen::generate(t).slot_count();
-        match kernel.load(t) {
+    let tables = compiler.all(&program);
+    for t in &tables {
+        let track = gen::needs_tracking(tables.iter().filter(|o| o.subject == t.subject));
+        insns += gen::generate(t, track).program.slot_count();
+        match kernel.load(t, track) {
             Ok(fd) => {
                 programs.insert((t.subject, t.direction), fd);
             }
@@ -123,7 +126,7 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
             Err(e) => panic!(
                 "the program of {:?} was rejected: {e}\n{}",
                 (t.subject, t.direction),
-                cnpc_codegen_bpf::disasm::listing(&gen::generate(t))
+                cnpc_codegen_bpf::disasm::listing(&gen::generate(t, track).program)
             ),
         }
     }
@@ -144,13 +147,19 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
         let Some((program, cluster, loaded, insns)) = load_set(dir) else {
             return;
         };
-        let mut parties: Vec<Party> = program
-            .endpoints
-            .values()
-            .filter(|e| e.is_pod)
-            .map(|e| parse_peer(&program, &cluster, &format!("pod:{}", e.name)).unwrap())
-            .collect();
-        for ip in ["1.1.1.1", "192.168.56.10"] {
+        let mut parties: Vec<Party> = Vec::new();
+        for e in program.endpoints.values().filter(|e| e.is_pod) {
+            let party = parse_peer(&program, &cluster, &format!("pod:{}", e.name)).unwrap();
+            // Dual stack: the pod at each of its addresses.
+            for ip in &e.ips {
+                parties.push(Party {
+                    ip: Some(*ip),
+                    name: format!("{} [{ip}]", party.name),
+                    ..party.clone()
+                });
+            }
+        }
+        for ip in ["1.1.1.1", "192.168.56.10", "2001:db8::1", "fd00:99::1"] {
             parties.push(parse_peer(&program, &cluster, &format!("ip:{ip}")).unwrap());
         }
         for (name, ip) in LEARNED {
@@ -159,14 +168,21 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
         let ports: Vec<(Protocol, u16)> = [0u16, 1, 52, 53, 54, 79, 80, 81, 442, 443, 444, 65535]
             .iter()
             .flat_map(|p| [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|pr| (pr, *p)))
-            .chain([(Protocol::Icmp, 0), (Protocol::Icmp, 8)])
+            .chain([
+                (Protocol::Icmp, 0),
+                (Protocol::Icmp, 8),
+                (Protocol::Icmpv6, 128),
+            ])
             .collect();
         let mut mismatches = Vec::new();
         for src in &parties {
             for dst in &parties {
-                let (Some(IpAddr::V4(s)), Some(IpAddr::V4(d))) = (src.ip, dst.ip) else {
+                let (Some(s), Some(d)) = (src.ip, dst.ip) else {
                     continue;
                 };
+                if s.is_ipv4() != d.is_ipv4() {
+                    continue;
+                }
                 for &(proto, port) in &ports {
                     let flow = Flow {
                         src: src.clone(),
@@ -177,7 +193,8 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
                         dns_query: None,
                     };
                     let v = evaluate(&program, &flow);
-                    let packet = craft(IpAddr::V4(s), IpAddr::V4(d), proto, port);
+                    let packet = craft(s, d, proto, port);
+                    let reply = craft_ports(d, s, proto, port, 40000);
                     for (party, dir_, decision) in [
                         (src, Direction::Egress, &v.egress),
                         (dst, Direction::Ingress, &v.ingress),
@@ -190,12 +207,27 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
                         else {
                             continue;
                         };
-                        let fd = &loaded.programs[&(id, dir_)];
-                        let o = loaded.kernel.run(fd, &packet).expect("BPF_PROG_TEST_RUN");
+                        let (o, back) = loaded
+                            .kernel
+                            .run_with_reply(
+                                &loaded.programs[&(id, dir_)],
+                                &loaded.programs[&(id, dir_.reverse())],
+                                &packet,
+                                &reply,
+                            )
+                            .expect("BPF_PROG_TEST_RUN");
                         let got = (o.code, o.mark);
-                        total += 1;
+                        total += 1 + usize::from(back.is_some());
                         if got != expected(decision) {
                             mismatches.push(format!("{dir}: {} -> {} {port}/{} {:?}: kernel {got:?}, evaluator {:?} {:?}", src.name, dst.name, proto.as_str(), dir_, decision.verdict, decision.rules));
+                        }
+                        if back.is_some_and(|b| !b.allowed()) {
+                            mismatches.push(format!(
+                                "{dir}: the reply of {} -> {} {port}/{} was dropped",
+                                src.name,
+                                dst.name,
+                                proto.as_str()
+                            ));
                         }
                     }
                 }

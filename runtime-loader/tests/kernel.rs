@@ -108,9 +108,10 @@ mod parsing {
     //! The behaviours `cnpc_codegen_bpf::gen` documents, on a one-row table: peer identity 300
     //! may reach TCP port 80; everything else is denied.
     use super::sys;
-    use cnpc_codegen_bpf::gen::{self, TC_ACT_OK, TC_ACT_SHOT};
+    use cnpc_codegen_bpf::gen::{self, event, TC_ACT_OK, TC_ACT_SHOT};
     use cnpc_ir::*;
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use cnpc_runtime_loader::testrun::{craft_ports, Kernel};
+    use std::os::fd::OwnedFd;
 
     const PEER: u32 = 300;
 
@@ -131,31 +132,22 @@ mod parsing {
         }
     }
 
-    fn load() -> Option<(OwnedFd, OwnedFd)> {
-        let ipcache = match sys::lpm_map(gen::IPCACHE_KEY_SIZE, gen::IPCACHE_VALUE_SIZE, 16) {
-            Ok(m) => m,
+    fn load() -> Option<(Kernel, OwnedFd)> {
+        let peer = NumericIdentity(PEER);
+        let entries = [
+            ("10.0.0.1/32".parse().unwrap(), peer),
+            ("fd00::1/128".parse().unwrap(), peer),
+        ];
+        let mut kernel = match Kernel::new(&entries) {
+            Ok(k) => k,
             Err(e) => {
-                sys::skip_or_fail(&format!("cannot create an LPM map: {e}"));
+                sys::skip_or_fail(&format!("cannot create the maps: {e}"));
                 return None;
             }
         };
-        let mut k4 = vec![0u8; 24];
-        k4[0..4].copy_from_slice(&64u32.to_le_bytes());
-        k4[4..8].copy_from_slice(&4u32.to_le_bytes());
-        k4[8..12].copy_from_slice(&[10, 0, 0, 1]);
-        sys::map_update(&ipcache, &k4, &PEER.to_le_bytes()).unwrap();
-        let mut k6 = vec![0u8; 24];
-        k6[0..4].copy_from_slice(&160u32.to_le_bytes());
-        k6[4..8].copy_from_slice(&6u32.to_le_bytes());
-        k6[8..24].copy_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
-        sys::map_update(&ipcache, &k6, &PEER.to_le_bytes()).unwrap();
-        let prog = gen::generate(&table())
-            .with_map_fds(|_| Some(ipcache.as_raw_fd()))
-            .unwrap();
-        cnpc_codegen_bpf::check::check(&prog).unwrap();
-        match sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &prog.bytes()) {
-            Ok(fd) => Some((ipcache, fd)),
-            Err(e) if e.contains("Operation not permitted") => {
+        match kernel.load(&table(), true) {
+            Ok(fd) => Some((kernel, fd)),
+            Err(e) if e.to_string().contains("Operation not permitted") => {
                 sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"));
                 None
             }
@@ -201,8 +193,8 @@ mod parsing {
 
     #[test]
     fn parser_behaviours() {
-        let Some((_ipcache, fd)) = load() else { return };
-        let run = |p: &[u8]| sys::test_run(&fd, p).unwrap().0 as i32;
+        let Some((kernel, fd)) = load() else { return };
+        let run = |p: &[u8]| kernel.run(&fd, p).unwrap().code as i32;
         assert_eq!(run(&v4(0, 5, 80)), TC_ACT_OK);
         assert_eq!(run(&v4(0, 5, 81)), TC_ACT_SHOT);
         assert_eq!(
@@ -259,5 +251,141 @@ mod parsing {
             TC_ACT_SHOT,
             "other IP protocols get the default"
         );
+    }
+
+    /// The egress program of the same endpoint (400 at 10.0.0.2): it denies everything, so
+    /// only replies pass it.
+    fn egress(kernel: &mut Kernel) -> OwnedFd {
+        let t = DecisionTable {
+            direction: Direction::Egress,
+            rows: Vec::new(),
+            classes: Vec::new(),
+            ..table()
+        };
+        kernel.load(&t, true).unwrap()
+    }
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn replies_of_allowed_connections_pass_and_nothing_else() {
+        // Cilium: replies of an established connection skip policy (bpf/lib/conntrack.h).
+        let Some((mut kernel, ingress)) = load() else {
+            return;
+        };
+        kernel
+            .insert("10.0.0.2/32".parse().unwrap(), NumericIdentity(400))
+            .unwrap();
+        let egress = egress(&mut kernel);
+        let (peer, me) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let reply = craft_ports(me, peer, Protocol::Tcp, 80, 5555);
+        assert_eq!(
+            kernel.run_keep(&egress, &reply).unwrap().code as i32,
+            TC_ACT_SHOT,
+            "no connection yet: the table decides"
+        );
+        let first = craft_ports(peer, me, Protocol::Tcp, 5555, 80);
+        assert_eq!(
+            kernel.run_keep(&ingress, &first).unwrap().code as i32,
+            TC_ACT_OK
+        );
+        let ct = kernel.connections().unwrap();
+        assert_eq!(ct.len(), 1, "one entry for the connection");
+        let (key, value) = &ct[0];
+        assert_eq!(&key[0..4], &[10, 0, 0, 2], "local address first");
+        assert_eq!(&key[16..20], &[10, 0, 0, 1]);
+        assert_eq!(
+            &key[32..36],
+            &[0, 80, 0x15, 0xb3],
+            "local port 80, peer port 5555"
+        );
+        assert_eq!((key[36], key[37]), (6, 4));
+        assert_eq!(value[0], gen::CT_OPENED_BY_INGRESS as u8);
+        assert_eq!(
+            kernel.run_keep(&egress, &reply).unwrap().code as i32,
+            TC_ACT_OK,
+            "the reply passes"
+        );
+        assert_eq!(
+            kernel.run_keep(&ingress, &first).unwrap().code as i32,
+            TC_ACT_OK,
+            "the next packet passes"
+        );
+        assert_eq!(
+            kernel.connections().unwrap().len(),
+            1,
+            "and opens nothing new"
+        );
+        // Another port of the same peer is another connection, and the table denies its replies.
+        let other = craft_ports(me, peer, Protocol::Tcp, 81, 5555);
+        assert_eq!(
+            kernel.run_keep(&egress, &other).unwrap().code as i32,
+            TC_ACT_SHOT
+        );
+        // A packet the ingress table denies does not pass as a "reply" of the egress side.
+        let denied = craft_ports(peer, me, Protocol::Tcp, 5555, 81);
+        assert_eq!(
+            kernel.run_keep(&ingress, &denied).unwrap().code as i32,
+            TC_ACT_SHOT
+        );
+        // ICMP is not tracked.
+        let ping = craft_ports(peer, me, Protocol::Icmp, 0, 8);
+        kernel.run_keep(&ingress, &ping).unwrap();
+        assert_eq!(kernel.connections().unwrap().len(), 1);
+        kernel.forget_connections().unwrap();
+        assert_eq!(
+            kernel.run_keep(&egress, &reply).unwrap().code as i32,
+            TC_ACT_SHOT,
+            "forgotten"
+        );
+    }
+
+    #[test]
+    fn events_report_drops_and_new_connections() {
+        let Some((kernel, ingress)) = load() else {
+            return;
+        };
+        kernel
+            .insert("fd00::2/128".parse().unwrap(), NumericIdentity(400))
+            .unwrap();
+        let mut events = kernel.events().unwrap();
+        events.drain();
+        let (peer, me) = (ip("fd00::1"), ip("fd00::2"));
+        let open = craft_ports(peer, me, Protocol::Tcp, 5555, 80);
+        kernel.run_keep(&ingress, &open).unwrap();
+        kernel.run_keep(&ingress, &open).unwrap();
+        kernel
+            .run_keep(&ingress, &craft_ports(peer, me, Protocol::Udp, 5555, 53))
+            .unwrap();
+        let got = events.drain();
+        assert_eq!(
+            got.len(),
+            2,
+            "one for the new connection, one for the drop; none for the established packet"
+        );
+        let field =
+            |e: &[u8], at: usize| u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]);
+        let e = &got[0];
+        assert_eq!(e.len(), gen::EVENT_SIZE);
+        assert_eq!(field(e, event::SUBJECT), 400);
+        assert_eq!(field(e, event::PEER), PEER);
+        assert_eq!(field(e, event::ROW), 0, "row 0 allowed it");
+        assert_eq!(u16::from_le_bytes([e[event::PORT], e[event::PORT + 1]]), 80);
+        assert_eq!(
+            (
+                e[event::PROTOCOL],
+                e[event::VERDICT],
+                e[event::DIRECTION],
+                e[event::FAMILY]
+            ),
+            (6, 0, 0, 6)
+        );
+        let d = &got[1];
+        assert_eq!(field(d, event::ROW), u32::MAX, "the default denied it");
+        assert_eq!(u16::from_le_bytes([d[event::PORT], d[event::PORT + 1]]), 53);
+        assert_eq!((d[event::PROTOCOL], d[event::VERDICT]), (17, 1));
+        kernel.forget_connections().unwrap();
     }
 }

@@ -11,9 +11,24 @@ use std::path::Path;
 
 const APPS: [&str; 3] = ["a", "b", "c"];
 const ENTITIES: [&str; 5] = ["world", "cluster", "host", "all", "remote-node"];
-const CIDRS: [&str; 4] = ["0.0.0.0/0", "1.0.0.0/8", "1.2.0.0/16", "10.0.0.0/8"];
+const CIDRS: [&str; 6] = [
+    "0.0.0.0/0",
+    "1.0.0.0/8",
+    "1.2.0.0/16",
+    "10.0.0.0/8",
+    "2001:db8::/32",
+    "::/0",
+];
 const EXCEPTS: [&str; 2] = ["1.2.3.0/24", "1.9.0.0/16"];
-pub const WORLD_IPS: [&str; 5] = ["1.2.3.4", "1.2.9.9", "1.9.1.1", "8.8.8.8", "10.9.9.9"];
+pub const WORLD_IPS: [&str; 7] = [
+    "1.2.3.4",
+    "1.2.9.9",
+    "1.9.1.1",
+    "8.8.8.8",
+    "10.9.9.9",
+    "2001:db8::1",
+    "2001:db9::1",
+];
 
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -39,7 +54,7 @@ pub fn cluster_yaml(pods: &[Pod]) -> String {
         // Named ports follow the app label, so every endpoint of an identity declares the same.
         let port = 8000 + p.app;
         s.push_str(&format!(
-            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p{i}, namespace: ns{}, labels: {{app: {}{tier}}}}}\n  spec: {{containers: [{{name: c, ports: [{{name: svc, containerPort: {port}}}]}}]}}\n  status: {{podIPs: [{{ip: 10.0.{i}.1}}]}}\n",
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p{i}, namespace: ns{}, labels: {{app: {}{tier}}}}}\n  spec: {{containers: [{{name: c, ports: [{{name: svc, containerPort: {port}}}]}}]}}\n  status: {{podIPs: [{{ip: 10.0.{i}.1}}, {{ip: \"fd00:0:0:{i}::1\"}}]}}\n",
             p.ns, APPS[p.app]
         ));
     }
@@ -326,6 +341,27 @@ pub fn parties(program: &Program, cluster: &Cluster, pods: &[Pod]) -> Vec<Party>
             .map(|e| parse_peer(program, cluster, e).unwrap()),
     );
     parties
+}
+
+/// Every party, and for each pod party with an IPv6 address, the same party at that address.
+pub fn dual_stack(parties: Vec<Party>) -> Vec<Party> {
+    let mut out = parties.clone();
+    for p in parties {
+        let v6 = p
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.ips.iter().find(|ip| ip.is_ipv6()).copied());
+        if let (Some(ip), Some(_)) = (v6, &p.endpoint) {
+            if p.ip != Some(ip) {
+                out.push(Party {
+                    ip: Some(ip),
+                    name: format!("{} [{ip}]", p.name),
+                    ..p
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Ports at and around every boundary the generator uses, for every protocol.
