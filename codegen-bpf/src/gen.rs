@@ -32,10 +32,11 @@
 //! # Deciding
 //! The generator picks the form of the decision by the table's size ([`Strategy`]): compare
 //! chains for a few peers, binary-search trees over identities and port ranges for up to
-//! [`TREE_MAX_MEMBERS`] peers and [`TREE_MAX_SEGMENTS`] port segments, and two map lookups beyond
-//! (identity to class in a hash map, then class, protocol and port in an LPM trie whose port
-//! prefixes cover each range exactly). Code size is bounded either way, so no program needs
-//! tail calls to stay under the verifier's limits.
+//! [`TREE_MAX_MEMBERS`] peers and [`TREE_MAX_SEGMENTS`] port segments, and map lookups beyond:
+//! (identity, protocol, port) in a hash map for single ports, then an LPM trie whose port prefixes
+//! cover each range exactly; keyed by class after an identity-to-class lookup when keying by
+//! identity would take more than [`FLAT_MAX_ENTRIES`] entries. Code size is bounded either way,
+//! so no program needs tail calls to stay under the verifier's limits.
 
 use crate::asm::{Asm, Label, Program};
 use crate::elf::MapDef;
@@ -814,88 +815,7 @@ fn decision(
     let members = membership(table);
     let mut maps = Vec::new();
     if strategy == Strategy::Maps {
-        // Identity to class.
-        let classes: Vec<(Vec<u8>, Vec<u8>)> = members
-            .iter()
-            .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
-            .collect();
-        let class_map = content_name("cls", &classes);
-        a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
-        a.ld_map(R1, &class_map);
-        a.mov(R2, Src::Reg(R10))
-            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
-        a.call(MAP_LOOKUP_ELEM);
-        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
-        // Rule key: u32 prefix length, be32 class, u8 protocol, u8 zero, be16 port.
-        a.load(Size::W, R1, R0, 0)
-            .push(Insn::ToBe { dst: R1, bits: 32 })
-            .store(Size::W, R10, SCRATCH + 4, Src::Reg(R1));
-        a.store(Size::W, R10, SCRATCH, Src::Imm(64));
-        a.store(Size::B, R10, SCRATCH + 8, Src::Reg(PROTO)).store(
-            Size::B,
-            R10,
-            SCRATCH + 9,
-            Src::Imm(0),
-        );
-        a.load(Size::W, R1, R10, PORT)
-            .push(Insn::ToBe { dst: R1, bits: 16 })
-            .store(Size::H, R10, SCRATCH + 10, Src::Reg(R1));
-        let mut rules = Vec::new();
-        for ((class, proto), segs) in &segments {
-            for s in segs {
-                for (port, bits) in port_prefixes(s.lo, s.hi) {
-                    let mut k = Vec::with_capacity(12);
-                    k.extend((48 + bits).to_le_bytes());
-                    k.extend(class.to_be_bytes());
-                    k.extend([ip_proto(*proto) as u8, 0]);
-                    k.extend(port.to_be_bytes());
-                    let verdict: u32 = match table.rows[s.row].verdict {
-                        TableVerdict::Allow => 0,
-                        TableVerdict::Deny => 1,
-                        TableVerdict::Proxy(_) => 2,
-                    };
-                    let mut v = verdict.to_le_bytes().to_vec();
-                    v.extend((s.row as u32).to_le_bytes());
-                    rules.push((k, v));
-                }
-            }
-        }
-        rules.sort();
-        let rule_map = content_name("rul", &rules);
-        a.ld_map(R1, &rule_map);
-        a.mov(R2, Src::Reg(R10))
-            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
-        a.call(MAP_LOOKUP_ELEM);
-        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
-        a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
-        tails.dispatch(a);
-        maps.push(MapImage {
-            def: MapDef {
-                name: class_map,
-                map_type: BPF_MAP_TYPE_HASH,
-                key_size: 4,
-                value_size: 4,
-                max_entries: classes.len().max(1) as u32,
-                flags: 0,
-            },
-            records: classes,
-            key_layout: "u32 identity",
-            value_layout: "u32 class",
-        });
-        maps.push(MapImage {
-            def: MapDef {
-                name: rule_map,
-                map_type: BPF_MAP_TYPE_LPM_TRIE,
-                key_size: 12,
-                value_size: 8,
-                max_entries: rules.len().max(1) as u32,
-                flags: BPF_F_NO_PREALLOC,
-            },
-            records: rules,
-            key_layout:
-                "u32 prefix length (48 + port bits), be32 class, u8 protocol, u8 zero, be16 port",
-            value_layout: "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row",
-        });
+        maps = map_decision(a, table, &segments, &members, tails, default);
     } else {
         let labels: Vec<Label> = table.classes.iter().map(|_| a.label()).collect();
         let keys: Vec<(u32, Label)> = members
@@ -923,6 +843,184 @@ fn decision(
     }
     a.bind(default);
     verdict_jump(a, tails, &table.default, None);
+    maps
+}
+
+/// Entries of a flattened map (keyed by identity rather than class) up to which the generator
+/// saves the identity-to-class lookup.
+pub const FLAT_MAX_ENTRIES: usize = 1 << 16;
+
+fn verdict_code(v: &TableVerdict) -> u32 {
+    match v {
+        TableVerdict::Allow => 0,
+        TableVerdict::Deny => 1,
+        TableVerdict::Proxy(_) => 2,
+    }
+}
+
+/// The decision as map lookups. Keys are `be32 id, u8 protocol, u8 zero, be16 port`, where `id`
+/// is the peer's identity when the table is small enough to key by identity (one lookup fewer),
+/// its class otherwise (after an identity-to-class hash lookup). Single ports are exact keys of a
+/// hash map; port ranges are prefixes in an LPM trie (the same key behind a prefix length),
+/// consulted only on a miss and only when the table has ranges. Segments are disjoint, so a
+/// port is in at most one of the two.
+fn map_decision(
+    a: &mut Asm,
+    table: &DecisionTable,
+    segments: &BTreeMap<(u32, Protocol), Vec<Segment>>,
+    members: &[(u32, u32)],
+    tails: &Tails,
+    default: Label,
+) -> Vec<MapImage> {
+    let mut maps = Vec::new();
+    let by_class = |c: u32| {
+        members
+            .iter()
+            .filter(move |(_, mc)| *mc == c)
+            .map(|(m, _)| *m)
+    };
+    let flat_entries: usize = segments
+        .iter()
+        .map(|((c, _), segs)| by_class(*c).count() * segs.len())
+        .sum();
+    let flat = flat_entries <= FLAT_MAX_ENTRIES;
+    // Key data at SCRATCH + 4 (the LPM prefix length sits in front of it).
+    if flat {
+        a.mov(R3, Src::Reg(R1));
+    } else {
+        let classes: Vec<(Vec<u8>, Vec<u8>)> = members
+            .iter()
+            .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
+            .collect();
+        let class_map = content_name("cls", &classes);
+        a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
+        a.ld_map(R1, &class_map);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
+        a.load(Size::W, R3, R0, 0);
+        maps.push(MapImage {
+            def: MapDef {
+                name: class_map,
+                map_type: BPF_MAP_TYPE_HASH,
+                key_size: 4,
+                value_size: 4,
+                max_entries: classes.len().max(1) as u32,
+                flags: 0,
+            },
+            records: classes,
+            key_layout: "u32 identity",
+            value_layout: "u32 class",
+        });
+    }
+    a.push(Insn::ToBe { dst: R3, bits: 32 })
+        .store(Size::W, R10, SCRATCH + 4, Src::Reg(R3));
+    a.store(Size::W, R10, SCRATCH, Src::Imm(64));
+    a.store(Size::B, R10, SCRATCH + 8, Src::Reg(PROTO)).store(
+        Size::B,
+        R10,
+        SCRATCH + 9,
+        Src::Imm(0),
+    );
+    a.load(Size::W, R1, R10, PORT)
+        .push(Insn::ToBe { dst: R1, bits: 16 })
+        .store(Size::H, R10, SCRATCH + 10, Src::Reg(R1));
+    let (mut exact, mut ranges) = (Vec::new(), Vec::new());
+    for ((class, proto), segs) in segments {
+        let ids: Vec<u32> = if flat {
+            by_class(*class).collect()
+        } else {
+            vec![*class]
+        };
+        for id in ids {
+            for s in segs {
+                let mut data = id.to_be_bytes().to_vec();
+                data.extend([ip_proto(*proto) as u8, 0]);
+                let mut v = verdict_code(&table.rows[s.row].verdict)
+                    .to_le_bytes()
+                    .to_vec();
+                v.extend((s.row as u32).to_le_bytes());
+                if s.lo == s.hi {
+                    let mut k = data.clone();
+                    k.extend(s.lo.to_be_bytes());
+                    exact.push((k, v));
+                    continue;
+                }
+                for (port, bits) in port_prefixes(s.lo, s.hi) {
+                    let mut k = (48 + bits).to_le_bytes().to_vec();
+                    k.extend(&data);
+                    k.extend(port.to_be_bytes());
+                    ranges.push((k, v.clone()));
+                }
+            }
+        }
+    }
+    exact.sort();
+    ranges.sort();
+    let hit = a.label();
+    let layout = if flat {
+        "be32 identity, u8 protocol, u8 zero, be16 port"
+    } else {
+        "be32 class, u8 protocol, u8 zero, be16 port"
+    };
+    let value_layout = "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row";
+    if !exact.is_empty() {
+        let name = content_name("prt", &exact);
+        a.ld_map(R1, &name);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH + 4)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Ne, R0, Src::Imm(0), hit);
+        maps.push(MapImage {
+            def: MapDef {
+                name,
+                map_type: BPF_MAP_TYPE_HASH,
+                key_size: 8,
+                value_size: 8,
+                max_entries: exact.len() as u32,
+                flags: 0,
+            },
+            records: exact,
+            key_layout: layout,
+            value_layout,
+        });
+    }
+    if !ranges.is_empty() {
+        let name = content_name("rng", &ranges);
+        a.ld_map(R1, &name);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Ne, R0, Src::Imm(0), hit);
+        maps.push(MapImage {
+            def: MapDef {
+                name,
+                map_type: BPF_MAP_TYPE_LPM_TRIE,
+                key_size: 12,
+                value_size: 8,
+                max_entries: ranges.len() as u32,
+                flags: BPF_F_NO_PREALLOC,
+            },
+            records: ranges,
+            key_layout: if flat {
+                "u32 prefix length (48 + port bits), be32 identity, u8 protocol, u8 zero, be16 port"
+            } else {
+                "u32 prefix length (48 + port bits), be32 class, u8 protocol, u8 zero, be16 port"
+            },
+            value_layout,
+        });
+    }
+    a.goto(default);
+    if !maps
+        .iter()
+        .any(|m| m.records.first().is_some_and(|r| r.1.len() == 8))
+    {
+        return maps; // no rows: nothing jumps to `hit`
+    }
+    a.bind(hit);
+    a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
+    tails.dispatch(a);
     maps
 }
 

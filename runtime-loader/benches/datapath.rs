@@ -1,0 +1,183 @@
+//! Datapath benchmark (issue 4, item 7): nanoseconds per packet in the kernel, measured with
+//! BPF_PROG_TEST_RUN's own timer over a large repeat count, for programs the same generator
+//! builds from one table:
+//! - `cnpc`: the specialised program, in the form the generator picks for the table's size;
+//! - `base`: Cilium's way of looking policy up, hash lookups of (identity, port, protocol),
+//!   then (identity, any port), then (identity, any), then (any);
+//! - `floor`: parses the headers and returns;
+//! - `lookups`: parses, looks the peer up in the ipcache and consults conntrack, then allows:
+//!   everything a policy program must do but the decision.
+//!
+//! All parse the same way; cnpc and base also do everything `lookups` does, so their difference
+//! is the decision alone. The ipcache holds the same 10,000 peers for every rule count, so growth
+//! measures the rules. Rounds are interleaved and medians reported, with ratios computed within
+//! this one run: the machine is shared and only ratios are comparable across runs.
+//!
+//! `cargo bench -p cnpc-runtime-loader --bench datapath` (root, bpf(2)); CNPC_BENCH_REPEAT and
+//! CNPC_BENCH_ROUNDS change the repeat count (default 200,000) and rounds (default 9).
+
+use cnpc_codegen_bpf::gen::{self, Strategy};
+use cnpc_ir::*;
+use cnpc_runtime_loader::sys;
+use cnpc_runtime_loader::testrun::{craft_ports, Kernel};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::OwnedFd;
+
+const SUBJECT: u32 = 1000;
+const FIRST_PEER: u32 = 5000;
+/// Peers in the ipcache, whatever the number of rules.
+const CLUSTER: u32 = 10_000;
+
+fn peer_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + 0x100 + i)
+}
+
+fn port_of(i: u32) -> u16 {
+    1000 + (i % 20_000) as u16
+}
+
+/// An ingress table of `rules` rules, each allowing one peer identity on one TCP port; every
+/// peer behaves differently, so rules = classes = rows.
+fn table(rules: u32) -> DecisionTable {
+    DecisionTable {
+        subject: NumericIdentity(SUBJECT),
+        direction: Direction::Ingress,
+        default: TableVerdict::Deny,
+        classes: (0..rules)
+            .map(|i| IdentityClass {
+                members: vec![NumericIdentity(FIRST_PEER + i)],
+            })
+            .collect(),
+        rows: (0..rules)
+            .map(|i| TableRow {
+                class: i,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(port_of(i)),
+                verdict: TableVerdict::Allow,
+            })
+            .collect(),
+    }
+}
+
+fn median(mut v: Vec<u32>) -> f64 {
+    v.sort_unstable();
+    f64::from(v[v.len() / 2])
+}
+
+fn main() {
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let repeat = env("CNPC_BENCH_REPEAT", 200_000);
+    let rounds = env("CNPC_BENCH_ROUNDS", 9);
+    let subject_ip = Ipv4Addr::new(10, 0, 0, 1);
+    println!(
+        "datapath: ns per packet, median of {rounds} rounds of {repeat} runs; an allowed TCP \
+         packet of an established connection; {CLUSTER} peers in the ipcache"
+    );
+    println!(
+        "{:>6} {:>13} {:>6} {:>6} {:>7} {:>6} {:>6} {:>10} {:>12} {:>13} {:>15} {:>7}",
+        "rules",
+        "decision",
+        "insns",
+        "floor",
+        "lookups",
+        "cnpc",
+        "base",
+        "cnpc/floor",
+        "cnpc/lookups",
+        "cnpc/baseline",
+        "decision c/b ns",
+        "growth"
+    );
+    let mut first: Option<f64> = None;
+    for rules in [10u32, 64, 1000, 10_000] {
+        let t = table(rules);
+        let mut entries: Vec<(IpNet, NumericIdentity)> = (0..CLUSTER)
+            .map(|i| {
+                (
+                    IpNet::from(IpAddr::V4(peer_ip(i))),
+                    NumericIdentity(FIRST_PEER + i),
+                )
+            })
+            .collect();
+        entries.push((
+            IpNet::from(IpAddr::V4(subject_ip)),
+            NumericIdentity(SUBJECT),
+        ));
+        let mut kernel = match Kernel::new(&entries) {
+            Ok(k) => k,
+            Err(e) => return sys::skip_or_fail(&format!("datapath bench: {e}")),
+        };
+        let specialised = gen::generate(&t, true);
+        let baseline = gen::build(&t, true, Strategy::HashBaseline);
+        let floor = gen::build(&t, true, Strategy::ParseOnly);
+        let allow_all = DecisionTable {
+            classes: Vec::new(),
+            rows: Vec::new(),
+            default: TableVerdict::Allow,
+            ..t.clone()
+        };
+        let lookups = gen::build(&allow_all, true, Strategy::Branches);
+        let mut load = |g: &gen::Generated| -> Option<OwnedFd> {
+            match kernel.load_generated(g) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    sys::skip_or_fail(&format!("datapath bench: {e}"));
+                    None
+                }
+            }
+        };
+        let (Some(s), Some(b), Some(f), Some(l)) = (
+            load(&specialised),
+            load(&baseline),
+            load(&floor),
+            load(&lookups),
+        ) else {
+            return;
+        };
+        // The middle peer, on its port: allowed by every program.
+        let i = rules / 2;
+        let packet = craft_ports(
+            IpAddr::V4(peer_ip(i)),
+            IpAddr::V4(subject_ip),
+            Protocol::Tcp,
+            40000,
+            port_of(i),
+        );
+        for fd in [&s, &b, &l] {
+            // Opens the connection, so the timed runs take the established path.
+            let out = kernel.run_keep(fd, &packet).expect("test run");
+            assert!(out.allowed(), "the benchmark packet must be allowed");
+        }
+        let mut times: [Vec<u32>; 4] = Default::default();
+        for _ in 0..rounds {
+            for (k, fd) in [&f, &l, &s, &b].into_iter().enumerate() {
+                let (code, _, ns) = sys::test_run_repeat(fd, &packet, repeat).expect("test run");
+                assert_eq!(code, gen::TC_ACT_OK as u32);
+                times[k].push(ns);
+            }
+        }
+        let [fm, lm, sm, bm] = times.map(median);
+        let growth = *first.get_or_insert(sm);
+        println!(
+            "{:>6} {:>13} {:>6} {:>6.0} {:>7.0} {:>6.0} {:>6.0} {:>10.2} {:>12.2} {:>13.2} {:>7.0}/{:<7.0} {:>6.2}x",
+            rules,
+            specialised.strategy.as_str(),
+            specialised.program.slot_count(),
+            fm,
+            lm,
+            sm,
+            bm,
+            sm / fm,
+            sm / lm,
+            sm / bm,
+            sm - lm,
+            bm - lm,
+            sm / growth
+        );
+    }
+}
