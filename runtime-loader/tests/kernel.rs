@@ -92,6 +92,8 @@ fn the_kernel_rejects_what_the_checker_rejects() {
     let mut a = Asm::new();
     a.load(Size::W, R2, R1, 76).load(Size::B, R0, R2, 0).exit();
     let prog = a.finish().unwrap();
+    let ours = cnpc_codegen_bpf::check::check(&prog).unwrap_err();
+    assert!(ours[0].message.contains("bounds-checked"), "{ours:?}");
     match sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &prog.bytes()) {
         Ok(_) => panic!("the kernel accepted an unchecked packet read"),
         Err(e) if e.contains("Operation not permitted") => {
