@@ -5,7 +5,8 @@
 //!                          file, section, instruction count and sha256, maps with their layout
 //! DIR/programs/<id>.o      ELF with `classifier/ingress` and `classifier/egress`; identities
 //!                          whose programs are identical share one file
-//! DIR/maps/ipcache.bin     the ipcache image: records of key (24 bytes) then value (4 bytes)
+//! DIR/maps/ipcache.bin     the ipcache's prefixes: records of key (24 bytes) then value (4 bytes)
+//! DIR/maps/ipcache_hosts.bin  its host addresses: key (20 bytes) then value (4 bytes)
 //! DIR/maps/<name>.bin      images of the maps large tables are decided with (`cls_*`, `rul_*`)
 //! ```
 //!
@@ -91,7 +92,7 @@ fn map_entry(
 }
 
 /// A map image: its records back to back, key then value.
-fn image_bytes(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+fn image_bytes(records: &[gen::Record]) -> Vec<u8> {
     records
         .iter()
         .flat_map(|(k, v)| k.iter().chain(v))
@@ -166,12 +167,20 @@ pub fn render(
             json!({"identity": subject.0, "file": file, "conntrack": track, "programs": sections}),
         );
     }
-    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = ipcache
-        .iter()
-        .map(|(n, id)| (ipcache_key(*n).to_vec(), id.0.to_le_bytes().to_vec()))
-        .collect();
-    entries.sort();
-    entries.dedup();
+    let (mut hosts, mut entries): (Vec<gen::Record>, Vec<gen::Record>) = (Vec::new(), Vec::new());
+    for (n, id) in ipcache {
+        let key = ipcache_key(*n);
+        let value = id.0.to_le_bytes().to_vec();
+        if n.prefix_len() == n.max_prefix_len() {
+            hosts.push((key[4..].to_vec(), value));
+        } else {
+            entries.push((key.to_vec(), value));
+        }
+    }
+    for list in [&mut hosts, &mut entries] {
+        list.sort();
+        list.dedup();
+    }
     let identities: Vec<Value> = program
         .identities
         .iter()
@@ -180,27 +189,40 @@ pub fn render(
             json!({"identity": id.numeric.0, "labels": id.labels.to_strings(), "endpoints": endpoints})
         })
         .collect();
+    let shared_def = |name: &str| {
+        shared
+            .iter()
+            .find(|m| m.name == name)
+            .expect("gen::shared_maps defines every shared map")
+    };
     let mut map_entries = vec![
         map_entry(
-            &shared[0],
+            shared_def(gen::IPCACHE_MAP),
             "u32 prefix length (32 + address bits), u32 family (4 or 6), u8[16] address",
             "u32 identity",
             Some(("maps/ipcache.bin".into(), entries.len())),
         ),
         map_entry(
-            &shared[1],
+            shared_def(gen::HOSTS_MAP),
+            "u32 family (4 or 6), u8[16] address",
+            "u32 identity",
+            Some(("maps/ipcache_hosts.bin".into(), hosts.len())),
+        ),
+        map_entry(
+            shared_def(gen::CT_MAP),
             "u8[16] local address, u8[16] peer address, be16 local port, be16 peer port, u8 protocol, u8 family, u16 zero",
             "u32 opened by (1 the endpoint, 2 a peer), u32 zero",
             None,
         ),
         map_entry(
-            &shared[2],
+            shared_def(gen::EVENTS_MAP),
             "",
             "verdict events of 24 bytes: u32 subject, u32 peer, u32 row, u16 port, u8 protocol, u8 verdict, u8 direction, u8 family, u16 zero, u32 zero",
             None,
         ),
     ];
     files.insert("maps/ipcache.bin".into(), image_bytes(&entries));
+    files.insert("maps/ipcache_hosts.bin".into(), image_bytes(&hosts));
     for (name, m) in &own_maps {
         let path = format!("maps/{name}.bin");
         map_entries.push(map_entry(

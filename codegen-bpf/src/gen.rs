@@ -2,7 +2,8 @@
 //!
 //! The program parses Ethernet, IPv4 (any header length) or IPv6 (skipping hop-by-hop, routing,
 //! destination-options and fragment headers, up to [`MAX_EXT_HEADERS`]), and the L4 header; finds
-//! the peer's identity in the `ipcache` LPM map (a miss is the world); decides with the table;
+//! the peer's identity in the ipcache (the [`HOSTS_MAP`] hash, then the `ipcache` LPM trie; a
+//! miss is the world); decides with the table;
 //! and consults the `ct` map so replies of tracked connections pass. Behaviours fixed here, each
 //! tested in the kernel:
 //! - frames that are not IP pass (ARP must work; policy is about IP peers);
@@ -59,6 +60,12 @@ pub const WORLD: i32 = 2;
 pub const IPCACHE_KEY_SIZE: u32 = 24;
 pub const IPCACHE_VALUE_SIZE: u32 = 4;
 pub const IPCACHE_MAP: &str = "ipcache";
+/// Host addresses (/32 and /128), the most common ipcache entries, live in a hash map beside
+/// the LPM trie: an exact lookup costs a fraction of a trie walk, and a host entry is always
+/// the longest prefix for its address, so looking there first changes no answer. Key: the
+/// ipcache key without its prefix length (`u32 family, u8[16] address`); value `u32 identity`.
+pub const HOSTS_MAP: &str = "ipcache_hosts";
+pub const HOSTS_KEY_SIZE: u32 = 20;
 
 /// The conntrack map: LRU hash, key `u8[16] local address, u8[16] peer address, be16 local
 /// port, be16 peer port, u8 protocol, u8 family (4 or 6), u16 zero`; value `u32 opened by`
@@ -161,12 +168,15 @@ impl Strategy {
     }
 }
 
+/// A map record: key bytes, value bytes.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// A map a program reads beside the shared ones, with its contents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapImage {
     pub def: MapDef,
     /// (key, value) records, sorted by key.
-    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+    pub records: Vec<Record>,
     /// The key and value layouts, for the manifest.
     pub key_layout: &'static str,
     pub value_layout: &'static str,
@@ -192,6 +202,14 @@ pub fn shared_maps(ipcache_entries: usize) -> Vec<MapDef> {
             value_size: IPCACHE_VALUE_SIZE,
             max_entries: (ipcache_entries as u32).saturating_mul(2).max(65_536),
             flags: BPF_F_NO_PREALLOC,
+        },
+        MapDef {
+            name: HOSTS_MAP.into(),
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: HOSTS_KEY_SIZE,
+            value_size: IPCACHE_VALUE_SIZE,
+            max_entries: (ipcache_entries as u32).saturating_mul(2).max(65_536),
+            flags: 0,
         },
         MapDef {
             name: CT_MAP.into(),
@@ -522,11 +540,7 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
     }
     let found = a.label();
     let decide = a.label();
-    a.ld_map(R1, IPCACHE_MAP);
-    a.mov(R2, Src::Reg(R10))
-        .alu(AluOp::Add, R2, Src::Imm(i32::from(KEY)));
-    a.call(MAP_LOOKUP_ELEM);
-    a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
+    identity_lookup(&mut a, found);
     a.mov(R1, Src::Imm(WORLD)).goto(decide);
     a.bind(found);
     a.load(Size::W, R1, R0, 0);
@@ -547,6 +561,18 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
         program: a.finish().expect("generated code assembles"),
         strategy,
         maps,
+    }
+}
+
+/// Looks up the address of the ipcache key at KEY: the host map, then the prefixes; jumps to
+/// `found` with r0 at the identity, falls through on a miss.
+fn identity_lookup(a: &mut Asm, found: Label) {
+    for (map, key) in [(HOSTS_MAP, KEY + 4), (IPCACHE_MAP, KEY)] {
+        a.ld_map(R1, map);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(key)));
+        a.call(MAP_LOOKUP_ELEM);
+        a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
     }
 }
 
@@ -661,12 +687,10 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
         a.load(Size::W, R1, R10, CT + 4 * w)
             .store(Size::W, R10, KEY + 8 + 4 * w, Src::Reg(R1));
     }
-    a.ld_map(R1, IPCACHE_MAP);
-    a.mov(R2, Src::Reg(R10))
-        .alu(AluOp::Add, R2, Src::Imm(i32::from(KEY)));
-    a.call(MAP_LOOKUP_ELEM);
-    a.mov(R1, Src::Imm(0));
-    a.jump_if(Cond::Eq, R0, Src::Imm(0), subject);
+    let known = a.label();
+    identity_lookup(a, known);
+    a.mov(R1, Src::Imm(0)).goto(subject);
+    a.bind(known);
     a.load(Size::W, R1, R0, 0);
     a.bind(subject);
     a.store(Size::W, R10, EVT + event::SUBJECT as i16, Src::Reg(R1));
@@ -790,7 +814,7 @@ fn membership(table: &DecisionTable) -> Vec<(u32, u32)> {
 }
 
 /// A map named by its kind and a hash of its contents.
-fn content_name(kind: &str, records: &[(Vec<u8>, Vec<u8>)]) -> String {
+fn content_name(kind: &str, records: &[Record]) -> String {
     let mut h = Sha256::new();
     for (k, v) in records {
         h.update(k);
@@ -888,7 +912,7 @@ fn map_decision(
     if flat {
         a.mov(R3, Src::Reg(R1));
     } else {
-        let classes: Vec<(Vec<u8>, Vec<u8>)> = members
+        let classes: Vec<Record> = members
             .iter()
             .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
             .collect();

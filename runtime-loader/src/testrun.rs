@@ -23,8 +23,7 @@ pub struct Kernel {
     maps: BTreeMap<String, OwnedFd>,
 }
 
-/// A map record: key, value.
-pub type Record = (Vec<u8>, Vec<u8>);
+pub use cnpc_codegen_bpf::gen::Record;
 
 /// What a program did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,12 +79,14 @@ impl Kernel {
 
     /// Adds one ipcache entry (an address learned from DNS, say).
     pub fn insert(&self, net: IpNet, id: NumericIdentity) -> Result<(), RunError> {
-        sys::map_update(
-            self.map(gen::IPCACHE_MAP),
-            &artifacts::ipcache_key(net),
-            &id.0.to_le_bytes(),
-        )
-        .map_err(kernel_err("cannot fill the ipcache map"))
+        let key = artifacts::ipcache_key(net);
+        let (map, key) = if net.prefix_len() == net.max_prefix_len() {
+            (gen::HOSTS_MAP, &key[4..])
+        } else {
+            (gen::IPCACHE_MAP, &key[..])
+        };
+        sys::map_update(self.map(map), key, &id.0.to_le_bytes())
+            .map_err(kernel_err("cannot fill the ipcache"))
     }
 
     /// Generates, checks and loads the program of `table`, tracking connections as
