@@ -391,3 +391,73 @@ mod parsing {
         kernel.forget_connections().unwrap();
     }
 }
+
+/// A table too large for code compiles to map lookups: `verify` must create those maps from
+/// the manifest and fill them from their images, and the kernel must accept the program.
+#[test]
+fn verify_loads_the_map_images_of_large_tables() {
+    use cnpc_codegen_bpf::artifacts;
+    use cnpc_ir::*;
+    let table = |direction, ports: bool| DecisionTable {
+        subject: NumericIdentity(1000),
+        direction,
+        default: TableVerdict::Deny,
+        classes: (0..200)
+            .map(|i| IdentityClass {
+                members: vec![NumericIdentity(5000 + i)],
+            })
+            .collect(),
+        rows: (0..200)
+            .map(|i| TableRow {
+                class: i,
+                protocol: Protocol::Tcp,
+                ports: if ports {
+                    PortRange::single(1000 + i as u16)
+                } else {
+                    PortRange {
+                        lo: 1000,
+                        hi: 2000 + i as u16,
+                    }
+                },
+                verdict: TableVerdict::Allow,
+            })
+            .collect(),
+    };
+    let tables = [
+        table(Direction::Ingress, true),
+        table(Direction::Egress, false),
+    ];
+    let files = artifacts::render(
+        &Program::default(),
+        &tables,
+        &[("10.0.0.1/32".parse().unwrap(), NumericIdentity(1000))],
+        &[],
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("cnpc-verify-maps-{}", std::process::id()));
+    artifacts::write_dir(&dir, &files).unwrap();
+    let images = files.keys().filter(|f| f.starts_with("maps/")).count();
+    assert!(
+        images >= 4,
+        "ipcache, hosts, and the tables' maps: {:?}",
+        files.keys()
+    );
+    let result = cnpc_runtime_loader::verify::verify_dir(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let verified = match result {
+        Ok(v) => v,
+        Err(e) => return sys::skip_or_fail(&format!("verify: {e}")),
+    };
+    if verified.iter().any(|v| {
+        v.rejected
+            .as_deref()
+            .is_some_and(|r| r.contains("Operation not permitted"))
+    }) {
+        return sys::skip_or_fail("BPF_PROG_LOAD not permitted");
+    }
+    assert_eq!(verified.len(), 2);
+    for v in &verified {
+        assert_eq!(v.strategy, "maps", "{v:?}");
+        assert!(v.rejected.is_none(), "{v:?}");
+    }
+}
