@@ -100,6 +100,27 @@ fn image_bytes(records: &[gen::Record]) -> Vec<u8> {
         .collect()
 }
 
+/// The ipcache as map records: (prefix LPM records, host hash records), each sorted.
+pub fn ipcache_images(
+    ipcache: &[(IpNet, NumericIdentity)],
+) -> (Vec<gen::Record>, Vec<gen::Record>) {
+    let (mut prefixes, mut hosts) = (Vec::new(), Vec::new());
+    for (n, id) in ipcache {
+        let key = ipcache_key(*n);
+        let value = id.0.to_le_bytes().to_vec();
+        if n.prefix_len() == n.max_prefix_len() {
+            hosts.push((key[4..].to_vec(), value));
+        } else {
+            prefixes.push((key.to_vec(), value));
+        }
+    }
+    for list in [&mut prefixes, &mut hosts] {
+        list.sort();
+        list.dedup();
+    }
+    (prefixes, hosts)
+}
+
 /// Everything `cnpc compile` writes, in memory: relative path → bytes.
 pub fn render(
     program: &Program,
@@ -167,20 +188,7 @@ pub fn render(
             json!({"identity": subject.0, "file": file, "conntrack": track, "programs": sections}),
         );
     }
-    let (mut hosts, mut entries): (Vec<gen::Record>, Vec<gen::Record>) = (Vec::new(), Vec::new());
-    for (n, id) in ipcache {
-        let key = ipcache_key(*n);
-        let value = id.0.to_le_bytes().to_vec();
-        if n.prefix_len() == n.max_prefix_len() {
-            hosts.push((key[4..].to_vec(), value));
-        } else {
-            entries.push((key.to_vec(), value));
-        }
-    }
-    for list in [&mut hosts, &mut entries] {
-        list.sort();
-        list.dedup();
-    }
+    let (entries, hosts) = ipcache_images(ipcache);
     let identities: Vec<Value> = program
         .identities
         .iter()

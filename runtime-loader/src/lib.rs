@@ -1,10 +1,20 @@
 //! cnpc's runtime loader.
 //!
-//! Loads compiled artifacts into the kernel with aya, pins them under bpffs, attaches them to
-//! endpoints' interfaces and swaps generations atomically as the cluster changes (`DESIGN.md` §1,
-//! §6). It compiles no policy itself. Filled in by the runtime-loader work; until then it holds
-//! only this description.
+//! Puts compiled programs into the kernel and keeps them in step with the cluster
+//! (`DESIGN.md` §1, §6): bpf(2) calls ([`sys`]), checking compiled directories against the
+//! kernel verifier ([`verify`]), running packets through programs for tests and `cnpc trace`
+//! ([`testrun`]), finding endpoints' interfaces on this node ([`node`]), compiling a generation
+//! with the compiler ([`generation`]) and attaching, swapping and pinning it ([`loader`]). The
+//! `cnpc-loader` binary runs it standalone.
+//!
+//! It calls bpf(2) directly rather than through aya: aya's loader is built around ELF objects
+//! whose maps it creates itself, while cnpc binds generated programs to maps of each generation
+//! it creates, and needs only a handful of commands (map and program creation, pinning, TCX
+//! links and their in-place update).
 
+pub mod generation;
+pub mod loader;
+pub mod node;
 pub mod sys;
 pub mod testrun;
 pub mod verify;

@@ -1,7 +1,7 @@
 //! The bpf(2) commands cnpc needs, called directly: create and fill maps, load programs (the
 //! kernel verifier runs here), and run packets through loaded programs (BPF_PROG_TEST_RUN).
-//! Kernel facts from include/uapi/linux/bpf.h. Attaching, pinning and atomic swaps come with
-//! the loader proper.
+//! Pinning objects in bpffs, TCX links (create, update in place: the atomic swap) and object
+//! info. Kernel facts from include/uapi/linux/bpf.h.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -11,6 +11,14 @@ const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_MAP_DELETE_ELEM: i64 = 3;
 const BPF_MAP_GET_NEXT_KEY: i64 = 4;
 const BPF_PROG_LOAD: i64 = 5;
+const BPF_OBJ_PIN: i64 = 6;
+const BPF_OBJ_GET: i64 = 7;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_LINK_UPDATE: i64 = 29;
+/// enum bpf_attach_type: tcx hooks (Linux 6.6).
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
 const BPF_PROG_TEST_RUN: i64 = 10;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
@@ -287,6 +295,10 @@ pub struct RingBuf {
     page: usize,
 }
 
+// SAFETY: the mappings are process-wide and owned by the RingBuf alone; moving it to another
+// thread moves that ownership.
+unsafe impl Send for RingBuf {}
+
 impl RingBuf {
     pub fn new(map: &OwnedFd, size: usize) -> std::io::Result<RingBuf> {
         // SAFETY: sysconf has no preconditions.
@@ -381,5 +393,162 @@ impl Drop for RingBuf {
                 self.page + 2 * self.size,
             );
         }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    pad: u32,
+}
+
+fn c_path(path: &std::path::Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path with a NUL byte"))
+}
+
+/// Pins `fd` (a map, program or link) at `path` on a bpffs mount.
+pub fn obj_pin(fd: &OwnedFd, path: &std::path::Path) -> std::io::Result<()> {
+    let p = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: p.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Opens the object pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let p = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: p.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    pad: u32,
+    expected_revision: u64,
+    rest: [u64; 4],
+}
+
+/// Attaches `prog` to interface `ifindex` at a tcx hook (BPF_TCX_INGRESS or BPF_TCX_EGRESS);
+/// the link detaches when its last reference (fd or pin) goes.
+pub fn tcx_attach(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Replaces the program of a link in one step: a packet runs either the old program or the new.
+pub fn link_update(link: &OwnedFd, prog: &OwnedFd) -> std::io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn info(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: buf.len() as u32,
+        info: buf.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A link's (id, program id, target ifindex for tcx links). struct bpf_link_info: type, id,
+/// prog_id, then the per-type union (tcx: ifindex, attach_type).
+pub fn link_info(link: &OwnedFd) -> std::io::Result<(u32, u32, u32)> {
+    let mut buf = [0u8; 64];
+    info(link, &mut buf)?;
+    Ok((u32_at(&buf, 4), u32_at(&buf, 8), u32_at(&buf, 16)))
+}
+
+/// A program's id (struct bpf_prog_info: type, id, ...).
+pub fn prog_id(prog: &OwnedFd) -> std::io::Result<u32> {
+    let mut buf = [0u8; 256];
+    info(prog, &mut buf)?;
+    Ok(u32_at(&buf, 4))
+}
+
+/// The index of the interface named `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Whether `dir` is on a bpffs mount (statfs magic BPF_FS_MAGIC).
+pub fn is_bpffs(dir: &std::path::Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(p) = c_path(dir) else { return false };
+    // SAFETY: statfs writes into `st`, which lives for the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(p.as_ptr(), &mut st) };
+    r == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Mounts bpffs at `dir` (creating it).
+pub fn mount_bpffs(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let p = c_path(dir)?;
+    let fstype = c"bpf";
+    // SAFETY: every pointer is a valid NUL-terminated string for the call.
+    let r = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            p.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -1,0 +1,416 @@
+//! `cnpc-loader`: keeps this node's kernel in step with policy files and a cluster snapshot.
+//!
+//! Standalone mode (the default): `cnpc-loader --policies DIR --cluster FILE` compiles, loads
+//! and attaches, then watches both paths; a change (debounced) recompiles and swaps atomically.
+//! A policy set that fails to compile or load leaves the last good generation enforcing and is
+//! retried on the next change; endpoints with no good generation yet get a deny-all program.
+//! SIGUSR1 swaps every hook to a freshly loaded equivalent generation (for tests and drills).
+//! Logs go to stderr (tracing, `RUST_LOG` filters); `/healthz` and `/metrics` (Prometheus text)
+//! are served on loopback.
+//!
+//! The pinned state (links, conntrack, events) outlives the process: `kill -9` leaves
+//! enforcement in place, and a restarted loader adopts it and swaps only what changed.
+
+use clap::Parser;
+use cnpc_runtime_loader::generation::{self, Generation};
+use cnpc_runtime_loader::loader::{Config, Loader};
+use cnpc_runtime_loader::{node, sys};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "cnpc-loader",
+    version,
+    about = "Load cnpc's compiled policy into the kernel and keep it in step"
+)]
+struct Args {
+    /// Policy files or directories (watched).
+    #[arg(long, required_unless_present = "kubernetes")]
+    policies: Vec<PathBuf>,
+    /// The cluster snapshot (watched).
+    #[arg(long, required_unless_present = "kubernetes")]
+    cluster: Option<PathBuf>,
+    /// Where links and shared maps are pinned (a bpffs directory).
+    #[arg(long, default_value = "/sys/fs/bpf/cnpc")]
+    pin_dir: PathBuf,
+    /// Where the state file and the identity allocation are kept.
+    #[arg(long, default_value = "/run/cnpc")]
+    state_dir: PathBuf,
+    /// Address of /healthz and /metrics (loopback by default); `off` disables them.
+    #[arg(long, default_value = "127.0.0.1:9963")]
+    metrics: String,
+    /// Quiet time after a change before recompiling.
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
+    /// Apply once and exit (the pinned state keeps enforcing).
+    #[arg(long)]
+    once: bool,
+    /// Kubernetes mode (watch the API server): not built yet.
+    #[arg(long)]
+    kubernetes: bool,
+}
+
+static FORCE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    FORCE.store(true, Ordering::SeqCst);
+}
+
+#[derive(Default)]
+struct Metrics {
+    generation: AtomicU64,
+    swaps: AtomicU64,
+    last_swap_micros: AtomicU64,
+    compile_failures: AtomicU64,
+    load_failures: AtomicU64,
+    hooks: AtomicU64,
+    healthy: AtomicBool,
+    /// Verdict events read from the programs' ring buffer: allowed, denied, proxied.
+    verdicts: [AtomicU64; 3],
+}
+
+impl Metrics {
+    fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, f64)>| {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in lines {
+                s.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        metric(
+            "cnpc_generation",
+            "gauge",
+            "The generation enforcing now.",
+            vec![(String::new(), g(&self.generation) as f64)],
+        );
+        metric(
+            "cnpc_swaps_total",
+            "counter",
+            "Generations applied.",
+            vec![(String::new(), g(&self.swaps) as f64)],
+        );
+        metric(
+            "cnpc_swap_latency_seconds",
+            "gauge",
+            "Compile, load and switch time of the last generation.",
+            vec![(String::new(), g(&self.last_swap_micros) as f64 / 1e6)],
+        );
+        metric(
+            "cnpc_compile_failures_total",
+            "counter",
+            "Policy sets that failed to compile.",
+            vec![(String::new(), g(&self.compile_failures) as f64)],
+        );
+        metric(
+            "cnpc_load_failures_total",
+            "counter",
+            "Generations the kernel refused.",
+            vec![(String::new(), g(&self.load_failures) as f64)],
+        );
+        metric(
+            "cnpc_hooks",
+            "gauge",
+            "Enforced hooks (two per endpoint).",
+            vec![(String::new(), g(&self.hooks) as f64)],
+        );
+        metric(
+            "cnpc_verdict_events_total",
+            "counter",
+            "Verdict events from the programs: new connections (allowed, proxied) and drops.",
+            ["allowed", "denied", "proxied"]
+                .iter()
+                .zip(&self.verdicts)
+                .map(|(v, a)| (format!("{{verdict=\"{v}\"}}"), g(a) as f64))
+                .collect(),
+        );
+        s
+    }
+}
+
+/// Serves /healthz and /metrics, one request per connection.
+fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    for stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/");
+        let (status, body) = match path {
+            "/metrics" => ("200 OK", metrics.render()),
+            "/healthz" if metrics.healthy.load(Ordering::Relaxed) => ("200 OK", "ok\n".into()),
+            "/healthz" => ("503 Service Unavailable", "no good generation\n".into()),
+            _ => ("404 Not Found", "not found\n".into()),
+        };
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+struct Runner {
+    args: Args,
+    loader: Loader,
+    allocation: cnpc_compiler::lower::Allocation,
+    metrics: Arc<Metrics>,
+}
+
+impl Runner {
+    fn allocation_path(&self) -> PathBuf {
+        self.args.state_dir.join("identities.json")
+    }
+
+    fn cluster(&self) -> PathBuf {
+        self.args.cluster.clone().unwrap_or_default()
+    }
+
+    /// Compiles and applies; returns whether a good generation now enforces.
+    fn reconcile(&mut self, force: bool) -> bool {
+        let start = Instant::now();
+        let g: Generation =
+            match generation::compile(&self.args.policies, &self.cluster(), &self.allocation) {
+                Ok(g) => g,
+                Err(e) => {
+                    self.metrics
+                        .compile_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, "compile failed; the last good generation keeps enforcing");
+                    self.protect_unenforced();
+                    return false;
+                }
+            };
+        let routes = node::routes();
+        match self.loader.apply(&g, &routes, force) {
+            Ok(r) => {
+                let elapsed = start.elapsed();
+                self.allocation = g.allocation.clone();
+                if let Ok(text) = serde_json::to_string_pretty(&self.allocation) {
+                    let path = self.allocation_path();
+                    let tmp = path.with_extension("json.tmp");
+                    if std::fs::write(&tmp, text)
+                        .and_then(|_| std::fs::rename(&tmp, &path))
+                        .is_err()
+                    {
+                        warn!(path = %path.display(), "cannot save the identity allocation");
+                    }
+                }
+                self.metrics
+                    .generation
+                    .store(r.generation, Ordering::Relaxed);
+                self.metrics.swaps.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .last_swap_micros
+                    .store(elapsed.as_micros() as u64, Ordering::Relaxed);
+                self.metrics
+                    .hooks
+                    .store(self.loader.state().hooks.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .healthy
+                    .store(r.failed.is_empty(), Ordering::Relaxed);
+                info!(
+                    generation = r.generation,
+                    attached = r.attached,
+                    swapped = r.swapped,
+                    unchanged = r.unchanged,
+                    detached = r.detached,
+                    programs = r.programs_loaded,
+                    not_here = r.not_here,
+                    load_ms = r.load_time.as_secs_f64() * 1e3,
+                    switch_ms = r.switch_time.as_secs_f64() * 1e3,
+                    total_ms = elapsed.as_secs_f64() * 1e3,
+                    "applied"
+                );
+                for f in &r.failed {
+                    warn!(hook = %f, "hook not switched");
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.load_failures.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "load failed; the last good generation keeps enforcing");
+                self.protect_unenforced();
+                false
+            }
+        }
+    }
+
+    /// Endpoints of the snapshot that have no program yet get a deny-all one.
+    fn protect_unenforced(&mut self) {
+        let endpoints = match generation::compile(&[], &self.cluster(), &self.allocation) {
+            Ok(g) => g.endpoints,
+            Err(e) => {
+                warn!(error = %e, "the cluster snapshot is unreadable: no endpoints to protect");
+                return;
+            }
+        };
+        let routes = node::routes();
+        let interfaces: Vec<String> = endpoints
+            .iter()
+            .filter_map(|e| e.ips.iter().find_map(|ip| node::interface_of(&routes, *ip)))
+            .map(str::to_string)
+            .collect();
+        match self.loader.deny_all(&interfaces) {
+            Ok(0) => {}
+            Ok(n) => warn!(
+                hooks = n,
+                "deny-all attached where no good generation enforces yet"
+            ),
+            Err(e) => error!(error = %e, "cannot attach deny-all"),
+        }
+        self.metrics
+            .hooks
+            .store(self.loader.state().hooks.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    if args.kubernetes {
+        error!("--kubernetes is not built yet; run standalone with --policies and --cluster");
+        return ExitCode::from(2);
+    }
+    let cfg = Config {
+        pin_dir: args.pin_dir.clone(),
+        state_file: args.state_dir.join("state.json"),
+    };
+    let loader = match Loader::open(cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "cannot open the pinned state");
+            return ExitCode::from(2);
+        }
+    };
+    info!(
+        adopted = loader.adopted(),
+        generation = loader.state().generation,
+        pin_dir = %args.pin_dir.display(),
+        "pinned state opened"
+    );
+    let metrics = Arc::new(Metrics::default());
+    metrics
+        .generation
+        .store(loader.state().generation, Ordering::Relaxed);
+    if args.metrics != "off" {
+        match args
+            .metrics
+            .parse::<SocketAddr>()
+            .map_err(|e| e.to_string())
+            .and_then(|a| TcpListener::bind(a).map_err(|e| e.to_string()))
+        {
+            Ok(listener) => {
+                let m = metrics.clone();
+                std::thread::spawn(move || serve(listener, m));
+            }
+            Err(e) => warn!(address = %args.metrics, error = %e, "metrics not served"),
+        }
+    }
+    // Verdict events: counted as the programs report them.
+    match sys::RingBuf::new(
+        loader.events(),
+        cnpc_codegen_bpf::gen::EVENTS_BYTES as usize,
+    ) {
+        Ok(mut ring) => {
+            let m = metrics.clone();
+            std::thread::spawn(move || loop {
+                for e in ring.drain() {
+                    if let Some(counter) = e
+                        .get(cnpc_codegen_bpf::gen::event::VERDICT)
+                        .and_then(|v| m.verdicts.get(usize::from(*v)))
+                    {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            });
+        }
+        Err(e) => warn!(error = %e, "verdict events not read"),
+    }
+    let allocation = cnpc_compiler::lower::read_allocation(&args.state_dir.join("identities.json"))
+        .unwrap_or_default();
+    let mut runner = Runner {
+        args,
+        loader,
+        allocation,
+        metrics,
+    };
+    let ok = runner.reconcile(false);
+    if runner.args.once {
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
+    }
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = match notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "cannot watch files");
+            return ExitCode::from(2);
+        }
+    };
+    use notify::Watcher;
+    let cluster = runner.cluster();
+    // Editors replace files by renaming, so the cluster file's directory is watched.
+    let mut watched = runner.args.policies.clone();
+    watched.push(
+        cluster
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    );
+    for path in &watched {
+        if let Err(e) = watcher.watch(path, notify::RecursiveMode::Recursive) {
+            error!(path = %path.display(), error = %e, "cannot watch");
+            return ExitCode::from(2);
+        }
+    }
+    info!(paths = ?watched, "watching");
+    let debounce = Duration::from_millis(runner.args.debounce_ms);
+    let mut dirty: Option<Instant> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(()) => dirty = Some(Instant::now()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return ExitCode::from(2),
+        }
+        if FORCE.swap(false, Ordering::SeqCst) {
+            runner.reconcile(true);
+        }
+        if dirty.is_some_and(|t| t.elapsed() >= debounce) {
+            dirty = None;
+            runner.reconcile(false);
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! One generation: the policies and the cluster snapshot compiled into decision tables, the
+//! ipcache, and the endpoints to enforce on. Compiling is the compiler's work; this module only
+//! runs it the way `cnpc compile` does and keeps what the loader needs.
+
+use cnpc_compiler::lower::{self, Allocation};
+use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
+use cnpc_compiler::{check, report, Cluster, PolicySet};
+use cnpc_ir::{DecisionTable, IpNet, NumericIdentity};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// A pod endpoint of the cluster snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// `namespace/name`.
+    pub name: String,
+    pub identity: NumericIdentity,
+    pub labels: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tables: Vec<DecisionTable>,
+    pub ipcache: Vec<(IpNet, NumericIdentity)>,
+    pub endpoints: Vec<EndpointInfo>,
+    /// The identity numbers used, to pass to the next compile so numbers stay put.
+    pub allocation: Allocation,
+}
+
+/// Why a generation could not be built; the previous one keeps enforcing.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("{0}")]
+    Load(#[from] cnpc_compiler::LoadError),
+    #[error("{errors} error(s) in the policies:\n{report}")]
+    Invalid { errors: usize, report: String },
+}
+
+/// Compiles `policies` over the snapshot `cluster`, keeping the numbers of `previous`.
+pub fn compile(
+    policies: &[PathBuf],
+    cluster: &Path,
+    previous: &Allocation,
+) -> Result<Generation, CompileError> {
+    let mut set = PolicySet::load(policies)?;
+    let snapshot = Cluster::load(&[cluster], &mut set.sources)?;
+    let checked = check(set, Some(snapshot));
+    if checked.errors() > 0 {
+        return Err(CompileError::Invalid {
+            errors: checked.errors(),
+            report: report::human(&checked, false),
+        });
+    }
+    // `check` keeps the cluster it was given.
+    let cluster = checked.cluster.as_ref().expect("checked with a cluster");
+    let program = lower::build(
+        &checked.set.policies,
+        &checked.set.sources,
+        cluster,
+        previous,
+    );
+    let compiler = TableCompiler::new(&program);
+    let tables = compiler.all(&program);
+    let ipcache = ipcache_entries(&program, &compiler.universe);
+    let endpoints = program
+        .endpoints
+        .values()
+        .filter(|e| e.is_pod)
+        .map(|e| EndpointInfo {
+            name: e.name.clone(),
+            identity: program.identities[e.identity].numeric,
+            labels: e.labels.to_strings(),
+            ips: e.ips.clone(),
+        })
+        .collect();
+    Ok(Generation {
+        tables,
+        ipcache,
+        endpoints,
+        allocation: lower::allocation_of(&program),
+    })
+}

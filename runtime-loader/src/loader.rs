@@ -1,0 +1,553 @@
+//! Keeping the kernel in step with a generation (DESIGN.md §6, issue 5).
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/cnpc`, bpffs mounted there if missing):
+//!
+//! ```text
+//! ct, events                       shared by every generation: connections survive swaps
+//! links/<direction>_<interface>    one TCX link per endpoint hook, pinned so enforcement
+//!                                  outlives the loader
+//! ```
+//!
+//! and a state file (default `/run/cnpc/state.json`) recording each hook's endpoint, identity,
+//! generation and digest.
+//!
+//! A generation is applied in three phases. Load: the generation's own maps (ipcache, hosts,
+//! large tables' maps) are created and filled, and every program is checked and loaded against
+//! them; a failure here returns an error with nothing switched, so the last good generation
+//! keeps enforcing. Switch: each hook changes in one step, `BPF_LINK_UPDATE` of its link to the
+//! new program (a packet runs the old program or the new, never a mix; each program reads only
+//! the maps of its own generation); hooks new to this generation get a link created and pinned.
+//! A hook whose digest (its program and the contents of every map it reads) has not changed
+//! keeps its program. Release: links of endpoints that left are unpinned and closed, which
+//! detaches them; old programs and their maps are freed by the kernel once no link holds them.
+//!
+//! The endpoint's `egress` program runs where its packets leave it, tc ingress of the host-side
+//! interface; `ingress` runs at tc egress of that interface.
+
+use crate::generation::{EndpointInfo, Generation};
+use crate::node::{interface_of, Route};
+use crate::sys;
+use cnpc_codegen_bpf::{artifacts, check, gen};
+use cnpc_ir::{DecisionTable, Direction, NumericIdentity, TableVerdict};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub pin_dir: PathBuf,
+    pub state_file: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            pin_dir: PathBuf::from("/sys/fs/bpf/cnpc"),
+            state_file: PathBuf::from("/run/cnpc/state.json"),
+        }
+    }
+}
+
+/// One enforced hook, as the state file records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRecord {
+    pub interface: String,
+    /// The endpoint's direction (`ingress` runs at tc egress of the interface).
+    pub direction: String,
+    /// `namespace/name`; empty for a deny-all hook put in place before any good generation.
+    pub endpoint: String,
+    pub identity: u32,
+    pub labels: Vec<String>,
+    pub generation: u64,
+    /// sha256 of the program and of every map it reads; equal digests, equal behaviour.
+    pub digest: String,
+    /// The decision form (`gen::Strategy`), or `deny-all`.
+    pub strategy: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub generation: u64,
+    pub hooks: BTreeMap<String, HookRecord>,
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default)]
+pub struct SwapReport {
+    pub generation: u64,
+    pub attached: usize,
+    pub swapped: usize,
+    pub unchanged: usize,
+    pub detached: usize,
+    pub programs_loaded: usize,
+    /// Endpoints of the snapshot with no route to an interface here (on other nodes).
+    pub not_here: usize,
+    /// Hooks that could not be switched (the interface went away, say), with the reason.
+    pub failed: Vec<String>,
+    pub load_time: Duration,
+    pub switch_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("program for {hook} rejected: {reason}")]
+    Rejected { hook: String, reason: String },
+    #[error("state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+}
+
+fn kernel(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LoaderError {
+    let what = what.into();
+    move |source| LoaderError::Kernel { what, source }
+}
+
+pub struct Loader {
+    cfg: Config,
+    ct: OwnedFd,
+    events: OwnedFd,
+    state: State,
+    links: BTreeMap<String, OwnedFd>,
+}
+
+/// Opens the map pinned at `path`, or creates and pins it.
+fn pinned_map(path: &Path, def: &cnpc_codegen_bpf::elf::MapDef) -> Result<OwnedFd, LoaderError> {
+    if let Ok(fd) = sys::obj_get(path) {
+        return Ok(fd);
+    }
+    let fd = sys::create_map(
+        def.map_type,
+        def.key_size,
+        def.value_size,
+        def.max_entries,
+        def.flags,
+    )
+    .map_err(kernel(format!("cannot create map {}", def.name)))?;
+    sys::obj_pin(&fd, path).map_err(kernel(format!("cannot pin {}", path.display())))?;
+    Ok(fd)
+}
+
+/// The pin name of a hook: `<direction>_<interface>`. bpffs refuses names with a dot (EPERM),
+/// which interface names may have (VLANs), so a dot is written `%`.
+fn hook_name(interface: &str, direction: Direction) -> String {
+    format!("{}_{}", direction.as_str(), interface.replace('.', "%"))
+}
+
+fn attach_type(direction: Direction) -> u32 {
+    match direction {
+        Direction::Egress => sys::BPF_TCX_INGRESS,
+        Direction::Ingress => sys::BPF_TCX_EGRESS,
+    }
+}
+
+impl Loader {
+    /// Opens (or creates) the pinned state: shared maps, links, the state file. Mounts bpffs
+    /// at the pin directory's parent when nothing is mounted there.
+    pub fn open(cfg: Config) -> Result<Loader, LoaderError> {
+        let parent = cfg.pin_dir.parent().unwrap_or(Path::new("/"));
+        if !sys::is_bpffs(parent) && !sys::is_bpffs(&cfg.pin_dir) {
+            sys::mount_bpffs(parent).map_err(kernel(format!(
+                "cannot mount bpffs at {}",
+                parent.display()
+            )))?;
+        }
+        let links_dir = cfg.pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir)
+            .map_err(kernel(format!("cannot create {}", links_dir.display())))?;
+        let shared = gen::shared_maps(0);
+        let def = |name: &str| {
+            shared
+                .iter()
+                .find(|m| m.name == name)
+                .expect("gen::shared_maps defines every shared map")
+                .clone()
+        };
+        let ct = pinned_map(&cfg.pin_dir.join(gen::CT_MAP), &def(gen::CT_MAP))?;
+        let events = pinned_map(&cfg.pin_dir.join(gen::EVENTS_MAP), &def(gen::EVENTS_MAP))?;
+        let state = match std::fs::read_to_string(&cfg.state_file) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| LoaderError::State {
+                path: cfg.state_file.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                return Err(LoaderError::State {
+                    path: cfg.state_file.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let mut links = BTreeMap::new();
+        let entries = std::fs::read_dir(&links_dir)
+            .map_err(kernel(format!("cannot read {}", links_dir.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match sys::obj_get(&entry.path()).and_then(|fd| sys::link_info(&fd).map(|i| (fd, i))) {
+                // A tcx link whose interface is gone reports no interface: nothing to adopt.
+                Ok((fd, (_, _, ifindex))) if ifindex != 0 => {
+                    links.insert(name, fd);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(Loader {
+            cfg,
+            ct,
+            events,
+            state,
+            links,
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The pinned events ring buffer.
+    pub fn events(&self) -> &OwnedFd {
+        &self.events
+    }
+
+    /// Hooks adopted from a previous run (pinned links found at open).
+    pub fn adopted(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Applies `g`: load everything, then switch each hook, then release what left. With
+    /// `force`, hooks switch even when their digest is unchanged (an equivalent generation).
+    pub fn apply(
+        &mut self,
+        g: &Generation,
+        routes: &[Route],
+        force: bool,
+    ) -> Result<SwapReport, LoaderError> {
+        let start = Instant::now();
+        let mut report = SwapReport {
+            generation: self.state.generation + 1,
+            ..Default::default()
+        };
+        // Endpoints with an interface on this node.
+        let mut local: Vec<(&EndpointInfo, String)> = Vec::new();
+        for e in &g.endpoints {
+            match e.ips.iter().find_map(|ip| interface_of(routes, *ip)) {
+                Some(i) => local.push((e, i.to_string())),
+                None => report.not_here += 1,
+            }
+        }
+        // Phase 1: this generation's maps and programs.
+        let (prefixes, hosts) = artifacts::ipcache_images(&g.ipcache);
+        let shared = gen::shared_maps(g.ipcache.len());
+        let mut maps: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        for (name, records) in [(gen::IPCACHE_MAP, &prefixes), (gen::HOSTS_MAP, &hosts)] {
+            let d = shared
+                .iter()
+                .find(|m| m.name == name)
+                .expect("gen::shared_maps defines every shared map");
+            let fd = sys::create_map(d.map_type, d.key_size, d.value_size, d.max_entries, d.flags)
+                .map_err(kernel(format!("cannot create map {name}")))?;
+            for (k, v) in records.iter() {
+                sys::map_update(&fd, k, v).map_err(kernel(format!("cannot fill map {name}")))?;
+            }
+            maps.insert(name.to_string(), fd);
+        }
+        let mut ipcache_digest = Sha256::new();
+        for (k, v) in prefixes.iter().chain(&hosts) {
+            ipcache_digest.update(k);
+            ipcache_digest.update(v);
+        }
+        let ipcache_digest = ipcache_digest.finalize();
+        let mut by_identity: BTreeMap<NumericIdentity, Vec<&DecisionTable>> = BTreeMap::new();
+        for t in &g.tables {
+            by_identity.entry(t.subject).or_default().push(t);
+        }
+        let mut programs: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        let mut plan: Vec<(String, Direction, HookRecord)> = Vec::new();
+        for (e, interface) in &local {
+            let tables = by_identity.get(&e.identity).cloned().unwrap_or_default();
+            let track = gen::needs_tracking(tables.iter().copied());
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let hook = hook_name(interface, direction);
+                // An identity without a table in a direction is not enforced there.
+                let allow_all;
+                let table = match tables.iter().find(|t| t.direction == direction) {
+                    Some(t) => *t,
+                    None => {
+                        allow_all = DecisionTable {
+                            subject: e.identity,
+                            direction,
+                            default: TableVerdict::Allow,
+                            classes: Vec::new(),
+                            rows: Vec::new(),
+                        };
+                        &allow_all
+                    }
+                };
+                let generated = gen::generate(table, track);
+                let mut digest = Sha256::new();
+                digest.update(generated.program.bytes());
+                for (slot, name) in &generated.program.map_relocs {
+                    digest.update(slot.to_le_bytes());
+                    digest.update(name.as_bytes());
+                }
+                digest.update(ipcache_digest);
+                for m in &generated.maps {
+                    for (k, v) in &m.records {
+                        digest.update(k);
+                        digest.update(v);
+                    }
+                }
+                let digest = artifacts::sha256(&digest.finalize());
+                if !programs.contains_key(&digest) {
+                    for m in &generated.maps {
+                        if maps.contains_key(&m.def.name) {
+                            continue;
+                        }
+                        let d = &m.def;
+                        let fd = sys::create_map(
+                            d.map_type,
+                            d.key_size,
+                            d.value_size,
+                            d.max_entries,
+                            d.flags,
+                        )
+                        .map_err(kernel(format!("cannot create map {}", d.name)))?;
+                        for (k, v) in &m.records {
+                            sys::map_update(&fd, k, v)
+                                .map_err(kernel(format!("cannot fill map {}", d.name)))?;
+                        }
+                        maps.insert(d.name.clone(), fd);
+                    }
+                    let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
+                    let program = generated
+                        .program
+                        .with_map_fds(|name| match name {
+                            gen::CT_MAP => Some(ct),
+                            gen::EVENTS_MAP => Some(events),
+                            _ => maps.get(name).map(|fd| fd.as_raw_fd()),
+                        })
+                        .ok_or_else(|| LoaderError::Rejected {
+                            hook: hook.clone(),
+                            reason: "a map reference cannot be resolved".into(),
+                        })?;
+                    check::check(&program).map_err(|errors| LoaderError::Rejected {
+                        hook: hook.clone(),
+                        reason: format!("cnpc's checker: {}", errors[0]),
+                    })?;
+                    let fd = sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &program.bytes()).map_err(
+                        |reason| LoaderError::Rejected {
+                            hook: hook.clone(),
+                            reason,
+                        },
+                    )?;
+                    programs.insert(digest.clone(), fd);
+                    report.programs_loaded += 1;
+                }
+                plan.push((
+                    hook,
+                    direction,
+                    HookRecord {
+                        interface: interface.clone(),
+                        direction: direction.as_str().into(),
+                        endpoint: e.name.clone(),
+                        identity: e.identity.0,
+                        labels: e.labels.clone(),
+                        generation: report.generation,
+                        digest,
+                        strategy: generated.strategy.as_str().into(),
+                    },
+                ));
+            }
+        }
+        report.load_time = start.elapsed();
+
+        // Phase 2: switch, hook by hook.
+        let switch = Instant::now();
+        let mut hooks = BTreeMap::new();
+        for (hook, direction, mut record) in plan {
+            let prog = &programs[&record.digest];
+            match self.links.get(&hook) {
+                Some(link) => {
+                    let old = self.state.hooks.get(&hook);
+                    if !force && old.is_some_and(|h| h.digest == record.digest) {
+                        report.unchanged += 1;
+                        record.generation = old.map_or(record.generation, |h| h.generation);
+                    } else if let Err(e) = sys::link_update(link, prog) {
+                        report
+                            .failed
+                            .push(format!("{hook}: cannot update the link: {e}"));
+                        continue;
+                    } else {
+                        report.swapped += 1;
+                    }
+                }
+                None => match self.attach(&hook, &record.interface, direction, prog) {
+                    Ok(link) => {
+                        self.links.insert(hook.clone(), link);
+                        report.attached += 1;
+                    }
+                    Err(e) => {
+                        report.failed.push(format!("{hook}: {e}"));
+                        continue;
+                    }
+                },
+            }
+            hooks.insert(hook, record);
+        }
+        // Phase 3: release hooks of endpoints that left.
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|h| !hooks.contains_key(*h))
+            .cloned()
+            .collect();
+        for hook in gone {
+            let _ = std::fs::remove_file(self.cfg.pin_dir.join("links").join(&hook));
+            self.links.remove(&hook);
+            report.detached += 1;
+        }
+        report.switch_time = switch.elapsed();
+        if report.attached + report.swapped + report.detached > 0 {
+            self.state.generation = report.generation;
+        } else {
+            report.generation = self.state.generation;
+        }
+        self.state.hooks = hooks;
+        self.save()?;
+        Ok(report)
+    }
+
+    /// Puts a deny-all program on both hooks of every interface in `interfaces` that has no
+    /// hook yet: an endpoint policy selects must never run without a program while no
+    /// generation has been good (non-IP frames still pass, so the interface stays usable).
+    pub fn deny_all(&mut self, interfaces: &[String]) -> Result<usize, LoaderError> {
+        let mut attached = 0;
+        let mut prog: Option<OwnedFd> = None;
+        for interface in interfaces {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let hook = hook_name(interface, direction);
+                if self.links.contains_key(&hook) {
+                    continue;
+                }
+                if prog.is_none() {
+                    let table = DecisionTable {
+                        subject: NumericIdentity(0),
+                        direction,
+                        default: TableVerdict::Deny,
+                        classes: Vec::new(),
+                        rows: Vec::new(),
+                    };
+                    let g = gen::generate(&table, false);
+                    prog = Some(
+                        sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &g.program.bytes()).map_err(
+                            |reason| LoaderError::Rejected {
+                                hook: hook.clone(),
+                                reason,
+                            },
+                        )?,
+                    );
+                }
+                let p = prog.as_ref().expect("loaded above");
+                let link = self
+                    .attach(&hook, interface, direction, p)
+                    .map_err(kernel(format!("cannot attach deny-all to {hook}")))?;
+                self.links.insert(hook.clone(), link);
+                self.state.hooks.insert(
+                    hook,
+                    HookRecord {
+                        interface: interface.clone(),
+                        direction: direction.as_str().into(),
+                        endpoint: String::new(),
+                        identity: 0,
+                        labels: Vec::new(),
+                        generation: 0,
+                        digest: String::new(),
+                        strategy: "deny-all".into(),
+                    },
+                );
+                attached += 1;
+            }
+        }
+        self.save()?;
+        Ok(attached)
+    }
+
+    fn attach(
+        &self,
+        hook: &str,
+        interface: &str,
+        direction: Direction,
+        prog: &OwnedFd,
+    ) -> std::io::Result<OwnedFd> {
+        let ifindex = sys::ifindex(interface).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no interface {interface}"),
+            )
+        })?;
+        let link = sys::tcx_attach(prog, ifindex, attach_type(direction))?;
+        let path = self.cfg.pin_dir.join("links").join(hook);
+        let _ = std::fs::remove_file(&path);
+        sys::obj_pin(&link, &path)?;
+        Ok(link)
+    }
+
+    /// Writes the state file atomically (a temporary file renamed over it).
+    fn save(&self) -> Result<(), LoaderError> {
+        let err = |e: std::io::Error| LoaderError::State {
+            path: self.cfg.state_file.clone(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = self.cfg.state_file.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = self.cfg.state_file.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&self.state).expect("the state serialises");
+        std::fs::write(&tmp, text + "\n").map_err(err)?;
+        std::fs::rename(&tmp, &self.cfg.state_file).map_err(err)
+    }
+}
+
+/// One row of `cnpc endpoints`: a recorded hook and what the kernel says about it now.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointHook {
+    #[serde(flatten)]
+    pub record: HookRecord,
+    /// The id of the program the pinned link runs, if the link is still there.
+    pub program_id: Option<u32>,
+    pub link_id: Option<u32>,
+}
+
+/// The hooks of the pinned state, read without changing anything.
+pub fn endpoints(cfg: &Config) -> Result<Vec<EndpointHook>, LoaderError> {
+    let text = std::fs::read_to_string(&cfg.state_file).map_err(|e| LoaderError::State {
+        path: cfg.state_file.clone(),
+        message: e.to_string(),
+    })?;
+    let state: State = serde_json::from_str(&text).map_err(|e| LoaderError::State {
+        path: cfg.state_file.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(state
+        .hooks
+        .into_iter()
+        .map(|(hook, record)| {
+            let info = sys::obj_get(&cfg.pin_dir.join("links").join(&hook))
+                .and_then(|fd| sys::link_info(&fd))
+                .ok();
+            EndpointHook {
+                record,
+                program_id: info.map(|i| i.1),
+                link_id: info.map(|i| i.0),
+            }
+        })
+        .collect())
+}
