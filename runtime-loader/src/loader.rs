@@ -246,19 +246,9 @@ impl Loader {
         // Phase 1: this generation's maps and programs.
         let (prefixes, hosts) = artifacts::ipcache_images(&g.ipcache);
         let shared = gen::shared_maps(g.ipcache.len());
+        // Created when the first program needs loading: a generation that changes no hook
+        // creates nothing.
         let mut maps: BTreeMap<String, OwnedFd> = BTreeMap::new();
-        for (name, records) in [(gen::IPCACHE_MAP, &prefixes), (gen::HOSTS_MAP, &hosts)] {
-            let d = shared
-                .iter()
-                .find(|m| m.name == name)
-                .expect("gen::shared_maps defines every shared map");
-            let fd = sys::create_map(d.map_type, d.key_size, d.value_size, d.max_entries, d.flags)
-                .map_err(kernel(format!("cannot create map {name}")))?;
-            for (k, v) in records.iter() {
-                sys::map_update(&fd, k, v).map_err(kernel(format!("cannot fill map {name}")))?;
-            }
-            maps.insert(name.to_string(), fd);
-        }
         let mut ipcache_digest = Sha256::new();
         for (k, v) in prefixes.iter().chain(&hosts) {
             ipcache_digest.update(k);
@@ -270,7 +260,7 @@ impl Loader {
             by_identity.entry(t.subject).or_default().push(t);
         }
         let mut programs: BTreeMap<String, OwnedFd> = BTreeMap::new();
-        let mut plan: Vec<(String, Direction, HookRecord)> = Vec::new();
+        let mut plan: Vec<(String, Direction, HookRecord, bool)> = Vec::new();
         for (e, interface) in &local {
             let tables = by_identity.get(&e.identity).cloned().unwrap_or_default();
             let track = gen::needs_tracking(tables.iter().copied());
@@ -306,7 +296,36 @@ impl Loader {
                     }
                 }
                 let digest = artifacts::sha256(&digest.finalize());
-                if !programs.contains_key(&digest) {
+                let keep = !force
+                    && self.links.contains_key(&hook)
+                    && self
+                        .state
+                        .hooks
+                        .get(&hook)
+                        .is_some_and(|h| h.digest == digest);
+                if maps.is_empty() && !keep {
+                    for (name, records) in [(gen::IPCACHE_MAP, &prefixes), (gen::HOSTS_MAP, &hosts)]
+                    {
+                        let d = shared
+                            .iter()
+                            .find(|m| m.name == name)
+                            .expect("gen::shared_maps defines every shared map");
+                        let fd = sys::create_map(
+                            d.map_type,
+                            d.key_size,
+                            d.value_size,
+                            d.max_entries,
+                            d.flags,
+                        )
+                        .map_err(kernel(format!("cannot create map {name}")))?;
+                        for (k, v) in records.iter() {
+                            sys::map_update(&fd, k, v)
+                                .map_err(kernel(format!("cannot fill map {name}")))?;
+                        }
+                        maps.insert(name.to_string(), fd);
+                    }
+                }
+                if !keep && !programs.contains_key(&digest) {
                     for m in &generated.maps {
                         if maps.contains_key(&m.def.name) {
                             continue;
@@ -364,6 +383,7 @@ impl Loader {
                         digest,
                         strategy: generated.strategy.as_str().into(),
                     },
+                    keep,
                 ));
             }
         }
@@ -372,15 +392,22 @@ impl Loader {
         // Phase 2: switch, hook by hook.
         let switch = Instant::now();
         let mut hooks = BTreeMap::new();
-        for (hook, direction, mut record) in plan {
-            let prog = &programs[&record.digest];
+        for (hook, direction, mut record, keep) in plan {
+            let prog = match programs.get(&record.digest) {
+                Some(p) if !keep => p,
+                _ => {
+                    // Kept: the hook runs a program with this digest already.
+                    report.unchanged += 1;
+                    if let Some(old) = self.state.hooks.get(&hook) {
+                        record.generation = old.generation;
+                    }
+                    hooks.insert(hook, record);
+                    continue;
+                }
+            };
             match self.links.get(&hook) {
                 Some(link) => {
-                    let old = self.state.hooks.get(&hook);
-                    if !force && old.is_some_and(|h| h.digest == record.digest) {
-                        report.unchanged += 1;
-                        record.generation = old.map_or(record.generation, |h| h.generation);
-                    } else if let Err(e) = sys::link_update(link, prog) {
+                    if let Err(e) = sys::link_update(link, prog) {
                         report
                             .failed
                             .push(format!("{hook}: cannot update the link: {e}"));

@@ -338,19 +338,34 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
         net.land(xw, ds1, Duration::from_secs(2)),
         "the test network does not carry traffic"
     );
+    // A policy set that does not compile, with no good generation before it: every endpoint
+    // gets a deny-all program rather than none.
+    let policies = net.tmp.join("policies");
+    let rule1 = std::fs::read_to_string(policies.join("deathstar.yaml")).unwrap();
+    let broken = rule1.replace("protocol: TCP", "protocol: TPC");
+    assert_ne!(broken, rule1);
+    std::fs::write(policies.join("deathstar.yaml"), &broken).unwrap();
     net.start_loader().unwrap();
     let log = || net.log();
     assert!(
-        net.until(Duration::from_secs(20), || !net.land(xw, ds1, SHORT))
+        net.until(Duration::from_secs(20), || log()
+            .contains("deny-all attached"))
             .is_some(),
-        "the loader never enforced:\n{}",
+        "no deny-all before the first good generation:\n{}",
         log()
     );
     assert!(
-        net.land(tf, ds1, Duration::from_secs(2)),
-        "tiefighter must land:\n{}",
+        !net.land(tf, ds1, SHORT),
+        "deny-all blocks even the tiefighter"
+    );
+    std::fs::write(policies.join("deathstar.yaml"), &rule1).unwrap();
+    assert!(
+        net.until(Duration::from_secs(5), || net.land(tf, ds1, SHORT))
+            .is_some(),
+        "the fixed policy set enforces:\n{}",
         log()
     );
+    assert!(!net.land(xw, ds1, SHORT), "xwing must not land");
     assert!(
         net.land(tf, ds2, Duration::from_secs(2)),
         "on either deathstar"
@@ -358,8 +373,6 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
     assert!(!net.land(xw, ds2, SHORT), "xwing must not land on either");
 
     // Editing the policy changes verdicts within a second.
-    let policies = net.tmp.join("policies");
-    let rule1 = std::fs::read_to_string(policies.join("deathstar.yaml")).unwrap();
     let deny = std::fs::read_to_string(policies.join("xwing-egress-deny.yaml")).unwrap();
     std::fs::remove_file(policies.join("xwing-egress-deny.yaml")).unwrap();
     let open = rule1.replace(
@@ -381,6 +394,25 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
         took.is_some_and(|t| t < Duration::from_secs(1)),
         "and is blocked again within a second (took {took:?})"
     );
+
+    // A broken edit leaves the last good generation enforcing.
+    let failures = log().matches("compile failed").count();
+    std::fs::write(policies.join("deathstar.yaml"), &broken).unwrap();
+    assert!(
+        net.until(Duration::from_secs(5), || log()
+            .matches("compile failed")
+            .count()
+            > failures)
+            .is_some(),
+        "the broken edit is reported"
+    );
+    assert!(
+        net.land(tf, ds1, Duration::from_secs(2)),
+        "the last good generation still lets the tiefighter land"
+    );
+    assert!(!net.land(xw, ds1, SHORT), "and still blocks the xwing");
+    std::fs::write(policies.join("deathstar.yaml"), &rule1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
 
     // 100 swaps to equivalent generations while ships keep trying.
     let net = Arc::new(net);
