@@ -134,6 +134,18 @@ enum Command {
     },
     /// Print the JSON Schema of the policy kinds (for yaml-language-server and editors).
     Schema,
+    /// List the endpoints cnpc-loader enforces on this node, from its pinned state (like
+    /// `cilium-dbg endpoint list`).
+    Endpoints {
+        /// The loader's pin directory.
+        #[arg(long, default_value = "/sys/fs/bpf/cnpc")]
+        pin_dir: PathBuf,
+        /// The loader's state directory.
+        #[arg(long, default_value = "/run/cnpc")]
+        state_dir: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: TraceFormat,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -229,7 +241,88 @@ fn main() -> ExitCode {
             identities,
         } => run_identities(&cluster, &identities),
         Command::Schema => print(&format!("{:#}\n", cnpc_compiler::schema::policy_schema())),
+        Command::Endpoints {
+            pin_dir,
+            state_dir,
+            output,
+        } => run_endpoints(pin_dir, &state_dir, output),
     }
+}
+
+fn run_endpoints(pin_dir: PathBuf, state_dir: &std::path::Path, output: TraceFormat) -> ExitCode {
+    use cnpc_runtime_loader::loader;
+    let cfg = loader::Config {
+        pin_dir,
+        state_file: state_dir.join("state.json"),
+    };
+    let hooks = match loader::endpoints(&cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e} (is cnpc-loader running with this --state-dir?)");
+            return ExitCode::from(2);
+        }
+    };
+    if let TraceFormat::Json = output {
+        return print(&format!(
+            "{:#}\n",
+            serde_json::json!({ "endpoints": hooks })
+        ));
+    }
+    // One line per endpoint: both hooks of an interface together.
+    let mut rows: std::collections::BTreeMap<&str, [Option<&loader::EndpointHook>; 2]> =
+        Default::default();
+    for h in &hooks {
+        let slot = usize::from(h.record.direction == "egress");
+        rows.entry(h.record.interface.as_str()).or_default()[slot] = Some(h);
+    }
+    let mut out = format!(
+        "{:<24} {:<16} {:>9} {:<14} {:<14} {:>7} {:>7} {:>4}  {}\n",
+        "ENDPOINT",
+        "INTERFACE",
+        "IDENTITY",
+        "INGRESS",
+        "EGRESS",
+        "PROG-IN",
+        "PROG-EG",
+        "GEN",
+        "LABELS"
+    );
+    for (interface, [ingress, egress]) in rows {
+        let any = ingress.or(egress).expect("a row has a hook");
+        let form = |h: Option<&loader::EndpointHook>| match h {
+            None => "-".to_string(),
+            Some(h) if h.program_id.is_none() => "DETACHED".to_string(),
+            Some(h) => h.record.strategy.clone(),
+        };
+        let id = |h: Option<&loader::EndpointHook>| {
+            h.and_then(|h| h.program_id)
+                .map_or("-".into(), |i| i.to_string())
+        };
+        let generation = ingress
+            .into_iter()
+            .chain(egress)
+            .map(|h| h.record.generation)
+            .max()
+            .unwrap_or(0);
+        let endpoint = if any.record.endpoint.is_empty() {
+            "(deny-all)"
+        } else {
+            any.record.endpoint.as_str()
+        };
+        out.push_str(&format!(
+            "{:<24} {:<16} {:>9} {:<14} {:<14} {:>7} {:>7} {:>4}  {}\n",
+            endpoint,
+            interface,
+            any.record.identity,
+            form(ingress),
+            form(egress),
+            id(ingress),
+            id(egress),
+            generation,
+            any.record.labels.join(",")
+        ));
+    }
+    print(&out)
 }
 
 fn print(text: &str) -> ExitCode {

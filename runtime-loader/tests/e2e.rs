@@ -511,4 +511,19 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
     );
     assert!(!net.land(xw, ds1, SHORT));
     assert!(net.land(tf, ds2, Duration::from_secs(2)));
+
+    // What `cnpc endpoints` shows: every hook with the program its pinned link runs.
+    let hooks = cnpc_runtime_loader::loader::endpoints(&cnpc_runtime_loader::loader::Config {
+        pin_dir: net.pin_dir.clone(),
+        state_file: net.tmp.join("state/state.json"),
+    })
+    .unwrap();
+    assert_eq!(hooks.len(), 8);
+    assert!(hooks.iter().all(|h| h.program_id.is_some()), "{hooks:?}");
+    let tiefighter: Vec<_> = hooks
+        .iter()
+        .filter(|h| h.record.endpoint == "default/tiefighter")
+        .collect();
+    assert_eq!(tiefighter.len(), 2);
+    assert!(tiefighter[0].record.interface.ends_with("tf"));
 }
