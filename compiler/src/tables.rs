@@ -562,19 +562,36 @@ impl TableCompiler {
 
     /// Tables for every pod identity (as [`all_tables`]).
     pub fn all(&self, program: &Program) -> Vec<DecisionTable> {
-        self.all_with_inputs(program)
+        self.all_with_inputs(program, None)
             .into_iter()
             .map(|(t, _)| t)
             .collect()
     }
 
-    fn all_with_inputs(&self, program: &Program) -> Vec<(DecisionTable, TableInputs)> {
+    /// Tables of the given identities only (a node's loader needs its own endpoints' alone).
+    pub fn of(
+        &self,
+        program: &Program,
+        identities: &BTreeSet<NumericIdentity>,
+    ) -> Vec<DecisionTable> {
+        self.all_with_inputs(program, Some(identities))
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    }
+
+    fn all_with_inputs(
+        &self,
+        program: &Program,
+        only: Option<&BTreeSet<NumericIdentity>>,
+    ) -> Vec<(DecisionTable, TableInputs)> {
         let p = program;
         let mut seen = BTreeSet::new();
         let mut reps: Vec<&Endpoint> = p
             .endpoints
             .values()
             .filter(|e| e.is_pod && seen.insert(e.identity))
+            .filter(|e| only.is_none_or(|o| o.contains(&p.identities[e.identity].numeric)))
             .collect();
         reps.sort_by_key(|e| p.identities[e.identity].numeric);
         // Subjects of each rule, found through the index over the representatives' labels.
@@ -756,7 +773,7 @@ pub struct TableSet {
 impl TableSet {
     pub fn build(program: Program) -> TableSet {
         let peers = TableCompiler::new(&program);
-        let (tables, inputs) = peers.all_with_inputs(&program).into_iter().unzip();
+        let (tables, inputs) = peers.all_with_inputs(&program, None).into_iter().unzip();
         TableSet {
             program,
             peers,

@@ -2,12 +2,15 @@
 //! ipcache, and the endpoints to enforce on. Compiling is the compiler's work; this module only
 //! runs it the way `cnpc compile` does and keeps what the loader needs.
 
+use crate::node::{interface_of, Route};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check, report, Cluster, PolicySet};
 use cnpc_ir::{DecisionTable, IpNet, NumericIdentity};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// A pod endpoint of the cluster snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +29,10 @@ pub struct Generation {
     pub endpoints: Vec<EndpointInfo>,
     /// The identity numbers used, to pass to the next compile so numbers stay put.
     pub allocation: Allocation,
+    /// Time spent reading and checking the inputs, lowering, and building tables.
+    pub check_time: Duration,
+    pub lower_time: Duration,
+    pub tables_time: Duration,
 }
 
 /// Why a generation could not be built; the previous one keeps enforcing.
@@ -37,12 +44,16 @@ pub enum CompileError {
     Invalid { errors: usize, report: String },
 }
 
-/// Compiles `policies` over the snapshot `cluster`, keeping the numbers of `previous`.
+/// Compiles `policies` over the snapshot `cluster`, keeping the numbers of `previous`. Tables
+/// are built for the identities of endpoints `routes` reaches (this node's), or for every
+/// identity when `routes` is `None`.
 pub fn compile(
     policies: &[PathBuf],
     cluster: &Path,
     previous: &Allocation,
+    routes: Option<&[Route]>,
 ) -> Result<Generation, CompileError> {
+    let start = Instant::now();
     let mut set = PolicySet::load(policies)?;
     let snapshot = Cluster::load(&[cluster], &mut set.sources)?;
     let checked = check(set, Some(snapshot));
@@ -52,6 +63,7 @@ pub fn compile(
             report: report::human(&checked, false),
         });
     }
+    let check_time = start.elapsed();
     // `check` keeps the cluster it was given.
     let cluster = checked.cluster.as_ref().expect("checked with a cluster");
     let program = lower::build(
@@ -60,8 +72,20 @@ pub fn compile(
         cluster,
         previous,
     );
+    let lower_time = start.elapsed() - check_time;
     let compiler = TableCompiler::new(&program);
-    let tables = compiler.all(&program);
+    let tables = match routes {
+        None => compiler.all(&program),
+        Some(routes) => {
+            let local: BTreeSet<NumericIdentity> = program
+                .endpoints
+                .values()
+                .filter(|e| e.is_pod && e.ips.iter().any(|ip| interface_of(routes, *ip).is_some()))
+                .map(|e| program.identities[e.identity].numeric)
+                .collect();
+            compiler.of(&program, &local)
+        }
+    };
     let ipcache = ipcache_entries(&program, &compiler.universe);
     let endpoints = program
         .endpoints
@@ -74,10 +98,14 @@ pub fn compile(
             ips: e.ips.clone(),
         })
         .collect();
+    let tables_time = start.elapsed() - check_time - lower_time;
     Ok(Generation {
         tables,
         ipcache,
         endpoints,
         allocation: lower::allocation_of(&program),
+        check_time,
+        lower_time,
+        tables_time,
     })
 }

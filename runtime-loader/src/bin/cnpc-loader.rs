@@ -180,19 +180,23 @@ impl Runner {
     /// Compiles and applies; returns whether a good generation now enforces.
     fn reconcile(&mut self, force: bool) -> bool {
         let start = Instant::now();
-        let g: Generation =
-            match generation::compile(&self.args.policies, &self.cluster(), &self.allocation) {
-                Ok(g) => g,
-                Err(e) => {
-                    self.metrics
-                        .compile_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    error!(error = %e, "compile failed; the last good generation keeps enforcing");
-                    self.protect_unenforced();
-                    return false;
-                }
-            };
         let routes = node::routes();
+        let g: Generation = match generation::compile(
+            &self.args.policies,
+            &self.cluster(),
+            &self.allocation,
+            Some(&routes),
+        ) {
+            Ok(g) => g,
+            Err(e) => {
+                self.metrics
+                    .compile_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "compile failed; the last good generation keeps enforcing");
+                self.protect_unenforced();
+                return false;
+            }
+        };
         match self.loader.apply(&g, &routes, force) {
             Ok(r) => {
                 let elapsed = start.elapsed();
@@ -227,6 +231,9 @@ impl Runner {
                     unchanged = r.unchanged,
                     detached = r.detached,
                     programs = r.programs_loaded,
+                    check_ms = g.check_time.as_secs_f64() * 1e3,
+                    lower_ms = g.lower_time.as_secs_f64() * 1e3,
+                    tables_ms = g.tables_time.as_secs_f64() * 1e3,
                     not_here = r.not_here,
                     load_ms = r.load_time.as_secs_f64() * 1e3,
                     switch_ms = r.switch_time.as_secs_f64() * 1e3,
@@ -249,7 +256,8 @@ impl Runner {
 
     /// Endpoints of the snapshot that have no program yet get a deny-all one.
     fn protect_unenforced(&mut self) {
-        let endpoints = match generation::compile(&[], &self.cluster(), &self.allocation) {
+        let endpoints = match generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]))
+        {
             Ok(g) => g.endpoints,
             Err(e) => {
                 warn!(error = %e, "the cluster snapshot is unreadable: no endpoints to protect");
@@ -368,8 +376,19 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
     }
     let (tx, rx) = mpsc::channel();
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    let cluster = absolute(&runner.cluster());
+    let policies: Vec<PathBuf> = runner.args.policies.iter().map(absolute).collect();
+    // Only changes to the inputs count: the cluster file's directory may hold anything else
+    // (logs, the state directory), and a change there must not recompile.
+    let (inputs, cluster_file) = (policies.clone(), cluster.clone());
     let mut watcher = match notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        if e.is_ok_and(|e| !e.kind.is_access()) {
+        let Ok(e) = e else { return };
+        let relevant = !e.kind.is_access()
+            && e.paths
+                .iter()
+                .any(|p| *p == cluster_file || inputs.iter().any(|i| p.starts_with(i)));
+        if relevant {
             let _ = tx.send(());
         }
     }) {
@@ -380,22 +399,24 @@ fn main() -> ExitCode {
         }
     };
     use notify::Watcher;
-    let cluster = runner.cluster();
-    // Editors replace files by renaming, so the cluster file's directory is watched.
-    let mut watched = runner.args.policies.clone();
-    watched.push(
-        cluster
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".")),
-    );
-    for path in &watched {
-        if let Err(e) = watcher.watch(path, notify::RecursiveMode::Recursive) {
+    // Editors replace files by renaming, so the cluster file's directory is watched (not
+    // recursively), and each policy path recursively.
+    let cluster_dir = cluster
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let mut watched: Vec<(PathBuf, notify::RecursiveMode)> = policies
+        .iter()
+        .map(|p| (p.clone(), notify::RecursiveMode::Recursive))
+        .collect();
+    watched.push((cluster_dir, notify::RecursiveMode::NonRecursive));
+    for (path, mode) in &watched {
+        if let Err(e) = watcher.watch(path, *mode) {
             error!(path = %path.display(), error = %e, "cannot watch");
             return ExitCode::from(2);
         }
     }
+    let watched: Vec<&PathBuf> = watched.iter().map(|(p, _)| p).collect();
     info!(paths = ?watched, "watching");
     let debounce = Duration::from_millis(runner.args.debounce_ms);
     let mut dirty: Option<Instant> = None;

@@ -1,0 +1,197 @@
+//! Loader benchmark (issue 5, item 9): file change to enforced verdict, and the loader's memory.
+//!
+//! - Demo: the Star Wars namespaces of the end-to-end test; an edit of the deathstar policy that
+//!   lets the xwing land, then its revert. Latency is from the write to the first request whose
+//!   outcome shows the new verdict (requests are tried back to back with a 10 ms timeout; a
+//!   refused request's timeout is not counted).
+//! - Synthetic: the compile benchmark's 5,000 workloads and 10,000 policies (100 files), with 20
+//!   of the workloads on this node (veth interfaces routed to their addresses). Latency is from
+//!   the write of one policy file to the loader's state file recording the new generation (it is
+//!   written after every hook has switched).
+//!
+//! Both go through the real `cnpc-loader` binary: file watch, debounce (30 ms), compile, load,
+//! switch. Memory is the loader's peak RSS (VmHWM). Root, bpffs and `ip` needed.
+//!
+//!     cargo bench -p cnpc-runtime-loader --bench loader
+
+#[path = "../tests/netns/mod.rs"]
+mod netns;
+#[path = "../../compiler/benches/synthetic/mod.rs"]
+mod synthetic;
+
+use cnpc_runtime_loader::sys;
+use netns::{Net, PODS};
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn demo(rounds: usize) -> Result<(), String> {
+    let mut net = Net::demo()?;
+    let (xw, ds1) = ("xw", PODS[0].2);
+    net.start_loader()?;
+    net.until(Duration::from_secs(30), || {
+        net.log().contains("applied") && !net.land(xw, ds1, Duration::from_millis(50))
+    })
+    .ok_or("the loader never enforced")?;
+    let rule1 = std::fs::read_to_string(net.policies.join("deathstar.yaml")).unwrap();
+    let deny = std::fs::read_to_string(net.policies.join("xwing-egress-deny.yaml")).unwrap();
+    let open = rule1.replace(
+        "  - fromEndpoints:\n    - matchLabels:\n        org: empire\n",
+        "  - fromEndpoints:\n    - {}\n",
+    );
+    let probe = Duration::from_millis(10);
+    let (mut allow, mut block) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        std::fs::remove_file(net.policies.join("xwing-egress-deny.yaml")).unwrap();
+        let t = Instant::now();
+        std::fs::write(net.policies.join("deathstar.yaml"), &open).unwrap();
+        while !net.land(xw, ds1, probe) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("the edit never applied".into());
+            }
+        }
+        allow.push(t.elapsed());
+        let t = Instant::now();
+        std::fs::write(net.policies.join("xwing-egress-deny.yaml"), &deny).unwrap();
+        std::fs::write(net.policies.join("deathstar.yaml"), &rule1).unwrap();
+        while net.land(xw, ds1, probe) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("the revert never applied".into());
+            }
+        }
+        block.push(t.elapsed().saturating_sub(probe));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = net.loader.as_ref().map(|c| c.id()).unwrap_or(0);
+    println!(
+        "demo ({rounds} rounds): file change to enforced verdict, median {:.0} ms to allow, {:.0} ms to block (target 100 ms); max {:.0} / {:.0} ms; loader peak RSS {:.1} MiB",
+        median(allow.clone()).as_secs_f64() * 1e3,
+        median(block.clone()).as_secs_f64() * 1e3,
+        allow.iter().max().unwrap().as_secs_f64() * 1e3,
+        block.iter().max().unwrap().as_secs_f64() * 1e3,
+        peak_rss_mib(pid).unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+fn synthetic(rounds: usize) -> Result<(), String> {
+    let mut net = Net::node()?;
+    let shape = synthetic::Shape {
+        workloads: 5000,
+        identities: 2000,
+        policies: 10_000,
+        namespaces: 50,
+    };
+    let cluster = net.tmp.join("cluster.yaml");
+    std::fs::write(&cluster, synthetic::cluster_yaml(&shape)).map_err(|e| e.to_string())?;
+    net.cluster = cluster;
+    // 100 files of 100 policies.
+    let all = synthetic::policies_yaml(&shape);
+    let docs: Vec<&str> = all.split("---\n").filter(|d| !d.is_empty()).collect();
+    for (i, chunk) in docs.chunks(100).enumerate() {
+        let text: String = chunk.iter().map(|d| format!("---\n{d}")).collect();
+        std::fs::write(net.policies.join(format!("p{i:03}.yaml")), text)
+            .map_err(|e| e.to_string())?;
+    }
+    // Workloads w1..w20 (10.0.0.1..20) are on this node.
+    let node = net.ns("node");
+    for w in 1..=20 {
+        let dev = format!("{}b{w}", net.prefix);
+        let peer = format!("{dev}p");
+        net.ip(&[
+            "-n", &node, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+        ])?;
+        net.ip(&["-n", &node, "link", "set", &dev, "up"])?;
+        net.ip(&["-n", &node, "link", "set", &peer, "up"])?;
+        net.ip(&[
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("10.0.0.{w}/32"),
+            "dev",
+            &dev,
+        ])?;
+    }
+    let t = Instant::now();
+    net.start_loader()?;
+    net.until(Duration::from_secs(300), || net.generation() >= 1)
+        .ok_or_else(|| format!("the loader never applied:\n{}", net.log()))?;
+    let first = t.elapsed();
+    let file = net.policies.join("p000.yaml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    // Policy p5 selects app a5, whose workload w5 is local: its ingress port changes.
+    let edited = original.replacen("port: \"8005\"", "port: \"8999\"", 1);
+    if edited == original {
+        return Err("the synthetic edit does not apply".into());
+    }
+    let mut lat = Vec::new();
+    for r in 0..rounds {
+        let before = net.generation();
+        let t = Instant::now();
+        std::fs::write(&file, if r % 2 == 0 { &edited } else { &original }).unwrap();
+        net.until(Duration::from_secs(60), || net.generation() > before)
+            .ok_or("the edit never applied")?;
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = net.loader.as_ref().map(|c| c.id()).unwrap_or(0);
+    // The state file is written before the log line: let the line land.
+    std::thread::sleep(Duration::from_millis(100));
+    let applies: Vec<String> = net
+        .log()
+        .lines()
+        .filter(|l| l.contains("applied"))
+        .map(|l| l.split("applied").nth(1).unwrap_or("").trim().to_string())
+        .collect();
+    let last = net
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("applied"))
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "synthetic (5,000 workloads, 10,000 policies, 20 local endpoints; {rounds} rounds): first generation {:.2} s; file change to enforced, median {:.0} ms, max {:.0} ms (target 1 s); loader peak RSS {:.1} MiB (target 100 MiB)",
+        first.as_secs_f64(),
+        median(lat.clone()).as_secs_f64() * 1e3,
+        lat.iter().max().unwrap().as_secs_f64() * 1e3,
+        peak_rss_mib(pid).unwrap_or(f64::NAN)
+    );
+    println!(
+        "  first apply: {}",
+        applies.first().map_or("", |s| s.as_str())
+    );
+    println!(
+        "  last apply: {}",
+        applies.last().map_or("", |s| s.as_str())
+    );
+    let _ = last;
+    Ok(())
+}
+
+fn main() {
+    if !sys::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+        return sys::skip_or_fail("loader bench: bpffs is not mounted at /sys/fs/bpf");
+    }
+    for (name, result) in [("demo", demo(15)), ("synthetic", synthetic(6))] {
+        if let Err(e) = result {
+            sys::skip_or_fail(&format!("loader bench, {name}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Network namespaces for loader tests and benchmarks: a node namespace, pod namespaces joined
+//! to it by veth pairs, HTTP servers and clients on threads that entered a namespace, and
+//! `cnpc-loader` started in the node namespace. Everything carries this process's id and is
+//! removed on drop, whatever the outcome.
+#![allow(dead_code)] // each target that includes this uses its own part
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// (pod, host-side interface suffix, address) as in policies/cluster.yaml.
+pub const PODS: [(&str, &str, &str); 4] = [
+    ("ds1", "d1", "10.0.1.10"),
+    ("ds2", "d2", "10.0.1.11"),
+    ("tf", "tf", "10.0.1.20"),
+    ("xw", "xw", "10.0.1.30"),
+];
+
+pub struct Net {
+    pub prefix: String,
+    pub pin_dir: PathBuf,
+    pub tmp: PathBuf,
+    stop: Arc<AtomicBool>,
+    pub loader: Option<Child>,
+    /// The loader's inputs.
+    pub policies: PathBuf,
+    pub cluster: PathBuf,
+    /// Extra loader arguments.
+    pub loader_args: Vec<String>,
+}
+
+impl Net {
+    pub fn ns(&self, pod: &str) -> String {
+        format!("{}-{pod}", self.prefix)
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A node namespace only, with forwarding on.
+    pub fn node() -> Result<Net, String> {
+        let id = std::process::id() % 100_000;
+        let prefix = format!("cnpc{id}");
+        let tmp = std::env::temp_dir().join(format!("cnpc-e2e-{id}"));
+        let net = Net {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/cnpc-e2e-{id}")),
+            policies: tmp.join("policies"),
+            cluster: root().join("policies/cluster.yaml"),
+            tmp,
+            prefix,
+            stop: Arc::new(AtomicBool::new(false)),
+            loader: None,
+            loader_args: Vec::new(),
+        };
+        let node = net.ns("node");
+        net.ip(&["netns", "add", &node])?;
+        net.ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("sysctl: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        std::fs::create_dir_all(&net.policies).map_err(|e| e.to_string())?;
+        Ok(net)
+    }
+
+    /// The Star Wars demo: pod namespaces for the deathstars, the tiefighter and the xwing,
+    /// HTTP servers in the deathstars, and the demo policies to edit.
+    pub fn demo() -> Result<Net, String> {
+        let net = Net::node()?;
+        let node = net.ns("node");
+        for (pod, suffix, addr) in PODS {
+            let ns = net.ns(pod);
+            let host = format!("{}{suffix}", net.prefix);
+            net.ip(&["netns", "add", &ns])?;
+            net.ip(&[
+                "-n", &node, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            net.ip(&["-n", &node, "link", "set", &host, "up"])?;
+            net.ip(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", &host])?;
+            net.ip(&[
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                &host,
+            ])?;
+            net.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            net.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            net.ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "eth0",
+            ])?;
+            net.ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            net.ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+        }
+        for f in [
+            "deathstar.yaml",
+            "tiefighter-egress.yaml",
+            "xwing-egress-deny.yaml",
+        ] {
+            std::fs::copy(
+                root().join("policies/starwars-l4").join(f),
+                net.policies.join(f),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        for (pod, _, addr) in &PODS[..2] {
+            net.serve(pod, addr)?;
+        }
+        Ok(net)
+    }
+
+    /// An HTTP server in the pod's namespace, on a thread that entered it.
+    pub fn serve(&self, pod: &str, addr: &str) -> Result<(), String> {
+        let path = format!("/var/run/netns/{}", self.ns(pod));
+        let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listener = enter(&path)
+                .and_then(|_| TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}")));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            listener.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut buf = [0u8; 1024];
+                        let mut req = Vec::new();
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => req.extend(&buf[..n]),
+                            }
+                        }
+                        let body = if req.starts_with(b"POST /v1/request-landing ") {
+                            "Ship landed\n"
+                        } else {
+                            "Page not found\n"
+                        };
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv().map_err(|e| e.to_string())?
+    }
+
+    /// Whether `pod` lands on the deathstar at `addr` within `timeout`.
+    pub fn land(&self, pod: &str, addr: &str, timeout: Duration) -> bool {
+        let path = format!("/var/run/netns/{}", self.ns(pod));
+        let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+        std::thread::spawn(move || {
+            enter(&path).expect("setns");
+            let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(timeout));
+            let _ = s.write_all(
+                b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            let mut reply = String::new();
+            let _ = s.read_to_string(&mut reply);
+            reply.contains("Ship landed")
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn start_loader(&mut self) -> Result<(), String> {
+        let node = format!("/var/run/netns/{}", self.ns("node"));
+        let netns = std::fs::File::open(&node).map_err(|e| e.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.join("loader.log"))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cnpc-loader"));
+        cmd.arg("--policies")
+            .arg(&self.policies)
+            .arg("--cluster")
+            .arg(&self.cluster)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(self.tmp.join("state"))
+            .args(["--metrics", "off", "--debounce-ms", "30"])
+            .args(&self.loader_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let fd = netns.as_raw_fd();
+        // Entering the node's network namespace alone (not `ip netns exec`, which also makes a
+        // mount namespace with a fresh /sys) keeps the pins on the host's bpffs, where they
+        // outlive the loader.
+        // SAFETY: setns is async-signal-safe; `netns` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        self.loader = Some(cmd.spawn().map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.join("loader.log")).unwrap_or_default()
+    }
+
+    pub fn generation(&self) -> u64 {
+        std::fs::read_to_string(self.tmp.join("state/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Polls `f` until it holds or `limit` passes; the time it took.
+    pub fn until(&self, limit: Duration, f: impl Fn() -> bool) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+pub fn enter(path: &str) -> Result<(), String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: setns on a namespace file this thread keeps open for the call.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("setns {path}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut c) = self.loader.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (pod, _, _) in PODS {
+            if Path::new(&format!("/var/run/netns/{}", self.ns(pod))).exists() {
+                let _ = self.ip(&["netns", "del", &self.ns(pod)]);
+            }
+        }
+        let _ = self.ip(&["netns", "del", &self.ns("node")]);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
