@@ -41,7 +41,12 @@ pub enum CompileError {
     #[error("{0}")]
     Load(#[from] cnpc_compiler::LoadError),
     #[error("{errors} error(s) in the policies:\n{report}")]
-    Invalid { errors: usize, report: String },
+    Invalid {
+        errors: usize,
+        report: String,
+        /// The first error of each file (source name) that has one.
+        by_file: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// Compiles `policies` over the snapshot `cluster`, keeping the numbers of `previous`. Tables
@@ -56,11 +61,39 @@ pub fn compile(
     let start = Instant::now();
     let mut set = PolicySet::load(policies)?;
     let snapshot = Cluster::load(&[cluster], &mut set.sources)?;
+    build(set, snapshot, previous, routes, start)
+}
+
+/// Checks, lowers and builds tables for a loaded policy set and cluster snapshot (from files,
+/// or from the API server's objects in Kubernetes mode); `start` is when loading began.
+pub fn build(
+    set: PolicySet,
+    snapshot: Cluster,
+    previous: &Allocation,
+    routes: Option<&[Route]>,
+    start: Instant,
+) -> Result<Generation, CompileError> {
     let checked = check(set, Some(snapshot));
     if checked.errors() > 0 {
+        let mut by_file = std::collections::BTreeMap::new();
+        for d in checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity() == cnpc_compiler::Severity::Error)
+        {
+            let file = checked
+                .set
+                .sources
+                .get(d.span.file)
+                .path
+                .display()
+                .to_string();
+            by_file.entry(file).or_insert_with(|| d.message.clone());
+        }
         return Err(CompileError::Invalid {
             errors: checked.errors(),
             report: report::human(&checked, false),
+            by_file,
         });
     }
     let check_time = start.elapsed();

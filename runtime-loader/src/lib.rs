@@ -13,6 +13,7 @@
 //! links and their in-place update).
 
 pub mod generation;
+pub mod k8s;
 pub mod loader;
 pub mod node;
 pub mod sys;

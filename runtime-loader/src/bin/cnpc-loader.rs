@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 )]
 struct Args {
     /// Policy files or directories (watched).
-    #[arg(long, required_unless_present = "kubernetes")]
+    #[arg(long, required_unless_present = "kubernetes", num_args = 1..)]
     policies: Vec<PathBuf>,
     /// The cluster snapshot (watched).
     #[arg(long, required_unless_present = "kubernetes")]
@@ -52,9 +52,15 @@ struct Args {
     /// Apply once and exit (the pinned state keeps enforcing).
     #[arg(long)]
     once: bool,
-    /// Kubernetes mode (watch the API server): not built yet.
+    /// Kubernetes mode (the DaemonSet): watch the API server instead of files.
     #[arg(long)]
     kubernetes: bool,
+    /// This node's name (Kubernetes mode; the downward API sets NODE_NAME).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Namespace of the identity ConfigMap (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    namespace: String,
 }
 
 static FORCE: AtomicBool = AtomicBool::new(false);
@@ -177,27 +183,52 @@ impl Runner {
         self.args.cluster.clone().unwrap_or_default()
     }
 
-    /// Compiles and applies; returns whether a good generation now enforces.
+    /// Compiles the files and applies; returns whether a good generation now enforces.
     fn reconcile(&mut self, force: bool) -> bool {
         let start = Instant::now();
         let routes = node::routes();
-        let g: Generation = match generation::compile(
+        let result = generation::compile(
             &self.args.policies,
             &self.cluster(),
             &self.allocation,
             Some(&routes),
-        ) {
+        )
+        .map_err(|e| e.to_string());
+        let endpoints = || {
+            generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]))
+                .map(|g| g.endpoints)
+                .map_err(|e| e.to_string())
+        };
+        let endpoints = if result.is_err() {
+            endpoints()
+        } else {
+            Ok(Vec::new())
+        };
+        self.apply(result, &routes, force, start, endpoints)
+    }
+
+    /// Applies a compile result: a generation, or an error that leaves the last good
+    /// generation enforcing (and deny-all on `endpoints` that have no program).
+    fn apply(
+        &mut self,
+        result: Result<Generation, String>,
+        routes: &[node::Route],
+        force: bool,
+        start: Instant,
+        endpoints: Result<Vec<generation::EndpointInfo>, String>,
+    ) -> bool {
+        let g = match result {
             Ok(g) => g,
             Err(e) => {
                 self.metrics
                     .compile_failures
                     .fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "compile failed; the last good generation keeps enforcing");
-                self.protect_unenforced();
+                self.protect_unenforced(endpoints);
                 return false;
             }
         };
-        match self.loader.apply(&g, &routes, force) {
+        match self.loader.apply(&g, routes, force) {
             Ok(r) => {
                 let elapsed = start.elapsed();
                 self.allocation = g.allocation.clone();
@@ -248,17 +279,16 @@ impl Runner {
             Err(e) => {
                 self.metrics.load_failures.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "load failed; the last good generation keeps enforcing");
-                self.protect_unenforced();
+                self.protect_unenforced(Ok(g.endpoints.clone()));
                 false
             }
         }
     }
 
     /// Endpoints of the snapshot that have no program yet get a deny-all one.
-    fn protect_unenforced(&mut self) {
-        let endpoints = match generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]))
-        {
-            Ok(g) => g.endpoints,
+    fn protect_unenforced(&mut self, endpoints: Result<Vec<generation::EndpointInfo>, String>) {
+        let endpoints = match endpoints {
+            Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "the cluster snapshot is unreadable: no endpoints to protect");
                 return;
@@ -295,10 +325,6 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    if args.kubernetes {
-        error!("--kubernetes is not built yet; run standalone with --policies and --cluster");
-        return ExitCode::from(2);
-    }
     let cfg = Config {
         pin_dir: args.pin_dir.clone(),
         state_file: args.state_dir.join("state.json"),
@@ -363,6 +389,9 @@ fn main() -> ExitCode {
         allocation,
         metrics,
     };
+    if runner.args.kubernetes {
+        return kubernetes(runner);
+    }
     let ok = runner.reconcile(false);
     if runner.args.once {
         return if ok {
@@ -433,5 +462,125 @@ fn main() -> ExitCode {
             dirty = None;
             runner.reconcile(false);
         }
+    }
+}
+
+/// Kubernetes mode: watchers feed a store; once every kind is listed, each (debounced) change
+/// recompiles with the cluster-wide identity allocation, applies, and writes policy status.
+fn kubernetes(mut runner: Runner) -> ExitCode {
+    use cnpc_runtime_loader::k8s;
+    let Some(node_name) = runner.args.node_name.clone() else {
+        error!("--kubernetes needs the node name: --node-name or NODE_NAME");
+        return ExitCode::from(2);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "cannot reach the API server");
+                return ExitCode::from(2);
+            }
+        };
+        // SAFETY: installing a handler that only stores to an atomic.
+        unsafe {
+            libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(k8s::watch(client.clone(), tx));
+        let mut store = k8s::Store::default();
+        let mut written = std::collections::BTreeMap::new();
+        let debounce = Duration::from_millis(runner.args.debounce_ms);
+        let mut dirty: Option<Instant> = None;
+        let mut force = false;
+        info!(node = %node_name, "watching the API server");
+        loop {
+            tokio::select! {
+                change = rx.recv() => match change {
+                    Some(c) => {
+                        store.change(c);
+                        dirty = Some(Instant::now());
+                    }
+                    None => return ExitCode::from(2),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if FORCE.swap(false, Ordering::SeqCst) {
+                force = true;
+                dirty = Some(Instant::now() - debounce);
+            }
+            if !store.synced() || dirty.is_none_or(|t| t.elapsed() < debounce) {
+                continue;
+            }
+            dirty = None;
+            let start = Instant::now();
+            let routes = node::routes();
+            let objects = store.objects.clone();
+            let agreed = k8s::agree(client.clone(), &runner.args.namespace, |previous| {
+                k8s::desired(&objects, previous, Some(&routes))
+            })
+            .await;
+            let for_status = match &agreed {
+                Ok(g) => Ok(g.clone()),
+                Err(k8s::AgreeError::Compile(e)) => Err(clone_error(e)),
+                Err(e) => {
+                    // The API server, not the policies: try again on the next change.
+                    warn!(error = %e, "cannot agree on identities; retrying");
+                    dirty = Some(Instant::now());
+                    continue;
+                }
+            };
+            let statuses = k8s::statuses(&objects, &for_status);
+            let endpoints = || {
+                let mut empty = objects.clone();
+                for k in k8s::KINDS.iter().filter(|k| k.policy) {
+                    empty.by_kind.remove(k.kind);
+                }
+                k8s::desired(&empty, &Default::default(), Some(&[]))
+                    .map(|g| g.endpoints)
+                    .map_err(|e| e.to_string())
+            };
+            let endpoints = if agreed.is_err() {
+                endpoints()
+            } else {
+                Ok(Vec::new())
+            };
+            runner.apply(
+                agreed.map_err(|e| e.to_string()),
+                &routes,
+                std::mem::take(&mut force),
+                start,
+                endpoints,
+            );
+            k8s::write_statuses(client.clone(), &node_name, &statuses, &mut written).await;
+        }
+    })
+}
+
+fn clone_error(e: &generation::CompileError) -> generation::CompileError {
+    match e {
+        generation::CompileError::Invalid {
+            errors,
+            report,
+            by_file,
+        } => generation::CompileError::Invalid {
+            errors: *errors,
+            report: report.clone(),
+            by_file: by_file.clone(),
+        },
+        other => generation::CompileError::Invalid {
+            errors: 1,
+            report: other.to_string(),
+            by_file: Default::default(),
+        },
     }
 }
