@@ -38,6 +38,7 @@ fn expected(d: &Decision) -> (u32, u32) {
 
 struct Loaded {
     kernel: Kernel,
+    tables: Vec<cnpc_ir::DecisionTable>,
     programs: BTreeMap<(NumericIdentity, Direction), OwnedFd>,
 }
 
@@ -130,7 +131,16 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
             ),
         }
     }
-    Some((program, cluster, Loaded { kernel, programs }, insns))
+    Some((
+        program,
+        cluster,
+        Loaded {
+            kernel,
+            tables,
+            programs,
+        },
+        insns,
+    ))
 }
 
 #[test]
@@ -219,7 +229,11 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
                         let got = (o.code, o.mark);
                         total += 1 + usize::from(back.is_some());
                         if got != expected(decision) {
-                            mismatches.push(format!("{dir}: {} -> {} {port}/{} {:?}: kernel {got:?}, evaluator {:?} {:?}", src.name, dst.name, proto.as_str(), dir_, decision.verdict, decision.rules));
+                            let table = loaded
+                                .tables
+                                .iter()
+                                .find(|t| t.subject == id && t.direction == dir_);
+                            mismatches.push(format!("{dir}: {} -> {} {port}/{} {:?}: kernel {got:?}, evaluator {:?} {:?}\ntable: {table:#?}", src.name, dst.name, proto.as_str(), dir_, decision.verdict, decision.rules));
                         }
                         if back.is_some_and(|b| !b.allowed()) {
                             mismatches.push(format!(

@@ -129,11 +129,12 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
                         packets += 1 + usize::from(back.is_some());
                         let what = || {
                             format!(
-                                "{} -> {} {port}/{} {dir:?}: kernel {out:?}, evaluator {:?}\npolicies:\n{yaml}",
+                                "{} -> {} {port}/{} {dir:?}: kernel {out:?}, evaluator {:?}\ntable: {:#?}\npolicies:\n{yaml}",
                                 src.name,
                                 dst.name,
                                 protocol.as_str(),
-                                decision
+                                decision,
+                                tables.iter().find(|t| t.subject == id && t.direction == dir)
                             )
                         };
                         assert_eq!(
