@@ -254,6 +254,7 @@ fn run_endpoints(pin_dir: PathBuf, state_dir: &std::path::Path, output: TraceFor
     let cfg = loader::Config {
         pin_dir,
         state_file: state_dir.join("state.json"),
+        attach: Default::default(),
     };
     let hooks = match loader::endpoints(&cfg) {
         Ok(h) => h,
@@ -291,7 +292,7 @@ fn run_endpoints(pin_dir: PathBuf, state_dir: &std::path::Path, output: TraceFor
         let any = ingress.or(egress).expect("a row has a hook");
         let form = |h: Option<&loader::EndpointHook>| match h {
             None => "-".to_string(),
-            Some(h) if h.program_id.is_none() => "DETACHED".to_string(),
+            Some(h) if !h.attached => "DETACHED".to_string(),
             Some(h) => h.record.strategy.clone(),
         };
         let id = |h: Option<&loader::EndpointHook>| {

@@ -17,5 +17,6 @@ pub mod k8s;
 pub mod loader;
 pub mod node;
 pub mod sys;
+pub mod tc;
 pub mod testrun;
 pub mod verify;

@@ -36,10 +36,21 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How hooks are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// TCX links where the kernel has them (Linux 6.6), clsact filters otherwise.
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
+    pub attach: AttachMode,
 }
 
 impl Default for Config {
@@ -47,7 +58,21 @@ impl Default for Config {
         Config {
             pin_dir: PathBuf::from("/sys/fs/bpf/cnpc"),
             state_file: PathBuf::from("/run/cnpc/state.json"),
+            attach: AttachMode::Auto,
         }
+    }
+}
+
+/// How one hook is attached: a pinned TCX link, or cnpc's clsact filter on the interface.
+enum Attachment {
+    Link(OwnedFd),
+    Clsact { ifindex: u32 },
+}
+
+fn tc_hook(direction: Direction) -> crate::tc::Hook {
+    match direction {
+        Direction::Egress => crate::tc::Hook::Ingress,
+        Direction::Ingress => crate::tc::Hook::Egress,
     }
 }
 
@@ -66,6 +91,13 @@ pub struct HookRecord {
     pub digest: String,
     /// The decision form (`gen::Strategy`), or `deny-all`.
     pub strategy: String,
+    /// `tcx` (a pinned link) or `clsact` (a tc filter).
+    #[serde(default = "tcx")]
+    pub attach: String,
+}
+
+fn tcx() -> String {
+    "tcx".into()
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -114,7 +146,7 @@ pub struct Loader {
     ct: OwnedFd,
     events: OwnedFd,
     state: State,
-    links: BTreeMap<String, OwnedFd>,
+    links: BTreeMap<String, Attachment>,
 }
 
 /// Opens the map pinned at `path`, or creates and pins it.
@@ -192,10 +224,18 @@ impl Loader {
             match sys::obj_get(&entry.path()).and_then(|fd| sys::link_info(&fd).map(|i| (fd, i))) {
                 // A tcx link whose interface is gone reports no interface: nothing to adopt.
                 Ok((fd, (_, _, ifindex))) if ifindex != 0 => {
-                    links.insert(name, fd);
+                    links.insert(name, Attachment::Link(fd));
                 }
                 _ => {
                     let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        // clsact filters carry no pin: the state file says where they are.
+        for (hook, record) in &state.hooks {
+            if record.attach == "clsact" {
+                if let Some(ifindex) = sys::ifindex(&record.interface) {
+                    links.insert(hook.clone(), Attachment::Clsact { ifindex });
                 }
             }
         }
@@ -382,6 +422,7 @@ impl Loader {
                         generation: report.generation,
                         digest,
                         strategy: generated.strategy.as_str().into(),
+                        attach: tcx(),
                     },
                     keep,
                 ));
@@ -400,25 +441,39 @@ impl Loader {
                     report.unchanged += 1;
                     if let Some(old) = self.state.hooks.get(&hook) {
                         record.generation = old.generation;
+                        record.attach = old.attach.clone();
                     }
                     hooks.insert(hook, record);
                     continue;
                 }
             };
             match self.links.get(&hook) {
-                Some(link) => {
-                    if let Err(e) = sys::link_update(link, prog) {
+                Some(attachment) => {
+                    let updated = match attachment {
+                        Attachment::Link(link) => sys::link_update(link, prog),
+                        Attachment::Clsact { ifindex } => {
+                            crate::tc::attach(*ifindex, tc_hook(direction), prog, &hook)
+                        }
+                    };
+                    if let Err(e) = updated {
                         report
                             .failed
-                            .push(format!("{hook}: cannot update the link: {e}"));
+                            .push(format!("{hook}: cannot switch the program: {e}"));
                         continue;
-                    } else {
-                        report.swapped += 1;
                     }
+                    record.attach = self
+                        .state
+                        .hooks
+                        .get(&hook)
+                        .map_or_else(tcx, |h| h.attach.clone());
+                    report.swapped += 1;
                 }
                 None => match self.attach(&hook, &record.interface, direction, prog) {
-                    Ok(link) => {
-                        self.links.insert(hook.clone(), link);
+                    Ok(attachment) => {
+                        if let Attachment::Clsact { .. } = attachment {
+                            record.attach = "clsact".into();
+                        }
+                        self.links.insert(hook.clone(), attachment);
                         report.attached += 1;
                     }
                     Err(e) => {
@@ -438,7 +493,14 @@ impl Loader {
             .collect();
         for hook in gone {
             let _ = std::fs::remove_file(self.cfg.pin_dir.join("links").join(&hook));
-            self.links.remove(&hook);
+            if let Some(Attachment::Clsact { ifindex }) = self.links.remove(&hook) {
+                let direction = if hook.starts_with("egress_") {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                };
+                let _ = crate::tc::detach(ifindex, tc_hook(direction));
+            }
             report.detached += 1;
         }
         report.switch_time = switch.elapsed();
@@ -483,10 +545,14 @@ impl Loader {
                     );
                 }
                 let p = prog.as_ref().expect("loaded above");
-                let link = self
+                let attachment = self
                     .attach(&hook, interface, direction, p)
                     .map_err(kernel(format!("cannot attach deny-all to {hook}")))?;
-                self.links.insert(hook.clone(), link);
+                let attach = match attachment {
+                    Attachment::Link(_) => tcx(),
+                    Attachment::Clsact { .. } => "clsact".into(),
+                };
+                self.links.insert(hook.clone(), attachment);
                 self.state.hooks.insert(
                     hook,
                     HookRecord {
@@ -498,6 +564,7 @@ impl Loader {
                         generation: 0,
                         digest: String::new(),
                         strategy: "deny-all".into(),
+                        attach,
                     },
                 );
                 attached += 1;
@@ -513,18 +580,38 @@ impl Loader {
         interface: &str,
         direction: Direction,
         prog: &OwnedFd,
-    ) -> std::io::Result<OwnedFd> {
+    ) -> std::io::Result<Attachment> {
         let ifindex = sys::ifindex(interface).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no interface {interface}"),
             )
         })?;
-        let link = sys::tcx_attach(prog, ifindex, attach_type(direction))?;
+        let clsact = |_| {
+            crate::tc::attach(ifindex, tc_hook(direction), prog, hook)
+                .map(|()| Attachment::Clsact { ifindex })
+        };
+        let link = match self.cfg.attach {
+            AttachMode::Clsact => return clsact(()),
+            AttachMode::Tcx => sys::tcx_attach(prog, ifindex, attach_type(direction))?,
+            // A kernel without TCX refuses the attach type.
+            AttachMode::Auto => match sys::tcx_attach(prog, ifindex, attach_type(direction)) {
+                Ok(link) => link,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    return clsact(())
+                }
+                Err(e) => return Err(e),
+            },
+        };
         let path = self.cfg.pin_dir.join("links").join(hook);
         let _ = std::fs::remove_file(&path);
         sys::obj_pin(&link, &path)?;
-        Ok(link)
+        Ok(Attachment::Link(link))
     }
 
     /// Writes the state file atomically (a temporary file renamed over it).
@@ -548,7 +635,9 @@ impl Loader {
 pub struct EndpointHook {
     #[serde(flatten)]
     pub record: HookRecord,
-    /// The id of the program the pinned link runs, if the link is still there.
+    /// Whether the hook is still in place (its link pinned, or its interface there).
+    pub attached: bool,
+    /// The id of the program the pinned link runs (TCX), if the link is still there.
     pub program_id: Option<u32>,
     pub link_id: Option<u32>,
 }
@@ -570,8 +659,13 @@ pub fn endpoints(cfg: &Config) -> Result<Vec<EndpointHook>, LoaderError> {
             let info = sys::obj_get(&cfg.pin_dir.join("links").join(&hook))
                 .and_then(|fd| sys::link_info(&fd))
                 .ok();
+            let attached = match record.attach.as_str() {
+                "clsact" => sys::ifindex(&record.interface).is_some(),
+                _ => info.is_some(),
+            };
             EndpointHook {
                 record,
+                attached,
                 program_id: info.map(|i| i.1),
                 link_id: info.map(|i| i.0),
             }

@@ -19,6 +19,16 @@ const SHORT: Duration = Duration::from_millis(300);
 
 #[test]
 fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
+    demo("tcx");
+}
+
+/// The same with clsact filters, the fallback for kernels without TCX links.
+#[test]
+fn the_demo_on_clsact_filters() {
+    demo("clsact");
+}
+
+fn demo(attach: &str) {
     if !Path::new("/sys/fs/bpf").exists() || !sys::is_bpffs(Path::new("/sys/fs/bpf")) {
         return sys::skip_or_fail("bpffs is not mounted at /sys/fs/bpf");
     }
@@ -26,6 +36,7 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
         Ok(n) => n,
         Err(e) => return sys::skip_or_fail(&format!("cannot build the test network: {e}")),
     };
+    net.loader_args = vec!["--attach".into(), attach.into()];
     let (tf, xw, ds1, ds2) = ("tf", "xw", PODS[0].2, PODS[1].2);
     // Without the loader nothing is enforced: the network itself works.
     assert!(
@@ -207,13 +218,29 @@ fn the_demo_enforces_swaps_without_a_gap_and_survives_the_loader() {
     assert!(net.land(tf, ds2, Duration::from_secs(2)));
 
     // What `cnpc endpoints` shows: every hook with the program its pinned link runs.
-    let hooks = cnpc_runtime_loader::loader::endpoints(&cnpc_runtime_loader::loader::Config {
+    // Read in the node's namespace, where `cnpc endpoints` runs.
+    let cfg = cnpc_runtime_loader::loader::Config {
         pin_dir: net.pin_dir.clone(),
         state_file: net.tmp.join("state/state.json"),
+        attach: Default::default(),
+    };
+    let node = format!("/var/run/netns/{}", net.ns("node"));
+    let hooks = std::thread::spawn(move || {
+        netns::enter(&node).unwrap();
+        cnpc_runtime_loader::loader::endpoints(&cfg).unwrap()
     })
+    .join()
     .unwrap();
     assert_eq!(hooks.len(), 8);
-    assert!(hooks.iter().all(|h| h.program_id.is_some()), "{hooks:?}");
+    assert!(
+        hooks
+            .iter()
+            .all(|h| h.attached && h.record.attach == attach),
+        "{hooks:?}"
+    );
+    if attach == "tcx" {
+        assert!(hooks.iter().all(|h| h.program_id.is_some()), "{hooks:?}");
+    }
     let tiefighter: Vec<_> = hooks
         .iter()
         .filter(|h| h.record.endpoint == "default/tiefighter")

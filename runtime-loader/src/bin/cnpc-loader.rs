@@ -13,7 +13,7 @@
 
 use clap::Parser;
 use cnpc_runtime_loader::generation::{self, Generation};
-use cnpc_runtime_loader::loader::{Config, Loader};
+use cnpc_runtime_loader::loader::{AttachMode, Config, Loader};
 use cnpc_runtime_loader::{node, sys};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -49,6 +49,10 @@ struct Args {
     /// Quiet time after a change before recompiling.
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
+    /// How to attach: TCX links where the kernel has them, else clsact filters (auto), or one
+    /// of the two.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: Attach,
     /// Apply once and exit (the pinned state keeps enforcing).
     #[arg(long)]
     once: bool,
@@ -61,6 +65,13 @@ struct Args {
     /// Namespace of the identity ConfigMap (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     namespace: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Attach {
+    Auto,
+    Tcx,
+    Clsact,
 }
 
 static FORCE: AtomicBool = AtomicBool::new(false);
@@ -328,6 +339,11 @@ fn main() -> ExitCode {
     let cfg = Config {
         pin_dir: args.pin_dir.clone(),
         state_file: args.state_dir.join("state.json"),
+        attach: match args.attach {
+            Attach::Auto => AttachMode::Auto,
+            Attach::Tcx => AttachMode::Tcx,
+            Attach::Clsact => AttachMode::Clsact,
+        },
     };
     let loader = match Loader::open(cfg) {
         Ok(l) => l,

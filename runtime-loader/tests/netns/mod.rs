@@ -65,7 +65,10 @@ impl Net {
 
     /// A node namespace only, with forwarding on.
     pub fn node() -> Result<Net, String> {
-        let id = std::process::id() % 100_000;
+        // Unique per process and per network, so tests can run side by side.
+        static NETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NETS.fetch_add(1, Ordering::Relaxed) % 10;
+        let id = format!("{}{n}", std::process::id() % 100_000);
         let prefix = format!("cnpc{id}");
         let tmp = std::env::temp_dir().join(format!("cnpc-e2e-{id}"));
         let net = Net {
