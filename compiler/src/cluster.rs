@@ -35,8 +35,14 @@ pub struct Workload {
     /// from its ReplicaSet owner); for a controller, its own name.
     pub workload: String,
     pub node: Option<String>,
+    /// The host-side interface named by the Pod's `cnpc.io/interface` annotation, for nodes
+    /// whose routes do not lead to their pods (the loader otherwise finds it by route).
+    pub interface: Option<String>,
     pub span: Span,
 }
+
+/// The Pod annotation naming its host-side interface.
+pub const INTERFACE_ANNOTATION: &str = "cnpc.io/interface";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServicePort {
@@ -258,6 +264,11 @@ impl Cluster {
                         .and_then(|s| s.get("nodeName"))
                         .and_then(Node::as_str)
                         .map(str::to_string),
+                    interface: meta
+                        .and_then(|m| m.get("annotations"))
+                        .and_then(|a| a.get(INTERFACE_ANNOTATION))
+                        .and_then(Node::as_str)
+                        .map(str::to_string),
                     span: node.span,
                 });
             }
@@ -286,6 +297,7 @@ impl Cluster {
                     ips: Vec::new(),
                     named_ports: named_ports(pod_spec),
                     node: None,
+                    interface: None,
                     span: node.span,
                 });
             }

@@ -454,6 +454,7 @@ pub fn parse_peer(program: &Program, cluster: &Cluster, spec: &str) -> Result<Pa
                 ips: Vec::new(),
                 named_ports: Vec::new(),
                 is_pod: true,
+                interface: None,
             };
             Ok(Party {
                 name: endpoint.name.clone(),

@@ -146,6 +146,7 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
             named_ports,
             is_pod: true,
             node: w.node.clone(),
+            interface: w.interface.clone(),
         });
     }
     let host = p.reserved(Reserved::Host);
@@ -159,6 +160,7 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
             named_ports: Vec::new(),
             is_pod: false,
             node: Some(n.name.clone()),
+            interface: None,
         });
     }
     p

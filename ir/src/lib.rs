@@ -126,6 +126,8 @@ pub struct Endpoint {
     pub named_ports: Vec<(String, Protocol, u16)>,
     /// Whether cnpc enforces policy on it (pods; nodes only through host policies).
     pub is_pod: bool,
+    /// The host-side interface an annotation names (`cnpc.io/interface`), if any.
+    pub interface: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

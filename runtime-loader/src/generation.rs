@@ -2,7 +2,7 @@
 //! ipcache, and the endpoints to enforce on. Compiling is the compiler's work; this module only
 //! runs it the way `cnpc compile` does and keeps what the loader needs.
 
-use crate::node::{interface_of, Route};
+use crate::node::{interface_for, Route};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check, report, Cluster, PolicySet};
@@ -20,6 +20,8 @@ pub struct EndpointInfo {
     pub identity: NumericIdentity,
     pub labels: Vec<String>,
     pub ips: Vec<IpAddr>,
+    /// The interface its `cnpc.io/interface` annotation names, if any.
+    pub interface: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -113,7 +115,9 @@ pub fn build(
             let local: BTreeSet<NumericIdentity> = program
                 .endpoints
                 .values()
-                .filter(|e| e.is_pod && e.ips.iter().any(|ip| interface_of(routes, *ip).is_some()))
+                .filter(|e| {
+                    e.is_pod && interface_for(e.interface.as_deref(), &e.ips, routes).is_some()
+                })
                 .map(|e| program.identities[e.identity].numeric)
                 .collect();
             compiler.of(&program, &local)
@@ -129,6 +133,7 @@ pub fn build(
             identity: program.identities[e.identity].numeric,
             labels: e.labels.to_strings(),
             ips: e.ips.clone(),
+            interface: e.interface.clone(),
         })
         .collect();
     let tables_time = start.elapsed() - check_time - lower_time;

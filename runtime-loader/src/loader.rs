@@ -25,7 +25,7 @@
 //! interface; `ingress` runs at tc egress of that interface.
 
 use crate::generation::{EndpointInfo, Generation};
-use crate::node::{interface_of, Route};
+use crate::node::{interface_for, Route};
 use crate::sys;
 use cnpc_codegen_bpf::{artifacts, check, gen};
 use cnpc_ir::{DecisionTable, Direction, NumericIdentity, TableVerdict};
@@ -278,8 +278,8 @@ impl Loader {
         // Endpoints with an interface on this node.
         let mut local: Vec<(&EndpointInfo, String)> = Vec::new();
         for e in &g.endpoints {
-            match e.ips.iter().find_map(|ip| interface_of(routes, *ip)) {
-                Some(i) => local.push((e, i.to_string())),
+            match interface_for(e.interface.as_deref(), &e.ips, routes) {
+                Some(i) => local.push((e, i)),
                 None => report.not_here += 1,
             }
         }

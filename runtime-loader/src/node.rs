@@ -4,7 +4,8 @@
 //! way a CNI plugin leaves it (a host route `10.0.1.20 dev lxc1234` per pod): the direct route
 //! (no gateway) with the longest prefix names the interface. IPv4 routes come from
 //! /proc/net/route, IPv6 routes from /proc/net/ipv6_route. Endpoints with no such route are not
-//! on this node.
+//! on this node. Where routes do not lead to pods, the Pod annotation `cnpc.io/interface` names
+//! the interface; it counts only on the node that has that interface.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -88,6 +89,18 @@ pub fn interface_of(routes: &[Route], ip: IpAddr) -> Option<&str> {
         .filter(|r| r.len > 0 && covers(r, ip))
         .max_by_key(|r| r.len)
         .map(|r| r.interface.as_str())
+}
+
+/// The interface of an endpoint on this node: the one its `cnpc.io/interface` annotation
+/// names, when that interface exists here, else the one the route to one of its addresses
+/// leaves by.
+pub fn interface_for(annotation: Option<&str>, ips: &[IpAddr], routes: &[Route]) -> Option<String> {
+    if let Some(name) = annotation.filter(|n| crate::sys::ifindex(n).is_some()) {
+        return Some(name.to_string());
+    }
+    ips.iter()
+        .find_map(|ip| interface_of(routes, *ip))
+        .map(str::to_string)
 }
 
 /// The routes of the calling thread's network namespace.

@@ -93,6 +93,20 @@ fn the_reconcile_core_compiles_objects_as_it_compiles_files() {
     let again = k8s::desired(&objects(rule1("80")), &Default::default(), None).unwrap();
     assert_eq!(g.tables, again.tables);
     assert_eq!(g.allocation, again.allocation);
+    // The annotation that names a pod's host-side interface reaches the loader.
+    let mut objs = objects(rule1("80"));
+    objs.by_kind
+        .get_mut("Pod")
+        .unwrap()
+        .get_mut("default/xwing")
+        .unwrap()["metadata"]["annotations"] = json!({"cnpc.io/interface": "lxc-xwing"});
+    let g = k8s::desired(&objs, &Default::default(), None).unwrap();
+    let xwing = g
+        .endpoints
+        .iter()
+        .find(|e| e.name == "default/xwing")
+        .unwrap();
+    assert_eq!(xwing.interface.as_deref(), Some("lxc-xwing"));
 }
 
 #[test]

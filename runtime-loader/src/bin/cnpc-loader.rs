@@ -308,8 +308,7 @@ impl Runner {
         let routes = node::routes();
         let interfaces: Vec<String> = endpoints
             .iter()
-            .filter_map(|e| e.ips.iter().find_map(|ip| node::interface_of(&routes, *ip)))
-            .map(str::to_string)
+            .filter_map(|e| node::interface_for(e.interface.as_deref(), &e.ips, &routes))
             .collect();
         match self.loader.deny_all(&interfaces) {
             Ok(0) => {}
