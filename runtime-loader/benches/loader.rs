@@ -146,7 +146,17 @@ fn synthetic(rounds: usize) -> Result<(), String> {
         let t = Instant::now();
         std::fs::write(&file, if r % 2 == 0 { &edited } else { &original }).unwrap();
         net.until(Duration::from_secs(60), || net.generation() > before)
-            .ok_or("the edit never applied")?;
+            .ok_or_else(|| {
+                format!(
+                    "the edit never applied:\n{}",
+                    net.log()
+                        .lines()
+                        .rev()
+                        .take(6)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })?;
         lat.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -5,7 +5,7 @@
 use crate::node::{interface_for, Route};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
-use cnpc_compiler::{check, report, Cluster, PolicySet};
+use cnpc_compiler::{check_errors, report, Cluster, PolicySet};
 use cnpc_ir::{DecisionTable, IpNet, NumericIdentity};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -75,7 +75,8 @@ pub fn build(
     routes: Option<&[Route]>,
     start: Instant,
 ) -> Result<Generation, CompileError> {
-    let checked = check(set, Some(snapshot));
+    // Lints only warn; enforcement needs the errors alone.
+    let checked = check_errors(set, Some(snapshot));
     if checked.errors() > 0 {
         let mut by_file = std::collections::BTreeMap::new();
         for d in checked

@@ -407,14 +407,6 @@ fn main() -> ExitCode {
     if runner.args.kubernetes {
         return kubernetes(runner);
     }
-    let ok = runner.reconcile(false);
-    if runner.args.once {
-        return if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        };
-    }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
@@ -462,6 +454,15 @@ fn main() -> ExitCode {
     }
     let watched: Vec<&PathBuf> = watched.iter().map(|(p, _)| p).collect();
     info!(paths = ?watched, "watching");
+    // After the watch is set up, so a change made while this first compile runs is seen.
+    let ok = runner.reconcile(false);
+    if runner.args.once {
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
     let debounce = Duration::from_millis(runner.args.debounce_ms);
     let mut dirty: Option<Instant> = None;
     loop {
