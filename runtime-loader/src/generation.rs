@@ -108,6 +108,9 @@ pub fn build(
         cluster,
         previous,
     );
+    // The sources, syntax trees and snapshot are done with: free them before building tables,
+    // which is where the peak would otherwise be.
+    drop(checked);
     let lower_time = start.elapsed() - check_time;
     let compiler = TableCompiler::new(&program);
     let tables = match routes {
