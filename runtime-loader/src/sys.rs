@@ -204,9 +204,14 @@ pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
-/// Loads a program; on rejection returns the verifier log.
+/// Loads a program; on rejection returns the verifier log. The first attempt asks for no log:
+/// writing the verifier's trace costs more than verifying, so it is fetched only to explain a
+/// rejection.
 pub fn load(prog_type: u32, code: &[u8]) -> Result<OwnedFd, String> {
-    load_logged(prog_type, code, 1).map(|(fd, _)| fd)
+    match load_logged(prog_type, code, 0) {
+        Ok((fd, _)) => Ok(fd),
+        Err(_) => load_logged(prog_type, code, LOG_LEVEL_TRACE).map(|(fd, _)| fd),
+    }
 }
 
 /// Verifier log levels (include/uapi/linux/bpf.h): 1 the trace (kept for rejections), 4 the
@@ -221,7 +226,7 @@ pub fn load_logged(
     log_level: u32,
 ) -> Result<(OwnedFd, String), String> {
     let license = b"GPL\0";
-    let mut log = vec![0u8; 1 << 20];
+    let mut log = vec![0u8; if log_level == 0 { 0 } else { 1 << 20 }];
     let mut attr = ProgLoadAttr {
         prog_type,
         insn_cnt: (code.len() / 8) as u32,
@@ -229,7 +234,11 @@ pub fn load_logged(
         license: license.as_ptr() as u64,
         log_level,
         log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
+        log_buf: if log.is_empty() {
+            0
+        } else {
+            log.as_mut_ptr() as u64
+        },
         ..Default::default()
     };
     attr.prog_name[..4].copy_from_slice(b"cnpc");
