@@ -218,12 +218,14 @@ impl<T: Decode> Decode for Box<T> {
 impl<T: Decode> Decode for Vec<Spanned<T>> {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         match &node.kind {
-            NodeKind::Seq(items) => Some(
-                items
-                    .iter()
-                    .filter_map(|n| Spanned::<T>::decode(n, cx))
-                    .collect(),
-            ),
+            NodeKind::Seq(items) => {
+                // Sized to the list: collecting a filter grows from four slots, and most lists
+                // in policies hold one item, so a large policy set would carry mostly spare
+                // capacity.
+                let mut out = Vec::with_capacity(items.len());
+                out.extend(items.iter().filter_map(|n| Spanned::<T>::decode(n, cx)));
+                Some(out)
+            }
             _ => {
                 cx.wrong_type(node, "a list");
                 None
@@ -303,7 +305,7 @@ impl Decode for i64 {
 impl Decode for LabelMap {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let f = cx.fields(node, "label map")?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(f.entries.len());
         for (k, v) in f.entries {
             let key = Spanned::<String>::decode(k, cx);
             let value = if v.is_null() {
