@@ -813,6 +813,16 @@ fn membership(table: &DecisionTable) -> Vec<(u32, u32)> {
     members.into_iter().collect()
 }
 
+/// Members grouped by class, once: scanning all members per (class, protocol) would be
+/// quadratic in the large tables that map lookups are for.
+fn by_class(members: &[(u32, u32)]) -> BTreeMap<u32, Vec<u32>> {
+    let mut out: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (m, c) in members {
+        out.entry(*c).or_default().push(*m);
+    }
+    out
+}
+
 /// A map named by its kind and a hash of its contents.
 fn content_name(kind: &str, records: &[Record]) -> String {
     let mut h = Sha256::new();
@@ -897,15 +907,11 @@ fn map_decision(
     default: Label,
 ) -> Vec<MapImage> {
     let mut maps = Vec::new();
-    let by_class = |c: u32| {
-        members
-            .iter()
-            .filter(move |(_, mc)| *mc == c)
-            .map(|(m, _)| *m)
-    };
+    let by_class = by_class(members);
+    let of_class = |c: u32| by_class.get(&c).map_or(&[][..], Vec::as_slice);
     let flat_entries: usize = segments
         .iter()
-        .map(|((c, _), segs)| by_class(*c).count() * segs.len())
+        .map(|((c, _), segs)| of_class(*c).len() * segs.len())
         .sum();
     let flat = flat_entries <= FLAT_MAX_ENTRIES;
     // Key data at SCRATCH + 4 (the LPM prefix length sits in front of it).
@@ -953,7 +959,7 @@ fn map_decision(
     let (mut exact, mut ranges) = (Vec::new(), Vec::new());
     for ((class, proto), segs) in segments {
         let ids: Vec<u32> = if flat {
-            by_class(*class).collect()
+            of_class(*class).to_vec()
         } else {
             vec![*class]
         };
@@ -1075,22 +1081,16 @@ fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 fn baseline_decision(a: &mut Asm, table: &DecisionTable, tails: &Tails) -> Vec<MapImage> {
     let default = a.label();
     let mut records = Vec::new();
+    let by_class = by_class(&membership(table));
     for ((class, proto), segs) in segments(table) {
-        for (m, c) in membership(table) {
-            if c != class {
-                continue;
-            }
+        for &m in by_class.get(&class).into_iter().flatten() {
             for s in &segs {
                 let ports: Vec<u16> = if s.lo == 0 && s.hi == proto.max_port() {
                     vec![0]
                 } else {
                     (s.lo..=s.hi).take(1024).collect()
                 };
-                let verdict: u32 = match table.rows[s.row].verdict {
-                    TableVerdict::Allow => 0,
-                    TableVerdict::Deny => 1,
-                    TableVerdict::Proxy(_) => 2,
-                };
+                let verdict = verdict_code(&table.rows[s.row].verdict);
                 for p in ports {
                     let mut k = m.to_le_bytes().to_vec();
                     k.extend(u32::from(p).to_le_bytes());

@@ -136,6 +136,13 @@ pub enum LoaderError {
     State { path: PathBuf, message: String },
 }
 
+fn map_error(e: sys::MapError) -> LoaderError {
+    LoaderError::Kernel {
+        what: format!("cannot {} map {}", e.action, e.map),
+        source: e.source,
+    }
+}
+
 fn kernel(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LoaderError {
     let what = what.into();
     move |source| LoaderError::Kernel { what, source }
@@ -154,14 +161,7 @@ fn pinned_map(path: &Path, def: &cnpc_codegen_bpf::elf::MapDef) -> Result<OwnedF
     if let Ok(fd) = sys::obj_get(path) {
         return Ok(fd);
     }
-    let fd = sys::create_map(
-        def.map_type,
-        def.key_size,
-        def.value_size,
-        def.max_entries,
-        def.flags,
-    )
-    .map_err(kernel(format!("cannot create map {}", def.name)))?;
+    let fd = sys::create_filled(def, &[]).map_err(map_error)?;
     sys::obj_pin(&fd, path).map_err(kernel(format!("cannot pin {}", path.display())))?;
     Ok(fd)
 }
@@ -350,18 +350,7 @@ impl Loader {
                             .iter()
                             .find(|m| m.name == name)
                             .expect("gen::shared_maps defines every shared map");
-                        let fd = sys::create_map(
-                            d.map_type,
-                            d.key_size,
-                            d.value_size,
-                            d.max_entries,
-                            d.flags,
-                        )
-                        .map_err(kernel(format!("cannot create map {name}")))?;
-                        for (k, v) in records.iter() {
-                            sys::map_update(&fd, k, v)
-                                .map_err(kernel(format!("cannot fill map {name}")))?;
-                        }
+                        let fd = sys::create_filled(d, records).map_err(map_error)?;
                         maps.insert(name.to_string(), fd);
                     }
                 }
@@ -370,20 +359,8 @@ impl Loader {
                         if maps.contains_key(&m.def.name) {
                             continue;
                         }
-                        let d = &m.def;
-                        let fd = sys::create_map(
-                            d.map_type,
-                            d.key_size,
-                            d.value_size,
-                            d.max_entries,
-                            d.flags,
-                        )
-                        .map_err(kernel(format!("cannot create map {}", d.name)))?;
-                        for (k, v) in &m.records {
-                            sys::map_update(&fd, k, v)
-                                .map_err(kernel(format!("cannot fill map {}", d.name)))?;
-                        }
-                        maps.insert(d.name.clone(), fd);
+                        let fd = sys::create_filled(&m.def, &m.records).map_err(map_error)?;
+                        maps.insert(m.def.name.clone(), fd);
                     }
                     let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
                     let program = generated

@@ -140,6 +140,44 @@ pub fn create_map(
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
+/// A map a generated program reads could not be created or filled.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} map {map}: {source}")]
+pub struct MapError {
+    /// `create` or `fill`.
+    pub action: &'static str,
+    pub map: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Creates the map `def` describes and fills it with `records` (key, value).
+pub fn create_filled(
+    def: &cnpc_codegen_bpf::elf::MapDef,
+    records: &[cnpc_codegen_bpf::gen::Record],
+) -> Result<OwnedFd, MapError> {
+    let err = |action| {
+        let map = def.name.clone();
+        move |source| MapError {
+            action,
+            map,
+            source,
+        }
+    };
+    let fd = create_map(
+        def.map_type,
+        def.key_size,
+        def.value_size,
+        def.max_entries,
+        def.flags,
+    )
+    .map_err(err("create"))?;
+    for (k, v) in records {
+        map_update(&fd, k, v).map_err(err("fill"))?;
+    }
+    Ok(fd)
+}
+
 /// The value under `key`, if any.
 pub fn map_lookup(
     map: &OwnedFd,

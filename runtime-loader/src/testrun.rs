@@ -55,14 +55,7 @@ impl Kernel {
     pub fn new(entries: &[(IpNet, NumericIdentity)]) -> Result<Kernel, RunError> {
         let mut maps = BTreeMap::new();
         for def in gen::shared_maps(entries.len()) {
-            let fd = sys::create_map(
-                def.map_type,
-                def.key_size,
-                def.value_size,
-                def.max_entries,
-                def.flags,
-            )
-            .map_err(kernel_err(&format!("cannot create the {} map", def.name)))?;
+            let fd = sys::create_filled(&def, &[]).map_err(|e| RunError::Kernel(e.to_string()))?;
             maps.insert(def.name, fd);
         }
         let k = Kernel { maps };
@@ -101,14 +94,9 @@ impl Kernel {
             if self.maps.contains_key(&m.def.name) {
                 continue; // named by content: the same map
             }
-            let d = &m.def;
-            let fd = sys::create_map(d.map_type, d.key_size, d.value_size, d.max_entries, d.flags)
-                .map_err(kernel_err(&format!("cannot create map {}", d.name)))?;
-            for (k, v) in &m.records {
-                sys::map_update(&fd, k, v)
-                    .map_err(kernel_err(&format!("cannot fill map {}", d.name)))?;
-            }
-            self.maps.insert(d.name.clone(), fd);
+            let fd = sys::create_filled(&m.def, &m.records)
+                .map_err(|e| RunError::Kernel(e.to_string()))?;
+            self.maps.insert(m.def.name.clone(), fd);
         }
         let program = g
             .program
@@ -128,12 +116,19 @@ impl Kernel {
     /// Runs one packet as the first of its flow: connections it opens are forgotten afterwards,
     /// so packets of different test flows never see each other's state.
     pub fn run(&self, prog: &OwnedFd, packet: &[u8]) -> Result<Outcome, RunError> {
+        let out = self.run_opening(prog, packet)?;
+        self.forget_connections()?;
+        Ok(out)
+    }
+
+    /// Runs one packet and reports the connection it opened (the only one in `ct`: callers
+    /// forget connections between flows).
+    fn run_opening(&self, prog: &OwnedFd, packet: &[u8]) -> Result<Outcome, RunError> {
         let mut out = self.run_keep(prog, packet)?;
-        let opened = self.connections()?;
-        out.opened = opened
+        out.opened = self
+            .connections()?
             .first()
             .map(|(_, v)| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
-        self.forget_connections()?;
         Ok(out)
     }
 
@@ -148,11 +143,7 @@ impl Kernel {
         packet: &[u8],
         reply: &[u8],
     ) -> Result<(Outcome, Option<Outcome>), RunError> {
-        let mut out = self.run_keep(prog, packet)?;
-        let opened = self.connections()?;
-        out.opened = opened
-            .first()
-            .map(|(_, v)| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+        let out = self.run_opening(prog, packet)?;
         let back = match out.opened {
             Some(_) => Some(self.run_keep(reverse, reply)?),
             None => None,
