@@ -10,6 +10,7 @@
 //! from it. This crate parses no YAML and touches no kernel.
 
 pub mod labels;
+pub mod proxy;
 
 pub use cranelift_entity::EntityRef;
 use cranelift_entity::{entity_impl, PrimaryMap};
@@ -23,7 +24,10 @@ pub struct IdentityRef(u32);
 entity_impl!(IdentityRef, "id");
 
 /// Index of a [`Rule`] in [`Program::rules`].
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct RuleRef(u32);
 entity_impl!(RuleRef, "rule");
 
@@ -130,7 +134,9 @@ pub struct Endpoint {
     pub interface: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Direction {
     Ingress,
     Egress,
@@ -154,7 +160,9 @@ impl Direction {
 }
 
 /// L4 protocol of a flow or a rule term.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -204,7 +212,9 @@ impl Protocol {
 }
 
 /// An inclusive port range; for ICMP the "port" is the message type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PortRange {
     pub lo: u16,
     pub hi: u16,
@@ -271,7 +281,9 @@ pub enum Peer {
 }
 
 /// A DNS name matcher (matchName or matchPattern), normalised: lower case, no trailing dot.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum DnsMatcher {
     Name(String),
     Pattern(String),
@@ -311,7 +323,7 @@ fn glob_within_labels(p: &[u8], s: &[u8]) -> bool {
 }
 
 /// One HTTP rule: every given field must match (Cilium PortRuleHTTP).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HttpRule {
     /// Anchored regular expressions (matched against the whole value).
     pub method: Option<String>,
@@ -322,7 +334,7 @@ pub struct HttpRule {
 }
 
 /// The L7 part of an allow rule; traffic it covers goes through a proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum L7Rules {
     Http(Vec<HttpRule>),
     Dns(Vec<DnsMatcher>),
@@ -337,7 +349,9 @@ pub enum Action {
 }
 
 /// Where a rule came from, for trace output and diff blame.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Origin {
     /// `Kind namespace/name`.
     pub policy: String,
@@ -454,7 +468,9 @@ mod tests {
 }
 
 /// What a table row (or a table's default) does with a packet.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum TableVerdict {
     Allow,
     Deny,
@@ -464,12 +480,16 @@ pub enum TableVerdict {
 
 /// A group of peer identities that every row treats alike, so a table's size follows the number
 /// of distinct behaviours, not the size of the cluster.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct IdentityClass {
     pub members: Vec<NumericIdentity>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct TableRow {
     /// Index into [`DecisionTable::classes`].
     pub class: u32,
@@ -482,7 +502,7 @@ pub struct TableRow {
 /// and the default for everything no row covers. Canonical: classes sorted by their first
 /// member, rows sorted, adjacent equal ranges merged, no row equal to the default, so equal
 /// tables mean equal behaviour (DESIGN.md §5).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct DecisionTable {
     pub subject: NumericIdentity,
     pub direction: Direction,

@@ -1,0 +1,206 @@
+//! What the L7 proxies need of a generation (DESIGN.md §6a): the [`ProxyPolicy`].
+//!
+//! A packet whose table row says `Proxy` is handed to a local proxy; the proxy then has only the
+//! connection's addresses to go on. To judge a request it needs the same facts the datapath used:
+//! which local endpoint the connection belongs to (its subject, found by address), the peer's
+//! identity (the ipcache: longest matching prefix, a miss is the world), the decision table of
+//! (subject, direction), and the L7 rules of the rules a `Proxy` verdict names. This module
+//! gathers exactly that, as plain data the loader hands to the proxy process with each
+//! generation; the proxy never sees a policy file, and nothing here parses or compiles one.
+
+use crate::{
+    DecisionTable, Direction, IpNet, L7Rules, NumericIdentity, Origin, Program, Protocol, Reserved,
+    RuleRef, TableVerdict,
+};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// The L7 rules of one lowered rule, with where it came from (for 403s and events).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProxyRule {
+    pub origin: Origin,
+    pub l7: L7Rules,
+}
+
+/// One generation's L7 view. Serialised as JSON between the loader and the proxies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProxyPolicy {
+    /// The loader's generation number (0 when built outside the loader).
+    pub generation: u64,
+    /// Addresses of the endpoints this node enforces on, and their identities.
+    pub endpoints: Vec<(IpAddr, NumericIdentity)>,
+    /// Address prefixes and their identities, as in the datapath's ipcache.
+    pub ipcache: Vec<(IpNet, NumericIdentity)>,
+    /// Decision tables of the local endpoints' identities, both directions.
+    pub tables: Vec<DecisionTable>,
+    /// Every rule a `Proxy` verdict of `tables` names, by its [`RuleRef`].
+    pub rules: BTreeMap<RuleRef, ProxyRule>,
+}
+
+/// What applies to one proxied connection: allow everything, deny everything, or judge each
+/// request by these rules (a request passes when any of them allows it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionVerdict<'a> {
+    Allow,
+    Deny,
+    L7(Vec<(RuleRef, &'a ProxyRule)>),
+}
+
+impl ProxyPolicy {
+    /// Gathers the L7 view of `tables` (built from `program`) with the generation's ipcache.
+    /// `local` keeps the endpoints whose tables are here (this node's); tables whose subject
+    /// no local endpoint carries are still included, since a proxy may see any of them.
+    pub fn build(
+        program: &Program,
+        tables: &[DecisionTable],
+        ipcache: &[(IpNet, NumericIdentity)],
+    ) -> ProxyPolicy {
+        let subjects: std::collections::BTreeSet<NumericIdentity> =
+            tables.iter().map(|t| t.subject).collect();
+        let mut endpoints: Vec<(IpAddr, NumericIdentity)> = program
+            .endpoints
+            .values()
+            .filter(|e| e.is_pod)
+            .map(|e| (e, program.identities[e.identity].numeric))
+            .filter(|(_, id)| subjects.contains(id))
+            .flat_map(|(e, id)| e.ips.iter().map(move |ip| (*ip, id)))
+            .collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let mut rules = BTreeMap::new();
+        for t in tables {
+            let verdicts = t.rows.iter().map(|r| &r.verdict).chain([&t.default]);
+            for v in verdicts {
+                if let TableVerdict::Proxy(refs) = v {
+                    for r in refs {
+                        let rule = &program.rules[*r];
+                        if let Some(l7) = &rule.l7 {
+                            rules.entry(*r).or_insert_with(|| ProxyRule {
+                                origin: rule.origin.clone(),
+                                l7: l7.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        ProxyPolicy {
+            generation: 0,
+            endpoints,
+            ipcache: ipcache.to_vec(),
+            tables: tables.to_vec(),
+            rules,
+        }
+    }
+
+    /// The identity of the local endpoint at `ip`, if this node enforces on one there.
+    pub fn endpoint(&self, ip: IpAddr) -> Option<NumericIdentity> {
+        self.endpoints
+            .iter()
+            .find(|(a, _)| *a == ip)
+            .map(|(_, id)| *id)
+    }
+
+    /// The identity the datapath gives `ip`: the longest ipcache prefix holding it, else the
+    /// world (gen.rs: "a miss is the world").
+    pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
+        self.ipcache
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map_or(Reserved::World.numeric(), |(_, id)| *id)
+    }
+
+    /// What applies to a TCP/UDP connection between a local endpoint and a peer, as the
+    /// datapath would decide its first packet. `None` when no table covers the subject: the
+    /// proxy must then refuse (fail closed).
+    pub fn connection(
+        &self,
+        direction: Direction,
+        subject: NumericIdentity,
+        peer: NumericIdentity,
+        protocol: Protocol,
+        port: u16,
+    ) -> Option<ConnectionVerdict<'_>> {
+        let table = self
+            .tables
+            .iter()
+            .find(|t| t.subject == subject && t.direction == direction)?;
+        Some(match table.lookup(peer, protocol, port) {
+            TableVerdict::Allow => ConnectionVerdict::Allow,
+            TableVerdict::Deny => ConnectionVerdict::Deny,
+            TableVerdict::Proxy(refs) => ConnectionVerdict::L7(
+                refs.iter()
+                    .filter_map(|r| Some((*r, self.rules.get(r)?)))
+                    .collect(),
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EntityRef, IdentityClass, PortRange, TableRow};
+
+    #[test]
+    fn identity_is_the_longest_prefix_and_a_miss_is_the_world() {
+        let p = ProxyPolicy {
+            ipcache: vec![
+                ("10.0.0.0/8".parse().unwrap(), NumericIdentity(16_777_217)),
+                ("10.0.1.5/32".parse().unwrap(), NumericIdentity(300)),
+            ],
+            ..ProxyPolicy::default()
+        };
+        assert_eq!(p.identity_of("10.0.1.5".parse().unwrap()).0, 300);
+        assert_eq!(p.identity_of("10.9.1.5".parse().unwrap()).0, 16_777_217);
+        assert_eq!(p.identity_of("192.0.2.1".parse().unwrap()).0, 2);
+    }
+
+    #[test]
+    fn connection_follows_the_table_and_a_missing_table_is_none() {
+        let table = DecisionTable {
+            subject: NumericIdentity(300),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(400)],
+            }],
+            rows: vec![TableRow {
+                class: 0,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(80),
+                verdict: TableVerdict::Proxy(vec![RuleRef::new(0)]),
+            }],
+        };
+        let mut rules = BTreeMap::new();
+        rules.insert(
+            RuleRef::new(0),
+            ProxyRule {
+                origin: Origin {
+                    policy: "p".into(),
+                    file: "f".into(),
+                    line: 1,
+                },
+                l7: L7Rules::Http(Vec::new()),
+            },
+        );
+        let p = ProxyPolicy {
+            tables: vec![table],
+            rules,
+            ..ProxyPolicy::default()
+        };
+        let id = NumericIdentity;
+        let v = p.connection(Direction::Ingress, id(300), id(400), Protocol::Tcp, 80);
+        assert!(matches!(v, Some(ConnectionVerdict::L7(r)) if r.len() == 1));
+        let v = p.connection(Direction::Ingress, id(300), id(400), Protocol::Tcp, 81);
+        assert_eq!(v, Some(ConnectionVerdict::Deny));
+        assert_eq!(
+            p.connection(Direction::Egress, id(300), id(400), Protocol::Tcp, 80),
+            None
+        );
+        let json = serde_json::to_string(&p).unwrap();
+        let back: ProxyPolicy = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+    }
+}
