@@ -15,6 +15,34 @@ use crate::{
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+/// The contract between the datapath, the loader and the proxies: ports and packet marks.
+///
+/// - The endpoint's egress program hands a proxied connection to the socket listening on
+///   [`EGRESS_PROXY_PORT`]; its ingress program hands it (through the loader's proxy device,
+///   where `bpf_sk_assign` is allowed) to [`INGRESS_PROXY_PORT`]. The listener a connection
+///   arrived on tells the proxy the direction.
+/// - Packets assigned to a proxy socket carry [`TO_PROXY_MARK`]; the loader routes that mark to
+///   a local table (`ip rule fwmark TO_PROXY_MARK lookup PROXY_ROUTE_TABLE`, `local default dev
+///   lo table PROXY_ROUTE_TABLE`, both families), which is what delivers them to the socket.
+/// - The proxy's upstream connections leave from the node's own address and carry
+///   [`FROM_EGRESS_PROXY`] or [`FROM_INGRESS_PROXY`] in their socket mark, or'ed with the
+///   original source's identity (16 bits: proxied sources are local pods, whose identities are
+///   cluster identities below 65,536). A destination endpoint's ingress program takes the
+///   source identity from that mark instead of the ipcache (which would say "host"), and passes
+///   traffic its own ingress proxy already judged.
+pub mod contract {
+    pub const EGRESS_PROXY_PORT: u16 = 15001;
+    pub const INGRESS_PROXY_PORT: u16 = 15002;
+    pub const TO_PROXY_MARK: u32 = 0x0c70_0000;
+    pub const FROM_EGRESS_PROXY: u32 = 0x0c71_0000;
+    pub const FROM_INGRESS_PROXY: u32 = 0x0c72_0000;
+    /// The part of a mark that says which of the above it is.
+    pub const MARK_MAGIC_MASK: u32 = 0xffff_0000;
+    /// The part of a `FROM_*` mark that holds the source identity.
+    pub const MARK_IDENTITY_MASK: u32 = 0x0000_ffff;
+    pub const PROXY_ROUTE_TABLE: u32 = 3184;
+}
+
 /// The L7 rules of one lowered rule, with where it came from (for 403s and events).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProxyRule {
