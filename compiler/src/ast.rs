@@ -291,6 +291,16 @@ fn len<T>(l: &Option<Spanned<List<T>>>) -> Option<usize> {
     l.as_ref().map(|l| l.value.len())
 }
 
+/// Whether a rule has L4 terms in Cilium's sense (`len(ToPorts) > 0 || len(ICMPs) > 0`), which
+/// decides whether a rule naming no peer selects every peer or none.
+pub fn has_l4<P>(
+    to_ports: &Option<Spanned<List<P>>>,
+    icmps: &Option<Spanned<List<IcmpRule>>>,
+) -> bool {
+    to_ports.as_ref().is_some_and(|l| !l.value.is_empty())
+        || icmps.as_ref().is_some_and(|l| !l.value.is_empty())
+}
+
 impl IngressPeers {
     /// The state of the lists Cilium checks: endpoints, nodes, entities, CIDR, CIDR set.
     pub fn lists(&self) -> PeerLists {

@@ -168,6 +168,11 @@ impl<'n> Fields<'n> {
                         }
                         None => "the API server drops it; remove it".to_string(),
                     }),
+                // Cilium 1.14 renamed the rule field `auth` to `authentication`; a policy
+                // written for older releases keeps `auth`, which the API server now prunes.
+                (_, Some("authentication")) if name == "auth" => d.label("renamed field").help(
+                    "`auth` became `authentication` in Cilium 1.14 (`authentication: {mode: required}`); the API server silently drops `auth`, so this rule no longer asks for authentication",
+                ),
                 (_, Some(s)) => d.label("unknown field").help(format!(
                     "did you mean `{s}`? The API server silently drops unknown fields, so this one has no effect"
                 )),

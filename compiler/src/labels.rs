@@ -17,8 +17,40 @@ pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 /// The IR form of a selector as written. Malformed requirements (reported by validation) become
 /// requirements that match nothing, so a broken selector never widens.
 pub fn selector(sel: &LabelSelector) -> Selector {
+    selector_skipping_label(sel, None)
+}
+
+/// The endpointSelector of a namespaced CNP: it always selects in the policy's namespace. Like
+/// Cilium's ParseToCiliumRule (pkg/k8s/apis/cilium.io/utils/utils.go, AddMatch), a matchLabels
+/// entry for the namespace key is replaced by the policy's namespace; matchExpressions on that
+/// key stay and are ANDed.
+pub fn namespaced_subject(sel: &LabelSelector, namespace: &str) -> Selector {
+    let mut s = selector_skipping_label(sel, Some(NAMESPACE_LABEL));
+    s.add(
+        &format!("k8s:{NAMESPACE_LABEL}"),
+        Operator::In,
+        &[namespace],
+    );
+    s
+}
+
+/// The matchLabels entries of `sel` whose key (without source prefix) is `key`.
+pub fn match_labels_of<'a>(
+    sel: &'a LabelSelector,
+    key: &'a str,
+) -> impl Iterator<Item = &'a (crate::ast::SString, crate::ast::SString)> + 'a {
+    sel.match_labels
+        .iter()
+        .flat_map(|m| m.value.0.iter())
+        .filter(move |(k, _)| split_source(&k.value).1 == key)
+}
+
+fn selector_skipping_label(sel: &LabelSelector, skip: Option<&str>) -> Selector {
     let mut s = Selector::default();
     for (k, v) in sel.match_labels.iter().flat_map(|m| m.value.0.iter()) {
+        if skip.is_some_and(|key| split_source(&k.value).1 == key) {
+            continue;
+        }
         s.add(&k.value, Operator::In, &[&v.value]);
     }
     for req in sel.match_expressions.iter().flatten() {

@@ -40,6 +40,7 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
             suspicious_keys(sel, &mut out);
         }
         cidrs_meaning_world(&sr.rule.value, &mut out);
+        namespace_overridden(sr, &mut out);
     }
     // Each endpoint's labels, built once: policies × workloads would otherwise rebuild them.
     let endpoints: Vec<(&str, crate::labels::LabelSet)> = cluster.map_or_else(Vec::new, |c| {
@@ -80,6 +81,35 @@ struct ScopedRule<'a> {
     rule: &'a Spanned<Rule>,
     /// The endpoint selector's labels without sources, when it has no expressions.
     labels: Option<BTreeSet<(String, String)>>,
+}
+
+/// A namespaced CNP's endpointSelector that names another namespace in matchLabels: Cilium's
+/// ParseToCiliumRule (pkg/k8s/apis/cilium.io/utils/utils.go) replaces the entry with the
+/// policy's namespace ("EndpointSelector always applies in namespace of the policy resource,
+/// removing illegal namespace match"), so the rule selects pods of its own namespace.
+fn namespace_overridden(sr: &ScopedRule, out: &mut Vec<Diagnostic>) {
+    let (Some(ns), Some(es)) = (&sr.ns, &sr.rule.value.endpoint_selector) else {
+        return;
+    };
+    for (k, v) in crate::labels::match_labels_of(es, crate::labels::NAMESPACE_LABEL) {
+        if v.value != *ns {
+            out.push(
+                Diagnostic::new(
+                    Code::NamespaceOverridden,
+                    k.span.to(v.span),
+                    format!(
+                        "this policy lives in namespace `{ns}`, so Cilium selects pods of `{ns}` here, not of `{}`",
+                        v.value
+                    ),
+                )
+                .label("replaced by the policy's namespace")
+                .help(format!(
+                    "a CiliumNetworkPolicy only applies to its own namespace: move the policy to namespace `{}`, or use a CiliumClusterwideNetworkPolicy to select pods across namespaces",
+                    v.value
+                )),
+            );
+        }
+    }
 }
 
 /// matchLabels as (key without source, value) pairs, when the selector has no expressions;
@@ -489,8 +519,11 @@ struct Entry {
     span: Span,
 }
 
-fn ingress_peers(p: &IngressPeers) -> Peers {
-    if p.lists() == PeerLists::ExplicitlyEmpty {
+/// Peers as [`Peers`]; a rule that names no peer selects every peer only when it has L4 terms
+/// (`has_l4`), as lowering's `wildcard_peer` says.
+fn ingress_peers(p: &IngressPeers, has_l4: bool) -> Peers {
+    let absent = p.lists() == PeerLists::Absent && p.from_groups.is_none();
+    if p.lists() == PeerLists::ExplicitlyEmpty || (absent && !has_l4) {
         return Peers::Some("nobody", BTreeSet::new());
     }
     let sel = [
@@ -515,8 +548,16 @@ fn ingress_peers(p: &IngressPeers) -> Peers {
     }
 }
 
-fn egress_peers(p: &EgressPeers, fqdns: Option<&Spanned<List<FqdnSelector>>>) -> Peers {
-    if p.lists() == PeerLists::ExplicitlyEmpty {
+fn egress_peers(
+    p: &EgressPeers,
+    fqdns: Option<&Spanned<List<FqdnSelector>>>,
+    has_l4: bool,
+) -> Peers {
+    let absent = p.lists() == PeerLists::Absent
+        && p.to_services.is_none()
+        && fqdns.is_none()
+        && p.to_groups.is_none();
+    if p.lists() == PeerLists::ExplicitlyEmpty || (absent && !has_l4) {
         return Peers::Some("nobody", BTreeSet::new());
     }
     let sel = [
@@ -582,7 +623,7 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
         .iter()
         .flat_map(|l| l.value.iter())
         .map(|i| Entry {
-            peers: ingress_peers(&i.peers),
+            peers: ingress_peers(&i.peers, crate::ast::has_l4(&i.to_ports, &i.icmps)),
             ports: allow_ports(i.to_ports.as_ref(), has_icmps(&i.icmps)),
             span: i.span,
         })
@@ -592,7 +633,11 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
         .iter()
         .flat_map(|l| l.value.iter())
         .map(|e| Entry {
-            peers: egress_peers(&e.peers, e.to_fqdns.as_ref()),
+            peers: egress_peers(
+                &e.peers,
+                e.to_fqdns.as_ref(),
+                crate::ast::has_l4(&e.to_ports, &e.icmps),
+            ),
             ports: allow_ports(e.to_ports.as_ref(), has_icmps(&e.icmps)),
             span: e.span,
         })
@@ -608,7 +653,7 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
             .iter()
             .flat_map(|l| l.value.iter())
             .map(|d| Entry {
-                peers: ingress_peers(&d.peers),
+                peers: ingress_peers(&d.peers, crate::ast::has_l4(&d.to_ports, &d.icmps)),
                 ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
                 span: d.span,
             });
@@ -617,7 +662,7 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
             .iter()
             .flat_map(|l| l.value.iter())
             .map(|d| Entry {
-                peers: egress_peers(&d.peers, None),
+                peers: egress_peers(&d.peers, None, crate::ast::has_l4(&d.to_ports, &d.icmps)),
                 ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
                 span: d.span,
             });
@@ -654,7 +699,12 @@ fn selects_nothing(
 ) {
     let ns = scope(p);
     let mut check = |sel: &Spanned<LabelSelector>, nodes: bool| {
-        let selector = crate::labels::selector(sel);
+        // A namespaced policy's subject selects in its namespace whatever it says
+        // (`namespace_overridden`).
+        let selector = match &ns {
+            Some(n) if !nodes => crate::labels::namespaced_subject(sel, n),
+            _ => crate::labels::selector(sel),
+        };
         let any = if nodes {
             node_labels.iter().any(|l| selector.matches(l))
         } else {

@@ -183,6 +183,30 @@ pub fn lower(
     }
 }
 
+/// The peers of a CNP/CCNP rule that names none. Cilium gives such a rule the wildcard peer
+/// only when it has L4 terms: `IngressRule.sanitize` / `EgressRule.sanitize`
+/// (pkg/policy/api/rule_validation.go) set the wildcard endpoint selector when a rule has no
+/// L3 member but `toPorts` or `icmps`. A rule with neither (`ingress: [{}]`, `egress: [{}]`)
+/// selects no peer and allows nothing; its section only turns on default deny, which is what
+/// Cilium's example `examples/policies/l3/egress-default-deny` ("deny-all-egress") relies on,
+/// and what pkg/policy's TestL3Wildcarding CaseC3 (`Ingress: []api.IngressRule{{}}` gives an
+/// empty policy map) fixes. Kubernetes NetworkPolicy differs: an empty rule there allows all
+/// (`network_policy` below).
+fn wildcard_peer(has_l4: bool) -> Vec<Peer> {
+    if has_l4 {
+        vec![Peer::Any]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether a `toPorts` entry names no port (`{}`, `ports: []`, or only `rules`): Cilium's
+/// mergeIngress/mergeEgress (pkg/policy/rule.go) create L4 filters from the entry's
+/// `GetPortProtocols()`, so an entry without ports covers nothing, L7 rules or not.
+fn port_rule_covers_nothing(ports: &Option<Spanned<ast::List<ast::PortProtocol>>>) -> bool {
+    ports.as_ref().is_none_or(|l| l.value.is_empty())
+}
+
 struct Lowering<'a> {
     sources: &'a SourceMap,
     cluster: &'a Cluster,
@@ -222,13 +246,17 @@ impl Lowering<'_> {
     /// ParseToCiliumRule: a CNP's endpointSelector always gets its namespace.
     fn subject(&self, p: &ast::Policy, r: &ast::Rule) -> Option<Subject> {
         if let Some(es) = &r.endpoint_selector {
-            let mut sel = labels::selector(es);
-            if let Some(ns) = ns_of(p) {
-                sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::In, &[&ns]);
-            } else {
-                // CCNPs select only Cilium-managed pods: every pod has a namespace label.
-                sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::Exists, &[]);
-            }
+            let sel = match ns_of(p) {
+                // A namespaced CNP selects in its own namespace whatever its selector says
+                // (lint: `cnpc::namespace-overridden`).
+                Some(ns) => labels::namespaced_subject(es, &ns),
+                None => {
+                    // CCNPs select only Cilium-managed pods: every pod has a namespace label.
+                    let mut sel = labels::selector(es);
+                    sel.add(&format!("k8s:{NAMESPACE_LABEL}"), Operator::Exists, &[]);
+                    sel
+                }
+            };
             return Some(Subject::Endpoints(sel));
         }
         r.node_selector
@@ -347,8 +375,9 @@ impl Lowering<'_> {
         out
     }
 
-    /// Peers of an ingress or egress rule; `None` when the rule names no peer (all peers).
-    fn ingress_peers(&self, ns: &Option<String>, p: &ast::IngressPeers) -> Vec<Peer> {
+    /// Peers of an ingress rule. A rule that names no peer selects every peer only when it has
+    /// L4 terms (`has_l4`); see [`wildcard_peer`].
+    fn ingress_peers(&self, ns: &Option<String>, p: &ast::IngressPeers, has_l4: bool) -> Vec<Peer> {
         let out = self.common_peers(
             ns,
             [&p.from_endpoints, &p.from_nodes],
@@ -358,7 +387,7 @@ impl Lowering<'_> {
         );
         match p.lists() {
             PeerLists::ExplicitlyEmpty => Vec::new(),
-            PeerLists::Absent if out.is_empty() && p.from_groups.is_none() => vec![Peer::Any],
+            PeerLists::Absent if out.is_empty() && p.from_groups.is_none() => wildcard_peer(has_l4),
             _ => out,
         }
     }
@@ -368,6 +397,7 @@ impl Lowering<'_> {
         ns: &Option<String>,
         p: &ast::EgressPeers,
         fqdns: Option<&Spanned<ast::List<ast::FqdnSelector>>>,
+        has_l4: bool,
     ) -> Vec<Peer> {
         let mut out = self.common_peers(
             ns,
@@ -392,7 +422,7 @@ impl Lowering<'_> {
             || p.to_groups.is_some();
         match p.lists() {
             PeerLists::ExplicitlyEmpty => Vec::new(),
-            PeerLists::Absent if out.is_empty() && !names_other => vec![Peer::Any],
+            PeerLists::Absent if out.is_empty() && !names_other => wildcard_peer(has_l4),
             _ => out,
         }
     }
@@ -572,19 +602,22 @@ impl Lowering<'_> {
     }
 
     /// A deny rule's L4: the ports of all its toPorts entries (deny rules carry no L7), or its
-    /// ICMP types.
+    /// ICMP types; `None` when its toPorts entries cover no port, so the rule denies nothing.
     fn deny_l4(
         &self,
         to_ports: Option<&Spanned<ast::List<ast::PortDenyRule>>>,
         icmps: &Option<Spanned<ast::List<ast::IcmpRule>>>,
-    ) -> Vec<L4Term> {
+    ) -> Option<Vec<L4Term>> {
         match to_ports.filter(|t| !t.value.is_empty()) {
-            Some(tp) => tp
-                .value
-                .iter()
-                .flat_map(|pr| self.ports(pr.ports.as_ref()))
-                .collect(),
-            None => self.icmps(icmps),
+            Some(tp) => Some(
+                tp.value
+                    .iter()
+                    .filter(|pr| !port_rule_covers_nothing(&pr.ports))
+                    .flat_map(|pr| self.ports(pr.ports.as_ref()))
+                    .collect(),
+            )
+            .filter(|l4: &Vec<L4Term>| !l4.is_empty()),
+            None => Some(self.icmps(icmps)),
         }
     }
 
@@ -604,7 +637,12 @@ impl Lowering<'_> {
     ) {
         match to_ports.filter(|t| !t.value.is_empty()) {
             Some(tp) => {
-                for pr in &tp.value {
+                // A port rule without ports covers no port (`port_rule_covers_nothing`).
+                for pr in tp
+                    .value
+                    .iter()
+                    .filter(|pr| !port_rule_covers_nothing(&pr.ports))
+                {
                     let l4 = self.ports(pr.ports.as_ref());
                     let l7 = self.l7(&pr.rules);
                     self.push(&base, l4, l7);
@@ -667,7 +705,7 @@ impl Lowering<'_> {
             let base = rule(
                 Direction::Ingress,
                 Action::Allow,
-                self.ingress_peers(&ns, &i.peers),
+                self.ingress_peers(&ns, &i.peers, ast::has_l4(&i.to_ports, &i.icmps)),
                 i.span,
                 self,
             );
@@ -685,18 +723,24 @@ impl Lowering<'_> {
             let base = rule(
                 Direction::Ingress,
                 Action::Deny,
-                self.ingress_peers(&ns, &i.peers),
+                self.ingress_peers(&ns, &i.peers, ast::has_l4(&i.to_ports, &i.icmps)),
                 i.span,
                 self,
             );
-            let l4 = self.deny_l4(i.to_ports.as_ref(), &i.icmps);
-            self.push(&base, l4, None);
+            if let Some(l4) = self.deny_l4(i.to_ports.as_ref(), &i.icmps) {
+                self.push(&base, l4, None);
+            }
         }
         for e in r.egress.iter().flat_map(|l| l.value.iter()) {
             let base = rule(
                 Direction::Egress,
                 Action::Allow,
-                self.egress_peers(&ns, &e.peers, e.to_fqdns.as_ref()),
+                self.egress_peers(
+                    &ns,
+                    &e.peers,
+                    e.to_fqdns.as_ref(),
+                    ast::has_l4(&e.to_ports, &e.icmps),
+                ),
                 e.span,
                 self,
             );
@@ -714,12 +758,13 @@ impl Lowering<'_> {
             let base = rule(
                 Direction::Egress,
                 Action::Deny,
-                self.egress_peers(&ns, &e.peers, None),
+                self.egress_peers(&ns, &e.peers, None, ast::has_l4(&e.to_ports, &e.icmps)),
                 e.span,
                 self,
             );
-            let l4 = self.deny_l4(e.to_ports.as_ref(), &e.icmps);
-            self.push(&base, l4, None);
+            if let Some(l4) = self.deny_l4(e.to_ports.as_ref(), &e.icmps) {
+                self.push(&base, l4, None);
+            }
         }
     }
 

@@ -141,14 +141,12 @@ fn default_deny_per_direction() {
     );
 }
 
-/// A rule that names no peer list selects every peer ("Empty L3 = match everything"), while an
-/// explicitly empty list selects nobody ("nil L3 = match nothing"): pkg/policy/utils
-/// mergeEndpointSelectors and the reference flow finder. Both still turn on default deny.
+/// An explicitly empty peer list selects nobody (pkg/policy rule_test.go TestL3Wildcarding
+/// B1-B3; pkg/policy/utils mergeEndpointSelectors), yet its section turns on default deny. (A
+/// rule with no peer list at all: `l4_only_rule_allows_every_peer_on_its_ports` and
+/// `empty_cilium_rule_allows_nothing_and_enables_default_deny`.)
 #[test]
-fn absent_peer_list_selects_everyone_and_empty_list_selects_no_one() {
-    let w = world(&cnp("a", "p", &format!("{WEB}  ingress:\n  - {{}}\n")));
-    assert!(w.allowed("pod:b/db", "pod:a/web", "80"));
-    assert!(w.allowed("ip:1.1.1.1", "pod:a/web", "80"));
+fn empty_peer_list_selects_no_one() {
     let w = world(&cnp("a", "p", &format!("{WEB}  ingress:\n  - fromEndpoints: []\n    toPorts: [{{ports: [{{port: \"80\"}}]}}]\n")));
     assert!(!w.allowed("pod:a/client", "pod:a/web", "80"));
     assert!(!w.allowed("ip:1.1.1.1", "pod:a/web", "80"));
@@ -158,6 +156,127 @@ fn absent_peer_list_selects_everyone_and_empty_list_selects_no_one() {
         &format!("{WEB}  egress:\n  - toEntities: []\n"),
     ));
     assert!(!w.allowed("pod:a/web", "ip:1.1.1.1", "443"));
+}
+
+/// An empty rule (`egress: [{}]`, `ingress: [{}]`) allows nothing: it only puts the endpoint
+/// into default deny for that direction. Cilium's own example
+/// examples/policies/l3/egress-default-deny/egress-default-deny.yaml ("deny-all-egress") is
+/// exactly `egress: [{}]`, and pkg/policy rule_test.go TestL3Wildcarding CaseC3
+/// (`Ingress: []api.IngressRule{{}}` gives an empty L4 policy map) fixes it. The same holds
+/// for deny sections: `ingressDeny: [{}]` denies nothing by itself (but enables default deny).
+#[test]
+fn empty_cilium_rule_allows_nothing_and_enables_default_deny() {
+    let w = world(&cnp(
+        "a",
+        "deny-all-egress",
+        &format!("{WEB}  egress:\n  - {{}}\n"),
+    ));
+    let v = w.verdict("pod:a/web", "pod:b/db", "5432");
+    assert!(!v.allowed);
+    assert_eq!(v.egress.verdict, DirVerdict::Denied);
+    assert!(v.egress.rules[0].what.contains("default-deny"));
+    assert!(!w.allowed("pod:a/web", "ip:1.1.1.1", "443"));
+    assert!(!w.allowed("pod:a/web", "pod:a/web2", "80/UDP"));
+    // Ingress is untouched by an egress-only policy.
+    assert_eq!(
+        w.verdict("pod:a/client", "pod:a/web", "80").ingress.verdict,
+        DirVerdict::NotEnforced
+    );
+
+    let w = world(&cnp("a", "p", &format!("{WEB}  ingress:\n  - {{}}\n")));
+    assert!(!w.allowed("pod:b/db", "pod:a/web", "80"));
+    assert!(!w.allowed("ip:1.1.1.1", "pod:a/web", "80"));
+
+    // A deny section of one empty rule denies nothing, but enables default deny: an allow
+    // beside it still allows.
+    let w = world(&cnp(
+        "a",
+        "p",
+        &format!("{WEB}  ingressDeny:\n  - {{}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n"),
+    ));
+    assert!(w.allowed("pod:a/client", "pod:a/web", "80"));
+    assert!(!w.allowed("pod:b/db", "pod:a/web", "80"));
+
+    // A CCNP behaves the same.
+    let w = world(&ccnp("p", &format!("{WEB}  egress:\n  - {{}}\n")));
+    assert!(!w.allowed("pod:a/web", "pod:b/db", "5432"));
+}
+
+/// TestL3Wildcarding CaseC1/C2: only a rule with `toPorts` (or `icmps`) and no L3 field gets
+/// the implicit wildcard peer; `toPorts: []` counts as no L4 (`len(ToPorts) == 0`), so such a
+/// rule allows nothing.
+#[test]
+fn only_rules_with_l4_get_the_wildcard_peer() {
+    let w = world(&cnp(
+        "a",
+        "p",
+        &format!("{WEB}  ingress:\n  - icmps: [{{fields: [{{type: 8}}]}}]\n"),
+    ));
+    assert!(w.allowed("pod:b/db", "pod:a/web", "8/ICMP"));
+    assert!(!w.allowed("pod:b/db", "pod:a/web", "80"));
+    let w = world(&cnp(
+        "a",
+        "p",
+        &format!("{WEB}  ingress:\n  - toPorts: []\n"),
+    ));
+    assert!(!w.allowed("pod:b/db", "pod:a/web", "80"));
+}
+
+/// A `toPorts` entry without ports (`toPorts: [{}]`, `ports: []`, or only `rules`) covers no
+/// port: pkg/policy/rule.go mergeIngress/mergeEgress iterate `GetPortProtocols()`, which is
+/// empty, so no L4 filter is created and the rule allows nothing.
+#[test]
+fn port_rule_without_ports_covers_nothing() {
+    for to_ports in ["[{}]", "[{ports: []}]"] {
+        let w = world(&cnp(
+            "a",
+            "p",
+            &format!("{WEB}  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts: {to_ports}\n"),
+        ));
+        assert!(
+            !w.allowed("pod:a/client", "pod:a/web", "80"),
+            "toPorts: {to_ports}"
+        );
+        assert!(
+            !w.allowed("pod:a/client", "pod:a/web", "53/UDP"),
+            "toPorts: {to_ports}"
+        );
+    }
+}
+
+/// Kubernetes NetworkPolicy keeps its own meaning: an empty ingress rule (`ingress: [{}]`)
+/// allows all traffic to the selected pods (NetworkPolicySpec.Ingress: "If this field is
+/// empty then this NetworkPolicy does not allow any traffic ... an empty rule matches all").
+#[test]
+fn network_policy_empty_rule_allows_all() {
+    let np = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - {}\n";
+    let w = world(np);
+    assert!(w.allowed("pod:b/db", "pod:a/web", "80"));
+    assert!(w.allowed("ip:1.1.1.1", "pod:a/web", "443"));
+}
+
+/// ParseToCiliumRule (pkg/k8s/apis/cilium.io/utils/utils.go): "EndpointSelector always applies
+/// in namespace of the policy resource, removing illegal namespace match". A namespaced CNP's
+/// `endpointSelector` naming another namespace in matchLabels is overwritten with the
+/// policy's own namespace (AddMatch replaces the matchLabels entry), so it selects its own
+/// namespace's pods, not nothing and not the other namespace's.
+#[test]
+fn cnp_subject_is_always_in_its_own_namespace() {
+    let w = world(&cnp(
+        "a",
+        "p",
+        "  endpointSelector: {matchLabels: {app: client, k8s:io.kubernetes.pod.namespace: b}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: web}}]\n",
+    ));
+    // The subject is a/client: b/client's ingress is not enforced by this policy.
+    assert_eq!(
+        w.verdict("pod:a/web", "pod:b/client", "80").ingress.verdict,
+        DirVerdict::NotEnforced
+    );
+    assert!(w.allowed("pod:a/web", "pod:a/client", "80"));
+    assert_eq!(
+        w.verdict("pod:b/db", "pod:a/client", "80").ingress.verdict,
+        DirVerdict::Denied
+    );
 }
 
 /// Rule.Sanitize: `len(IngressDeny) > 0` also enables default deny, so a deny-only policy
