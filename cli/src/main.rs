@@ -254,7 +254,7 @@ fn run_endpoints(pin_dir: PathBuf, state_dir: &std::path::Path, output: TraceFor
     let cfg = loader::Config {
         pin_dir,
         state_file: state_dir.join("state.json"),
-        attach: Default::default(),
+        ..Default::default()
     };
     let hooks = match loader::endpoints(&cfg) {
         Ok(h) => h,

@@ -6,6 +6,7 @@ use crate::node::{interface_for, Route};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check_errors, report, Cluster, PolicySet};
+use cnpc_ir::proxy::ProxyPolicy;
 use cnpc_ir::{DecisionTable, IpNet, NumericIdentity};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -29,6 +30,8 @@ pub struct Generation {
     pub tables: Vec<DecisionTable>,
     pub ipcache: Vec<(IpNet, NumericIdentity)>,
     pub endpoints: Vec<EndpointInfo>,
+    /// What the L7 proxies need to judge requests under this generation.
+    pub proxy: ProxyPolicy,
     /// The identity numbers used, to pass to the next compile so numbers stay put.
     pub allocation: Allocation,
     /// Time spent reading and checking the inputs, lowering, and building tables.
@@ -128,6 +131,7 @@ pub fn build(
         }
     };
     let ipcache = ipcache_entries(&program, &compiler.universe);
+    let proxy = ProxyPolicy::build(&program, &tables, &ipcache);
     let endpoints = program
         .endpoints
         .values()
@@ -145,6 +149,7 @@ pub fn build(
         tables,
         ipcache,
         endpoints,
+        proxy,
         allocation: lower::allocation_of(&program),
         check_time,
         lower_time,

@@ -4,8 +4,9 @@
 //! (`DESIGN.md` §1, §6): bpf(2) calls ([`sys`]), checking compiled directories against the
 //! kernel verifier ([`verify`]), running packets through programs for tests and `cnpc trace`
 //! ([`testrun`]), finding endpoints' interfaces on this node ([`node`]), compiling a generation
-//! with the compiler ([`generation`]) and attaching, swapping and pinning it ([`loader`]). The
-//! `cnpc-loader` binary runs it standalone.
+//! with the compiler ([`generation`]), attaching, swapping and pinning it ([`loader`]), and the
+//! node side of the L7 stage: proxy routes, the proxy device and the supervised `cnpc-proxy`
+//! ([`l7`]). The `cnpc-loader` binary runs it standalone.
 //!
 //! It calls bpf(2) directly rather than through aya: aya's loader is built around ELF objects
 //! whose maps it creates itself, while cnpc binds generated programs to maps of each generation
@@ -14,6 +15,7 @@
 
 pub mod generation;
 pub mod k8s;
+pub mod l7;
 pub mod loader;
 pub mod node;
 pub mod sys;

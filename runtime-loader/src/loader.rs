@@ -51,6 +51,9 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
     pub attach: AttachMode,
+    /// Where each generation's proxy policy is written for the L7 proxies (`None`: not
+    /// written, no L7 stage).
+    pub proxy_policy: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             pin_dir: PathBuf::from("/sys/fs/bpf/cnpc"),
             state_file: PathBuf::from("/run/cnpc/state.json"),
             attach: AttachMode::Auto,
+            proxy_policy: None,
         }
     }
 }
@@ -406,6 +410,16 @@ impl Loader {
             }
         }
         report.load_time = start.elapsed();
+        // The proxies get the generation's L7 view before its programs switch in, so a
+        // connection the new programs hand to a proxy is judged by the new rules.
+        if let Some(path) = &self.cfg.proxy_policy {
+            let mut proxy = g.proxy.clone();
+            proxy.generation = report.generation;
+            crate::l7::write_policy(path, &proxy).map_err(|e| LoaderError::State {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
 
         // Phase 2: switch, hook by hook.
         let switch = Instant::now();

@@ -222,7 +222,7 @@ fn demo(attach: &str) {
     let cfg = cnpc_runtime_loader::loader::Config {
         pin_dir: net.pin_dir.clone(),
         state_file: net.tmp.join("state/state.json"),
-        attach: Default::default(),
+        ..Default::default()
     };
     let node = format!("/var/run/netns/{}", net.ns("node"));
     let hooks = std::thread::spawn(move || {

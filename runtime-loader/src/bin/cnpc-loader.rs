@@ -14,7 +14,7 @@
 use clap::Parser;
 use cnpc_runtime_loader::generation::{self, Generation};
 use cnpc_runtime_loader::loader::{AttachMode, Config, Loader};
-use cnpc_runtime_loader::{node, sys};
+use cnpc_runtime_loader::{l7, node, sys};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -65,6 +65,12 @@ struct Args {
     /// Namespace of the identity ConfigMap (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     namespace: String,
+    /// The L7 proxy binary to supervise (default: `cnpc-proxy` beside this binary).
+    #[arg(long)]
+    proxy: Option<PathBuf>,
+    /// Run without the L7 stage: no proxy, no proxy routes. Proxied flows are then dropped.
+    #[arg(long)]
+    no_l7: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,6 +96,10 @@ struct Metrics {
     load_failures: AtomicU64,
     hooks: AtomicU64,
     healthy: AtomicBool,
+    /// Whether the generation enforcing has rows that hand flows to the L7 proxy.
+    needs_proxy: AtomicBool,
+    proxy_up: AtomicBool,
+    proxy_restarts: AtomicU64,
     /// Verdict events read from the programs' ring buffer: allowed, denied, proxied.
     verdicts: [AtomicU64; 3],
 }
@@ -141,6 +151,21 @@ impl Metrics {
             vec![(String::new(), g(&self.hooks) as f64)],
         );
         metric(
+            "cnpc_proxy_up",
+            "gauge",
+            "Whether the L7 proxy runs with both listeners up.",
+            vec![(
+                String::new(),
+                f64::from(u8::from(self.proxy_up.load(Ordering::Relaxed))),
+            )],
+        );
+        metric(
+            "cnpc_proxy_restarts_total",
+            "counter",
+            "Times the L7 proxy exited and was restarted.",
+            vec![(String::new(), g(&self.proxy_restarts) as f64)],
+        );
+        metric(
             "cnpc_verdict_events_total",
             "counter",
             "Verdict events from the programs: new connections (allowed, proxied) and drops.",
@@ -163,10 +188,18 @@ fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             continue;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/");
+        let proxy_down = metrics.needs_proxy.load(Ordering::Relaxed)
+            && !metrics.proxy_up.load(Ordering::Relaxed);
         let (status, body) = match path {
             "/metrics" => ("200 OK", metrics.render()),
-            "/healthz" if metrics.healthy.load(Ordering::Relaxed) => ("200 OK", "ok\n".into()),
-            "/healthz" => ("503 Service Unavailable", "no good generation\n".into()),
+            "/healthz" if !metrics.healthy.load(Ordering::Relaxed) => {
+                ("503 Service Unavailable", "no good generation\n".into())
+            }
+            "/healthz" if proxy_down => (
+                "503 Service Unavailable",
+                "L7 proxy not listening: proxied flows are dropped\n".into(),
+            ),
+            "/healthz" => ("200 OK", "ok\n".into()),
             _ => ("404 Not Found", "not found\n".into()),
         };
         let mut stream = stream;
@@ -181,6 +214,7 @@ fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 struct Runner {
     args: Args,
     loader: Loader,
+    proxy: Option<l7::ProxySupervisor>,
     allocation: cnpc_compiler::lower::Allocation,
     metrics: Arc<Metrics>,
 }
@@ -266,6 +300,12 @@ impl Runner {
                 self.metrics
                     .healthy
                     .store(r.failed.is_empty(), Ordering::Relaxed);
+                self.metrics
+                    .needs_proxy
+                    .store(g.proxy.rules.values().next().is_some(), Ordering::Relaxed);
+                if let Some(p) = &self.proxy {
+                    p.reload();
+                }
                 info!(
                     generation = r.generation,
                     attached = r.attached,
@@ -294,6 +334,18 @@ impl Runner {
                 false
             }
         }
+    }
+
+    /// Keeps the L7 proxy running and its state in the metrics.
+    fn supervise_proxy(&mut self) {
+        let Some(p) = &mut self.proxy else { return };
+        if let Err(e) = p.poll() {
+            error!(error = %e, "cannot start the L7 proxy; proxied flows are dropped");
+        }
+        self.metrics.proxy_up.store(p.up(), Ordering::Relaxed);
+        self.metrics
+            .proxy_restarts
+            .store(p.restarts(), Ordering::Relaxed);
     }
 
     /// Endpoints of the snapshot that have no program yet get a deny-all one.
@@ -335,9 +387,11 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    let proxy_policy = args.state_dir.join("proxy/policy.json");
     let cfg = Config {
         pin_dir: args.pin_dir.clone(),
         state_file: args.state_dir.join("state.json"),
+        proxy_policy: (!args.no_l7).then(|| proxy_policy.clone()),
         attach: match args.attach {
             Attach::Auto => AttachMode::Auto,
             Attach::Tcx => AttachMode::Tcx,
@@ -398,9 +452,25 @@ fn main() -> ExitCode {
     }
     let allocation = cnpc_compiler::lower::read_allocation(&args.state_dir.join("identities.json"))
         .unwrap_or_default();
+    let proxy = if args.no_l7 {
+        None
+    } else {
+        if let Err(e) = l7::install_routes() {
+            error!(error = %e, "cannot route packets to the L7 proxy; proxied flows are dropped");
+        }
+        let bin = args.proxy.clone().or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .map(|exe| l7::proxy_beside(&exe))
+        });
+        bin.map(|bin| {
+            l7::ProxySupervisor::new(bin, proxy_policy, Some(args.state_dir.join("proxy.log")))
+        })
+    };
     let mut runner = Runner {
         args,
         loader,
+        proxy,
         allocation,
         metrics,
     };
@@ -478,6 +548,7 @@ fn main() -> ExitCode {
             dirty = None;
             runner.reconcile(false);
         }
+        runner.supervise_proxy();
     }
 }
 
@@ -530,6 +601,7 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
                 },
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
+            runner.supervise_proxy();
             if FORCE.swap(false, Ordering::SeqCst) {
                 force = true;
                 dirty = Some(Instant::now() - debounce);

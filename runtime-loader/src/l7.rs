@@ -1,0 +1,313 @@
+//! The node side of the L7 stage (DESIGN.md §6a): what the loader sets up so that a `Proxy`
+//! verdict reaches a proxy, and the proxy process it supervises.
+//!
+//! - **Local route for marked packets.** A packet the datapath assigns to a proxy socket with
+//!   `bpf_sk_assign` still goes through routing, and only a local route delivers it to that
+//!   socket (kernel commit cf7fbe660f2d, "must be routed towards that socket via local route").
+//!   As Cilium does (pkg/proxy/routes.go: `ip rule fwmark 0x200/0xf00 lookup 2004` and
+//!   `local 0.0.0.0/0 dev lo table 2004`), the loader adds a rule sending packets marked
+//!   [`contract::TO_PROXY_MARK`] to table [`contract::PROXY_ROUTE_TABLE`], whose only route is
+//!   `local default dev lo`, for IPv4 and IPv6.
+//! - **The proxy device.** An endpoint's ingress program runs at tc egress of its host-side
+//!   interface, where `bpf_sk_assign` is refused; it redirects proxied packets to the ingress of
+//!   a dummy device the loader owns ([`PROXY_DEVICE`]), whose ingress program assigns them to the
+//!   ingress proxy's socket (Cilium hairpins through `cilium_host` the same way). The device has
+//!   no address; reverse-path filtering is off on it, since the packets it receives come from
+//!   pods routed elsewhere.
+//! - **The proxy policy.** Each generation's [`ProxyPolicy`] is written to a JSON file (a
+//!   temporary file renamed over the old one) before the generation's programs are switched in,
+//!   and the proxy is told to reload it (SIGHUP).
+//! - **The proxy process.** `cnpc-proxy` runs as the loader's child, restarted with a backoff
+//!   when it exits; each restart is counted. Whether both of its listeners are up is read from
+//!   `/proc/net/tcp{,6}`, which costs nothing and opens no connection. While it is down, proxied
+//!   flows are dropped by the datapath (no socket to assign them to): the stage fails closed.
+
+use cnpc_ir::proxy::{contract, ProxyPolicy};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The dummy device whose ingress hands proxied packets of endpoints' ingress direction to the
+/// ingress proxy.
+pub const PROXY_DEVICE: &str = "cnpc_proxy";
+
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error("`ip {args}` failed: {message}")]
+    Ip { args: String, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn ip(args: &[&str]) -> Result<String, L7Error> {
+    let err = |message: String| L7Error::Ip {
+        args: args.join(" "),
+        message,
+    };
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| err(e.to_string()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}
+
+/// Adds the fwmark rule and the local route of the proxy table, both families; what is already
+/// there is left as it is.
+pub fn install_routes() -> Result<(), L7Error> {
+    let mark = format!(
+        "{:#x}/{:#x}",
+        contract::TO_PROXY_MARK,
+        contract::MARK_MAGIC_MASK
+    );
+    let table = contract::PROXY_ROUTE_TABLE.to_string();
+    for family in ["-4", "-6"] {
+        let rules = ip(&[family, "rule", "show"])?;
+        let present = rules.lines().any(|l| {
+            l.contains(&format!("fwmark {mark}")) && l.contains(&format!("lookup {table}"))
+        });
+        if !present {
+            ip(&[
+                family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "9",
+            ])?;
+        }
+        ip(&[
+            family, "route", "replace", "local", "default", "dev", "lo", "table", &table,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Creates the proxy device if it is missing, brings it up with reverse-path filtering off, and
+/// returns its ifindex.
+pub fn ensure_device() -> Result<u32, L7Error> {
+    if crate::sys::ifindex(PROXY_DEVICE).is_none() {
+        ip(&["link", "add", PROXY_DEVICE, "type", "dummy"])?;
+    }
+    ip(&["link", "set", PROXY_DEVICE, "up"])?;
+    let rp = format!("/proc/sys/net/ipv4/conf/{PROXY_DEVICE}/rp_filter");
+    std::fs::write(&rp, "0").map_err(|source| L7Error::Write {
+        path: rp.clone().into(),
+        source,
+    })?;
+    crate::sys::ifindex(PROXY_DEVICE).ok_or_else(|| L7Error::Ip {
+        args: format!("link show {PROXY_DEVICE}"),
+        message: "the device vanished after it was created".into(),
+    })
+}
+
+/// Writes `policy` to `path` atomically: a temporary file beside it, renamed over it.
+pub fn write_policy(path: &Path, policy: &ProxyPolicy) -> Result<(), L7Error> {
+    let err = |source| L7Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    // Serialising plain data (numbers, strings, maps with integer keys) cannot fail.
+    let text = serde_json::to_vec(policy).expect("a proxy policy serialises");
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Whether a TCP socket is listening on `port` (any address), from `/proc/net/tcp` and
+/// `/proc/net/tcp6` of this network namespace.
+pub fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|text| {
+            text.lines().skip(1).any(|l| {
+                let mut cols = l.split_whitespace();
+                let local = cols.nth(1).unwrap_or("");
+                // Column 4 is the state; 0A is LISTEN.
+                let state = cols.nth(1).unwrap_or("");
+                local.ends_with(&want) && state == "0A"
+            })
+        })
+    })
+}
+
+/// The supervised `cnpc-proxy` process.
+pub struct ProxySupervisor {
+    bin: PathBuf,
+    policy: PathBuf,
+    log: Option<PathBuf>,
+    child: Option<Child>,
+    /// When the next start may happen (backoff after an exit).
+    next_start: Instant,
+    backoff: Duration,
+    restarts: u64,
+}
+
+impl ProxySupervisor {
+    /// A supervisor for `bin` reading `policy`; its stderr goes to `log` when given, else to
+    /// the loader's. Nothing starts until [`ProxySupervisor::poll`].
+    pub fn new(bin: PathBuf, policy: PathBuf, log: Option<PathBuf>) -> ProxySupervisor {
+        ProxySupervisor {
+            bin,
+            policy,
+            log,
+            child: None,
+            next_start: Instant::now(),
+            backoff: Duration::from_millis(100),
+            restarts: 0,
+        }
+    }
+
+    /// Starts the proxy if it is not running and its backoff has passed; reaps it if it exited.
+    /// Returns an error only for a start that failed (the next poll tries again).
+    pub fn poll(&mut self) -> Result<(), L7Error> {
+        if let Some(c) = &mut self.child {
+            match c.try_wait() {
+                Ok(None) => return Ok(()),
+                Ok(Some(status)) => {
+                    tracing::warn!(%status, "cnpc-proxy exited; restarting");
+                    self.child = None;
+                    self.restarts += 1;
+                    self.next_start = Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot wait for cnpc-proxy");
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() < self.next_start || !self.policy.exists() {
+            return Ok(());
+        }
+        let stderr = match &self.log {
+            Some(p) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::inherit()),
+            None => Stdio::inherit(),
+        };
+        let child = Command::new(&self.bin)
+            .arg("--policy")
+            .arg(&self.policy)
+            .stdin(Stdio::null())
+            // Request events arrive as JSON lines on stdout; until the event stream reads
+            // them, they are discarded.
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| {
+                self.next_start = Instant::now() + self.backoff;
+                L7Error::Spawn {
+                    bin: self.bin.clone(),
+                    source,
+                }
+            })?;
+        tracing::info!(pid = child.id(), bin = %self.bin.display(), "cnpc-proxy started");
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Asks the proxy to reload its policy now rather than at its next poll.
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid; a stale pid is only possible after a
+            // wait, which clears `child`.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGHUP);
+            }
+        }
+    }
+
+    /// Times the proxy was restarted after exiting.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// Whether the proxy runs and both of its listeners are up.
+    pub fn up(&self) -> bool {
+        self.child.is_some()
+            && listening(contract::EGRESS_PROXY_PORT)
+            && listening(contract::INGRESS_PROXY_PORT)
+    }
+
+    /// The process id, for tests and drills.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for ProxySupervisor {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `cnpc-proxy` binary installed beside `loader` (how the container image and `cargo`
+/// lay them out).
+pub fn proxy_beside(loader: &Path) -> PathBuf {
+    loader.with_file_name("cnpc-proxy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_shows_in_proc_net_tcp() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listening(port));
+        drop(l);
+        assert!(!listening(port));
+    }
+
+    #[test]
+    fn policy_is_written_whole() {
+        let dir = std::env::temp_dir().join(format!("cnpc-l7-{}", std::process::id()));
+        let path = dir.join("policy.json");
+        let policy = ProxyPolicy {
+            generation: 7,
+            ..ProxyPolicy::default()
+        };
+        write_policy(&path, &policy).unwrap();
+        let back: ProxyPolicy = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, policy);
+        assert!(!path.with_extension("json.tmp").exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_crashed_proxy_is_restarted_and_counted() {
+        let dir = std::env::temp_dir().join(format!("cnpc-l7-sup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy = dir.join("policy.json");
+        std::fs::write(&policy, "{}").unwrap();
+        // `false` stands in for a proxy that exits at once.
+        let mut s = ProxySupervisor::new("/bin/false".into(), policy, None);
+        s.poll().unwrap();
+        assert!(s.pid().is_some());
+        let start = Instant::now();
+        while s.restarts() < 2 && start.elapsed() < Duration::from_secs(5) {
+            s.poll().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(s.restarts() >= 2, "restarts: {}", s.restarts());
+        assert!(!s.up());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
