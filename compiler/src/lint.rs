@@ -41,6 +41,7 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
         }
         cidrs_meaning_world(&sr.rule.value, &mut out);
         namespace_overridden(sr, &mut out);
+        l7_not_enforced(&sr.rule.value, &mut out);
     }
     // Each endpoint's labels, built once: policies × workloads would otherwise rebuild them.
     let endpoints: Vec<(&str, crate::labels::LabelSet)> = cluster.map_or_else(Vec::new, |c| {
@@ -81,6 +82,46 @@ struct ScopedRule<'a> {
     rule: &'a Spanned<Rule>,
     /// The endpoint selector's labels without sources, when it has no expressions.
     labels: Option<BTreeSet<(String, String)>>,
+}
+
+/// L7 rules the node cannot enforce: Kafka and generic `l7proto` rules have no proxy in cnpc.
+/// (DNS rules get their proxy with issue 10; until then their flows are dropped too, said in the
+/// README rather than on every policy with a DNS rule.) The loader fails closed (DESIGN.md §6a): a flow such a
+/// rule would let through goes to a proxy that does not speak its protocol, so it is dropped,
+/// never passed unfiltered. Users should know before deploying.
+fn l7_not_enforced(r: &Rule, out: &mut Vec<Diagnostic>) {
+    let port_rules = r
+        .ingress
+        .iter()
+        .flat_map(|l| l.value.iter())
+        .flat_map(|i| i.to_ports.iter().flat_map(|l| l.value.iter()))
+        .chain(
+            r.egress
+                .iter()
+                .flat_map(|l| l.value.iter())
+                .flat_map(|e| e.to_ports.iter().flat_map(|l| l.value.iter())),
+        );
+    for pr in port_rules {
+        let Some(rules) = &pr.rules else { continue };
+        let kinds = [
+            ("Kafka", rules.kafka.as_ref().map(|k| k.span)),
+            ("l7proto", rules.l7proto.as_ref().map(|k| k.span)),
+        ];
+        for (kind, span) in kinds {
+            let Some(span) = span else { continue };
+            out.push(
+                Diagnostic::new(
+                    Code::NotEnforced,
+                    span,
+                    format!("cnpc-loader does not enforce {kind} rules"),
+                )
+                .label("not enforced on a node")
+                .help(format!(
+                    "`cnpc check`, `trace` and `diff` model these rules, but on a node cnpc drops the traffic they would allow rather than pass it unfiltered; keep Cilium's agent for {kind} policy until cnpc enforces it"
+                )),
+            );
+        }
+    }
 }
 
 /// A namespaced CNP's endpointSelector that names another namespace in matchLabels: Cilium's
