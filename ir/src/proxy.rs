@@ -21,7 +21,11 @@ use std::net::IpAddr;
 ///   [`EGRESS_PROXY_PORT`]; its ingress program hands it (through the loader's proxy device,
 ///   where `bpf_sk_assign` is allowed) to [`INGRESS_PROXY_PORT`]. The listener a connection
 ///   arrived on tells the proxy the direction.
-/// - Packets assigned to a proxy socket carry [`TO_PROXY_MARK`]; the loader routes that mark to
+/// - Packets assigned to a proxy socket carry [`TO_PROXY_MARK`], or'ed on the ingress path with
+///   the source's identity when it fits in 16 bits (0 otherwise). The loader turns on
+///   `net.ipv4.tcp_fwmark_accept`, so an accepted socket's mark is its SYN's, and the ingress
+///   proxy takes the source identity from it: the source address alone would name the node
+///   for a connection an egress proxy opened (see below). The loader routes that mark to
 ///   a local table (`ip rule fwmark TO_PROXY_MARK lookup PROXY_ROUTE_TABLE`, `local default dev
 ///   lo table PROXY_ROUTE_TABLE`, both families), which is what delivers them to the socket.
 /// - The proxy's upstream connections leave from the node's own address and carry

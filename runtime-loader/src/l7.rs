@@ -63,9 +63,16 @@ fn ip(args: &[&str]) -> Result<String, L7Error> {
     }
 }
 
-/// Adds the fwmark rule and the local route of the proxy table, both families; what is already
-/// there is left as it is.
+/// Adds the fwmark rule and the local route of the proxy table, both families (what is already
+/// there is left as it is), and makes accepted sockets take their SYN's mark.
 pub fn install_routes() -> Result<(), L7Error> {
+    // An accepted socket takes its SYN's mark, which carries the source identity on the
+    // ingress path (ir::proxy::contract).
+    let accept = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+    std::fs::write(accept, "1").map_err(|source| L7Error::Write {
+        path: accept.into(),
+        source,
+    })?;
     let mark = format!(
         "{:#x}/{:#x}",
         contract::TO_PROXY_MARK,
@@ -198,7 +205,21 @@ impl ProxySupervisor {
                 .unwrap_or_else(|_| Stdio::inherit()),
             None => Stdio::inherit(),
         };
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        // The proxy goes when the loader goes (even on kill -9), so a restarted loader never
+        // finds an orphan holding the proxy ports; proxied flows are dropped in between.
+        // SAFETY: prctl is async-signal-safe and touches only the child being started.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = cmd
             .arg("--policy")
             .arg(&self.policy)
             .stdin(Stdio::null())
@@ -209,6 +230,7 @@ impl ProxySupervisor {
             .spawn()
             .map_err(|source| {
                 self.next_start = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
                 L7Error::Spawn {
                     bin: self.bin.clone(),
                     source,

@@ -329,7 +329,36 @@ pub fn skip_or_fail(reason: &str) {
     if std::env::var("CNPC_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
         panic!("CNPC_REQUIRE_KERNEL=1 but {reason}");
     }
-    eprintln!("skipped: {reason}");
+    // Written to the stderr handle, not through eprintln!, which the test harness captures:
+    // a skipped kernel test must show in a plain `cargo test`, not only under --nocapture.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED (kernel test did not run): {reason}"
+    );
+}
+
+/// Makes sure bpffs is mounted at `path` for tests, mounting it when it is not and this
+/// process may (root): a newcomer's `cargo test` as root runs the kernel tests instead of
+/// skipping them. The reason when it cannot.
+pub fn bpffs_for_tests(path: &std::path::Path) -> Result<(), String> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    if !path.exists() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    mount_bpffs(path).map_err(|e| {
+        format!(
+            "bpffs is not mounted at {} and mounting it failed: {e}",
+            path.display()
+        )
+    })?;
+    if is_bpffs(path) {
+        Ok(())
+    } else {
+        Err(format!("bpffs is not mounted at {}", path.display()))
+    }
 }
 
 /// The consumer side of a BPF ring buffer (kernel/bpf/ringbuf.c): a read-write page holding the

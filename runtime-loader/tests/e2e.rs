@@ -29,8 +29,8 @@ fn the_demo_on_clsact_filters() {
 }
 
 fn demo(attach: &str) {
-    if !Path::new("/sys/fs/bpf").exists() || !sys::is_bpffs(Path::new("/sys/fs/bpf")) {
-        return sys::skip_or_fail("bpffs is not mounted at /sys/fs/bpf");
+    if let Err(e) = sys::bpffs_for_tests(Path::new("/sys/fs/bpf")) {
+        return sys::skip_or_fail(&e);
     }
     let mut net = match Net::demo() {
         Ok(n) => n,

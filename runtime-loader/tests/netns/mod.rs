@@ -105,6 +105,26 @@ impl Net {
     /// The Star Wars demo: pod namespaces for the deathstars, the tiefighter and the xwing,
     /// HTTP servers in the deathstars, and the demo policies to edit.
     pub fn demo() -> Result<Net, String> {
+        let net = Net::pods()?;
+        for f in [
+            "deathstar.yaml",
+            "tiefighter-egress.yaml",
+            "xwing-egress-deny.yaml",
+        ] {
+            std::fs::copy(
+                root().join("policies/starwars-l4").join(f),
+                net.policies.join(f),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        for (pod, _, addr) in &PODS[..2] {
+            net.serve(pod, addr)?;
+        }
+        Ok(net)
+    }
+
+    /// The node and the demo's pod namespaces, joined by veth pairs; no server, no policy.
+    pub fn pods() -> Result<Net, String> {
         let net = Net::node()?;
         let node = net.ns("node");
         for (pod, suffix, addr) in PODS {
@@ -160,21 +180,106 @@ impl Net {
                 "eth0",
             ])?;
         }
-        for f in [
-            "deathstar.yaml",
-            "tiefighter-egress.yaml",
-            "xwing-egress-deny.yaml",
-        ] {
-            std::fs::copy(
-                root().join("policies/starwars-l4").join(f),
-                net.policies.join(f),
-            )
-            .map_err(|e| e.to_string())?;
-        }
-        for (pod, _, addr) in &PODS[..2] {
-            net.serve(pod, addr)?;
-        }
         Ok(net)
+    }
+
+    /// A keep-alive HTTP/1.1 server on port 80 in the pod's namespace that records the request
+    /// line of every request it receives in `seen`. `POST /v1/request-landing` gets "Ship
+    /// landed", anything else "Deathstar: PATH".
+    pub fn serve_http(
+        &self,
+        pod: &str,
+        addr: &str,
+        seen: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Result<(), String> {
+        let path = format!("/var/run/netns/{}", self.ns(pod));
+        let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listener = enter(&path)
+                .and_then(|_| TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}")));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            listener.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let seen = seen.clone();
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                            let mut reader = std::io::BufReader::new(&s);
+                            let mut out = &s;
+                            while let Some((line, _, body)) = read_message(&mut reader) {
+                                let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                                seen.lock().unwrap().push(line.clone());
+                                let reply = if line.starts_with("POST /v1/request-landing ") {
+                                    "Ship landed\n".to_string()
+                                } else {
+                                    format!("Deathstar: {target} ({} bytes)\n", body.len())
+                                };
+                                if write!(
+                                    out,
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                                    reply.len()
+                                )
+                                .is_err()
+                                {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv().map_err(|e| e.to_string())?
+    }
+
+    /// A TCP connection from `pod` to `addr:80`, made on a thread that entered the pod's
+    /// namespace (a socket keeps the namespace it was made in, so the caller may use it from
+    /// any thread). `None` when it cannot be made within `timeout`.
+    pub fn connect(&self, pod: &str, addr: &str, timeout: Duration) -> Option<TcpStream> {
+        let path = format!("/var/run/netns/{}", self.ns(pod));
+        let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+        std::thread::spawn(move || {
+            enter(&path).expect("setns");
+            let s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+            s.set_read_timeout(Some(timeout)).ok()?;
+            Some(s)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Sends `requests` (method, path) one after another on one new keep-alive connection
+    /// from `pod`; the (status, body) of each answer, as far as answers came. `None` when the
+    /// connection cannot be made within `timeout`.
+    pub fn requests(
+        &self,
+        pod: &str,
+        addr: &str,
+        requests: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<Vec<(u16, String)>> {
+        let s = self.connect(pod, addr, timeout)?;
+        let mut reader = std::io::BufReader::new(&s);
+        Some(
+            requests
+                .iter()
+                .map_while(|(m, p)| request(&s, &mut reader, m, p))
+                .collect(),
+        )
     }
 
     /// An HTTP server in the pod's namespace, on a thread that entered it.
@@ -312,6 +417,59 @@ impl Net {
         }
         None
     }
+}
+
+/// Sends one request on `s` and reads its answer through `reader` (a reader over `s` kept
+/// across requests, so nothing buffered is lost): (status, body), or `None` when the
+/// connection failed or closed.
+pub fn request(
+    s: &TcpStream,
+    reader: &mut impl std::io::BufRead,
+    method: &str,
+    target: &str,
+) -> Option<(u16, String)> {
+    let mut out = s;
+    write!(
+        out,
+        "{method} {target} HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let (line, _, body) = read_message(reader)?;
+    let status = line.split(' ').nth(1)?.parse().ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Reads one HTTP/1.1 message (request or response): its first line, headers and a body of
+/// `Content-Length` bytes. `None` at the end of the stream or on a malformed message.
+pub fn read_message(
+    r: &mut impl std::io::BufRead,
+) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let first = line.trim_end().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    Some((first, headers, body))
 }
 
 pub fn enter(path: &str) -> Result<(), String> {
