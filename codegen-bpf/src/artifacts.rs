@@ -219,13 +219,19 @@ pub fn render(
         map_entry(
             shared_def(gen::CT_MAP),
             "u8[16] local address, u8[16] peer address, be16 local port, be16 peer port, u8 protocol, u8 family, u16 zero",
-            "u32 opened by (1 the endpoint, 2 a peer), u32 zero",
+            "u32 opened by (1 the endpoint, 2 a peer), u32 flags (1 proxied)",
             None,
         ),
         map_entry(
             shared_def(gen::EVENTS_MAP),
             "",
             "verdict events of 24 bytes: u32 subject, u32 peer, u32 row, u16 port, u8 protocol, u8 verdict, u8 direction, u8 family, u16 zero, u32 zero",
+            None,
+        ),
+        map_entry(
+            shared_def(gen::PROXY_CONFIG_MAP),
+            "u32 zero",
+            "u32 proxy device ifindex (0: none), u32 zero[3]",
             None,
         ),
     ];

@@ -16,6 +16,13 @@
 //! falls through, that the bytes before `p` exist for every pointer with `p`'s id. Every load
 //! from a packet pointer must lie inside what is proven on every path to it, and a map value may
 //! be read only after the null check.
+//!
+//! Sockets follow the kernel's reference tracking (kernel/bpf/verifier.c, acquire and release
+//! of `bpf_sk_lookup_tcp` and friends): a lookup returns a socket or null and acquires a
+//! reference; the pointer may be used (read, passed to `bpf_sk_assign` or `bpf_sk_release`) only
+//! after its null check, where the null path drops the reference; `bpf_sk_release` ends it and
+//! invalidates every copy; a reference still held at an exit, on any path, is a leak. Helpers
+//! that take the context or a socket are checked for it.
 
 use crate::asm::Program;
 use crate::insn::*;
@@ -30,16 +37,59 @@ pub struct CheckError {
     pub message: String,
 }
 
+// Helpers (enum bpf_func_id, include/uapi/linux/bpf.h).
+const MAP_LOOKUP_ELEM: i32 = 1;
+const MAP_UPDATE_ELEM: i32 = 2;
+const MAP_DELETE_ELEM: i32 = 3;
+const KTIME_GET_NS: i32 = 5;
+const REDIRECT: i32 = 23;
+const SKB_CHANGE_TYPE: i32 = 32;
+const SK_LOOKUP_TCP: i32 = 84;
+const SK_LOOKUP_UDP: i32 = 85;
+const SK_RELEASE: i32 = 86;
+const SKC_LOOKUP_TCP: i32 = 99;
+const SK_ASSIGN: i32 = 124;
+const RINGBUF_OUTPUT: i32 = 130;
+
 /// Arguments (r1.. ) each helper the generator uses reads.
 fn helper_args(helper: i32) -> usize {
     match helper {
-        1 | 3 => 2, // map_lookup_elem, map_delete_elem
-        2 => 4,     // map_update_elem
-        5 => 0,     // ktime_get_ns
-        130 => 4,   // ringbuf_output
+        MAP_LOOKUP_ELEM | MAP_DELETE_ELEM => 2,
+        MAP_UPDATE_ELEM => 4,
+        KTIME_GET_NS => 0,
+        REDIRECT | SKB_CHANGE_TYPE => 2, // ifindex, flags; ctx, packet type
+        SK_RELEASE => 1,
+        SK_ASSIGN => 3,                                      // ctx, socket, flags
+        SK_LOOKUP_TCP | SK_LOOKUP_UDP | SKC_LOOKUP_TCP => 5, // ctx, tuple, size, netns, flags
+        RINGBUF_OUTPUT => 4,
         _ => 5,
     }
 }
+
+/// Whether `helper` looks a socket up: it returns a socket or null, holding a reference.
+fn acquires_socket(helper: i32) -> bool {
+    matches!(helper, SK_LOOKUP_TCP | SK_LOOKUP_UDP | SKC_LOOKUP_TCP)
+}
+
+/// The argument registers of `helper` that must hold the context.
+fn ctx_args(helper: i32) -> &'static [usize] {
+    match helper {
+        SK_LOOKUP_TCP | SK_LOOKUP_UDP | SKC_LOOKUP_TCP | SK_ASSIGN | SKB_CHANGE_TYPE => &[1],
+        _ => &[],
+    }
+}
+
+/// The argument register of `helper` that must hold a (null-checked) socket.
+fn socket_arg(helper: i32) -> Option<usize> {
+    match helper {
+        SK_ASSIGN => Some(2),
+        SK_RELEASE => Some(1),
+        _ => None,
+    }
+}
+
+/// Size of `struct bpf_sock` (include/uapi/linux/bpf.h): reads through a socket stay inside.
+const BPF_SOCK_SIZE: i64 = 80;
 
 pub fn check(p: &Program) -> Result<(), Vec<CheckError>> {
     let mut errors = Vec::new();
@@ -152,7 +202,6 @@ pub fn check(p: &Program) -> Result<(), Vec<CheckError>> {
 // struct __sk_buff offsets (include/uapi/linux/bpf.h).
 const SKB_DATA: i16 = 76;
 const SKB_DATA_END: i16 = 80;
-const MAP_LOOKUP_ELEM: i32 = 1;
 
 /// What a register holds, as far as memory safety goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +219,23 @@ enum Kind {
     MapValueOrNull,
     MapValue,
     Map,
+    /// A socket from a lookup, before its null check; `id` names the reference (the slot of
+    /// the call that acquired it).
+    SocketOrNull {
+        id: usize,
+    },
+    Socket {
+        id: usize,
+    },
+}
+
+impl Kind {
+    fn socket_id(self) -> Option<usize> {
+        match self {
+            Kind::Socket { id } | Kind::SocketOrNull { id } => Some(id),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,10 +243,49 @@ struct MemState {
     regs: [Kind; 11],
     /// Per packet-pointer id, the bytes from its base proven to exist.
     proven: std::collections::BTreeMap<usize, i64>,
+    /// Socket references held: id to the slot of the lookup that acquired it.
+    refs: std::collections::BTreeSet<usize>,
 }
 
 impl MemState {
+    /// Renames the socket reference `from` to `to`.
+    fn rename(&mut self, from: usize, to: usize) {
+        for r in self.regs.iter_mut() {
+            match r {
+                Kind::Socket { id } | Kind::SocketOrNull { id } if *id == from => *id = to,
+                _ => {}
+            }
+        }
+        if self.refs.remove(&from) {
+            self.refs.insert(to);
+        }
+    }
+
+    /// Ends the reference `id`: every copy of the pointer becomes a scalar.
+    fn release(&mut self, id: usize) {
+        self.refs.remove(&id);
+        for r in self.regs.iter_mut() {
+            if r.socket_id() == Some(id) {
+                *r = Kind::Scalar;
+            }
+        }
+    }
+
     fn meet(&mut self, other: &MemState) {
+        // Sockets from different lookups that reach a join in the same register (the
+        // established socket or the listener, say) are one reference from here on.
+        let mut other = other.clone();
+        for i in 0..self.regs.len() {
+            match (self.regs[i], other.regs[i]) {
+                (Kind::Socket { id: a }, Kind::Socket { id: b })
+                | (Kind::SocketOrNull { id: a }, Kind::SocketOrNull { id: b })
+                    if a != b =>
+                {
+                    other.rename(b, a)
+                }
+                _ => {}
+            }
+        }
         for (a, b) in self.regs.iter_mut().zip(other.regs.iter()) {
             if a != b {
                 *a = Kind::Scalar;
@@ -193,10 +298,21 @@ impl MemState {
             }
             None => false,
         });
+        // A reference held on any path in is held: released on one path only is a leak.
+        self.refs.extend(other.refs.iter().copied());
     }
 }
 
-/// The packet-bounds and null-check rung: one error per offending instruction.
+/// After a null check: every copy of the socket `id` is non-null.
+fn checked_socket(st: &mut MemState, id: usize) {
+    for r in st.regs.iter_mut() {
+        if *r == (Kind::SocketOrNull { id }) {
+            *r = Kind::Socket { id };
+        }
+    }
+}
+
+/// The packet-bounds, null-check and reference rung: one error per offending instruction.
 fn check_memory(p: &Program, succs: &[Vec<usize>]) -> Vec<CheckError> {
     let slots = p.slots();
     let mut errors = Vec::new();
@@ -204,6 +320,7 @@ fn check_memory(p: &Program, succs: &[Vec<usize>]) -> Vec<CheckError> {
     let mut entry = MemState {
         regs: [Kind::Scalar; 11],
         proven: Default::default(),
+        refs: Default::default(),
     };
     entry.regs[1] = Kind::Ctx;
     entry.regs[10] = Kind::Stack;
@@ -242,6 +359,25 @@ fn check_memory(p: &Program, succs: &[Vec<usize>]) -> Vec<CheckError> {
                     Kind::PacketEnd
                 }
                 Kind::Ctx | Kind::Stack | Kind::MapValue => Kind::Scalar,
+                Kind::Socket { .. } => {
+                    let (lo, hi) = (i64::from(off), i64::from(off) + i64::from(size.bytes()));
+                    if what != "read" || lo < 0 || hi > BPF_SOCK_SIZE {
+                        errors.push(CheckError {
+                            slot,
+                            message: format!(
+                                "socket {what} of bytes {lo}..{hi}: only reads inside struct bpf_sock are allowed ({insn})"
+                            ),
+                        });
+                    }
+                    Kind::Scalar
+                }
+                Kind::SocketOrNull { .. } => {
+                    errors.push(CheckError {
+                        slot,
+                        message: format!("socket {what} before its null check ({insn})"),
+                    });
+                    Kind::Scalar
+                }
                 Kind::MapValueOrNull => {
                     errors.push(CheckError {
                         slot,
@@ -304,11 +440,48 @@ fn check_memory(p: &Program, succs: &[Vec<usize>]) -> Vec<CheckError> {
                 access(&st, dst, off, size, "write");
             }
             Insn::Call { helper } => {
+                for &r in ctx_args(helper) {
+                    if st.regs[r] != Kind::Ctx {
+                        errors.push(CheckError {
+                            slot,
+                            message: format!(
+                                "helper {helper} takes the context in r{r}, not {:?} ({insn})",
+                                st.regs[r]
+                            ),
+                        });
+                    }
+                }
+                if let Some(r) = socket_arg(helper) {
+                    match st.regs[r] {
+                        Kind::Socket { id } => {
+                            if helper == SK_RELEASE {
+                                st.release(id);
+                            }
+                        }
+                        Kind::SocketOrNull { .. } => errors.push(CheckError {
+                            slot,
+                            message: format!(
+                                "socket passed to helper {helper} before its null check ({insn})"
+                            ),
+                        }),
+                        k => errors.push(CheckError {
+                            slot,
+                            message: format!(
+                                "helper {helper} takes a socket in r{r}, not {k:?} ({insn})"
+                            ),
+                        }),
+                    }
+                }
+                // A socket left in r1-r5 is lost with them; its reference is still held, and
+                // reported as a leak at the exit.
                 for r in 1..=5 {
                     st.regs[r] = Kind::Scalar;
                 }
                 st.regs[0] = if helper == MAP_LOOKUP_ELEM {
                     Kind::MapValueOrNull
+                } else if acquires_socket(helper) {
+                    st.refs.insert(slot);
+                    Kind::SocketOrNull { id: slot }
                 } else {
                     Kind::Scalar
                 };
@@ -329,11 +502,31 @@ fn check_memory(p: &Program, succs: &[Vec<usize>]) -> Vec<CheckError> {
                     (Cond::Eq, Kind::MapValueOrNull, Src::Imm(0)) => {
                         st.regs[dst.0 as usize] = Kind::MapValue
                     }
+                    // The null path holds no socket (the kernel drops its reference there);
+                    // the other path holds it in every copy of the pointer.
+                    (Cond::Ne, Kind::SocketOrNull { id }, Src::Imm(0)) => {
+                        st.release(id);
+                        checked_socket(&mut t, id);
+                    }
+                    (Cond::Eq, Kind::SocketOrNull { id }, Src::Imm(0)) => {
+                        t.release(id);
+                        checked_socket(&mut st, id);
+                    }
                     _ => {}
                 }
                 taken = Some(t);
             }
-            Insn::Ja { .. } | Insn::Exit => {}
+            Insn::Exit => {
+                for id in &st.refs {
+                    errors.push(CheckError {
+                        slot,
+                        message: format!(
+                            "the socket looked up at slot {id} is not released on some path to this exit"
+                        ),
+                    });
+                }
+            }
+            Insn::Ja { .. } => {}
         }
         // Successors: a conditional jump's target first (the taken edge), then the next one.
         for (n, &s) in succs[i].iter().enumerate() {
@@ -482,6 +675,96 @@ mod tests {
         let e = errors(a);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("before its null check"));
+    }
+
+    /// `r0 = bpf_sk_lookup_tcp(ctx, &tuple, 12, current netns, 0)` with the context in r6.
+    fn sk_lookup(a: &mut Asm) {
+        a.mov(R6, Src::Reg(R1));
+        a.store(Size::DW, R10, -16, Src::Imm(0))
+            .store(Size::W, R10, -8, Src::Imm(0));
+        a.mov(R1, Src::Reg(R6))
+            .mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(-16))
+            .mov(R3, Src::Imm(12))
+            .mov(R4, Src::Imm(-1))
+            .mov(R5, Src::Imm(0))
+            .call(SK_LOOKUP_TCP);
+    }
+
+    #[test]
+    fn sockets_are_null_checked_used_and_released() {
+        let well_formed = |leak: bool, unchecked: bool| {
+            let mut a = Asm::new();
+            let none = a.label();
+            sk_lookup(&mut a);
+            if !unchecked {
+                a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+            }
+            a.mov(R7, Src::Reg(R0));
+            a.load(Size::W, R2, R7, 72); // the socket's state
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R7))
+                .mov(R3, Src::Imm(0))
+                .call(SK_ASSIGN);
+            if !leak {
+                a.mov(R1, Src::Reg(R7)).call(SK_RELEASE);
+            }
+            if !unchecked {
+                a.bind(none);
+            }
+            a.ret(0);
+            a
+        };
+        assert_eq!(errors(well_formed(false, false)), Vec::<String>::new());
+        let e = errors(well_formed(true, false));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("not released on some path"), "{e:?}");
+        let e = errors(well_formed(false, true));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("socket read before its null check")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("socket passed to helper 124 before its null check")),
+            "{e:?}"
+        );
+
+        // Released on one path only.
+        let mut a = Asm::new();
+        let none = a.label();
+        let skip = a.label();
+        sk_lookup(&mut a);
+        a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+        a.mov(R7, Src::Reg(R0));
+        a.load(Size::W, R1, R7, 72)
+            .jump_if(Cond::Eq, R1, Src::Imm(10), skip);
+        a.mov(R1, Src::Reg(R7)).call(SK_RELEASE);
+        a.bind(skip);
+        a.bind(none);
+        a.ret(0);
+        let e = errors(a);
+        assert!(e[0].contains("not released on some path"), "{e:?}");
+
+        // A copy is dead after the release; the pointer is not a context.
+        let mut a = Asm::new();
+        let none = a.label();
+        sk_lookup(&mut a);
+        a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+        a.mov(R7, Src::Reg(R0)).mov(R8, Src::Reg(R0));
+        a.mov(R1, Src::Reg(R7)).call(SK_RELEASE);
+        a.load(Size::W, R1, R8, 72);
+        a.mov(R1, Src::Reg(R8))
+            .mov(R2, Src::Reg(R8))
+            .mov(R3, Src::Imm(0))
+            .call(SK_ASSIGN);
+        a.bind(none);
+        a.ret(0);
+        let e = errors(a);
+        assert!(e.iter().any(|e| e.contains("not a pointer")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("takes the context")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("takes a socket")), "{e:?}");
     }
 
     #[test]

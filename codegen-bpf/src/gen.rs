@@ -11,7 +11,8 @@
 //! - a non-first fragment carries no ports, so it cannot be matched against port rules: it is
 //!   dropped, and so no fragment of a denied flow gets through unchecked;
 //! - an IP protocol other than TCP, UDP, SCTP, ICMP and ICMPv6 gets the table's default;
-//! - Proxy sets `skb->mark` to [`PROXY_MARK`] (the L7 stage takes marked packets) and passes.
+//! - Proxy hands the connection to the node's L7 proxy, or drops it when no proxy takes it
+//!   (see "L7 proxies" below): it never passes unjudged.
 //!
 //! # Connection tracking
 //! As in Cilium (bpf/lib/conntrack.h), policy decides the first packet of a connection and the
@@ -23,6 +24,57 @@
 //! an entry exists that the *other* side opened, i.e. when it is a reply. Packets in the opening
 //! direction are decided by the table every time, so a policy change applies to established
 //! connections at once. ICMP is not tracked: an echo reply is decided by the table.
+//!
+//! # L7 proxies
+//! Designed after Cilium's bpf/lib/proxy.h (`__ctx_redirect_to_proxy`, `assign_socket_tcp`) and
+//! its hairpin for the ingress side (bpf/lib/proxy_hairpin.h); ports and marks are the
+//! contract of `cnpc_ir::proxy::contract`. No NAT: the proxy accepts the connection with its
+//! original addresses (a transparent socket) and reads the destination from the accepted
+//! socket's local address.
+//! - **Egress** programs run at tc ingress of the endpoint's host-side veth, where
+//!   `bpf_sk_assign` is allowed. A Proxy verdict sets `skb->mark` to [`TO_PROXY_MARK`] (the
+//!   loader routes that mark to a local table, which delivers the packet to the assigned
+//!   socket), looks up the socket of the packet's own tuple (`bpf_skc_lookup_tcp`, an
+//!   established proxy connection; a LISTEN or TIME_WAIT socket found that way is released and
+//!   skipped), then the egress proxy's listener (`bpf_sk_lookup_tcp` with destination port
+//!   [`contract::EGRESS_PROXY_PORT`]; a wildcard listener matches any address), assigns it and
+//!   releases the reference.
+//! - **Ingress** programs run at tc egress of the veth, where `bpf_sk_assign` is refused
+//!   (-EOPNOTSUPP). A Proxy verdict sets the mark, or'ed with the peer's identity when it fits
+//!   [`contract::MARK_IDENTITY_MASK`] (0 otherwise: the ingress proxy reads the source identity
+//!   from the accepted socket's mark), and redirects the packet
+//!   (`bpf_redirect(ifindex, BPF_F_INGRESS)`, TC_ACT_REDIRECT) to the receive path of the
+//!   loader's proxy device, named by the [`PROXY_CONFIG_MAP`] map; there
+//!   [`proxy_device_program`] assigns it to the listener on [`contract::INGRESS_PROXY_PORT`].
+//! - **Fail closed**: no proxy socket, a failed assignment, or no proxy device (ifindex 0)
+//!   drops the packet and emits a drop event (verdict 1, the Proxy row). Only TCP is proxied
+//!   today (HTTP); a Proxy verdict on UDP, SCTP or anything else drops without a handoff (the
+//!   proxy tail marks where a UDP handoff for DNS will branch off). The mark is set either way:
+//!   it says the table proxies the packet.
+//! - **Conntrack**: a connection is recorded only once the proxy has its first packet, with
+//!   [`CT_FLAG_PROXIED`] in the value's flags word. A packet in the opening direction whose
+//!   entry has the flag goes to the proxy whatever the table says now (every tracked program
+//!   checks it, also one whose table has no Proxy row), so a new generation never splices a
+//!   live proxied connection back onto the direct path; the proxy judges each request against
+//!   the current generation. A connection opened directly that a new table proxies gets the
+//!   flag and is handed over too (the proxy's stack resets it: it never accepted it). Replies
+//!   (entries the other side opened) pass as for any connection.
+//! - **Traffic from the proxies** leaves from the node's address with the socket mark
+//!   `FROM_EGRESS_PROXY | source identity` or `FROM_INGRESS_PROXY | source identity`. Ingress
+//!   programs read it before the ipcache: `FROM_INGRESS_PROXY` is the endpoint's own ingress
+//!   proxy, which judged the connection already: it passes without the table and is recorded
+//!   (opened by ingress) so the endpoint's replies pass; `FROM_EGRESS_PROXY` is decided by the
+//!   table with the identity from `mark & MARK_IDENTITY_MASK` instead of the ipcache (which
+//!   would say host). Egress programs ignore marks.
+//! - **Why a pod cannot forge these marks**: a pod's packets reach the host only through its
+//!   veth, and `veth_xmit` hands them over with `veth_forward_skb` → `__dev_forward_skb` →
+//!   `____dev_forward_skb` (include/linux/netdevice.h), which calls
+//!   `skb_scrub_packet(skb, !net_eq(dev_net(dev), dev_net(skb->dev)))`; crossing into another
+//!   network namespace (`xnet`), `skb_scrub_packet` (net/core/skbuff.c) sets `skb->mark = 0`.
+//!   Marks survive only within one namespace (kernel commit ff70202b2d1a, "dev_forward_skb: do
+//!   not scrub skb mark within the same name space"). Within the host namespace, setting
+//!   `SO_MARK` takes CAP_NET_ADMIN (or CAP_NET_RAW) there: host-network processes, which
+//!   Cilium trusts as the host identity too. Packets from other nodes arrive with no mark.
 //!
 //! # Events
 //! A verdict event ([`EVENT_SIZE`] bytes, layout in [`event`]) goes to the `events` ring buffer for
@@ -42,14 +94,19 @@
 use crate::asm::{Asm, Label, Program};
 use crate::elf::MapDef;
 use crate::insn::*;
+use cnpc_ir::proxy::contract;
 use cnpc_ir::{DecisionTable, Direction, Protocol, TableVerdict};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
-/// `skb->mark` of packets for the L7 proxy.
-pub const PROXY_MARK: i32 = 0x0c70_0000;
+/// What `bpf_redirect` returns when its flags are valid; tc then does the redirect.
+pub const TC_ACT_REDIRECT: i32 = 7;
+/// `skb->mark` of packets handed to an L7 proxy ([`contract::TO_PROXY_MARK`]).
+pub const TO_PROXY_MARK: i32 = contract::TO_PROXY_MARK as i32;
+/// The former name of [`TO_PROXY_MARK`].
+pub const PROXY_MARK: i32 = TO_PROXY_MARK;
 /// IPv6 extension headers skipped before giving up (and dropping).
 pub const MAX_EXT_HEADERS: usize = 4;
 /// The identity of addresses the ipcache does not know (reserved:world).
@@ -69,7 +126,8 @@ pub const HOSTS_KEY_SIZE: u32 = 20;
 
 /// The conntrack map: LRU hash, key `u8[16] local address, u8[16] peer address, be16 local
 /// port, be16 peer port, u8 protocol, u8 family (4 or 6), u16 zero`; value `u32 opened by`
-/// ([`CT_OPENED_BY_EGRESS`] or [`CT_OPENED_BY_INGRESS`]), `u32 zero`.
+/// ([`CT_OPENED_BY_EGRESS`] or [`CT_OPENED_BY_INGRESS`]), `u32 flags` ([`CT_FLAG_PROXIED`]; other
+/// bits zero).
 pub const CT_MAP: &str = "ct";
 pub const CT_KEY_SIZE: u32 = 40;
 pub const CT_VALUE_SIZE: u32 = 8;
@@ -78,6 +136,20 @@ pub const CT_MAX_ENTRIES: u32 = 65_536;
 pub const CT_OPENED_BY_EGRESS: u32 = 1;
 /// A peer opened the connection (the endpoint's ingress program allowed the first packet).
 pub const CT_OPENED_BY_INGRESS: u32 = 2;
+/// Flag of a connection handed to an L7 proxy: its packets in the opening direction keep going
+/// to the proxy whatever the table says later (see the module doc, "L7 proxies").
+pub const CT_FLAG_PROXIED: u32 = 1;
+
+/// The proxy configuration, one entry shared by every program: ARRAY, key `u32 0`, value
+/// `u32 proxy device ifindex` (0: no proxy device, so ingress Proxy verdicts drop) and
+/// `u32 zero[3]` reserved for later fields. The loader creates, pins and fills it.
+pub const PROXY_CONFIG_MAP: &str = "proxy_config";
+pub const PROXY_CONFIG_VALUE_SIZE: u32 = 16;
+/// Offset of the proxy device's ifindex in the `proxy_config` value.
+pub const PROXY_CONFIG_IFINDEX: i16 = 0;
+/// The section name of the proxy device's program ([`proxy_device_program`]) in cnpc's ELF
+/// objects.
+pub const PROXY_DEVICE_SECTION: &str = "classifier/proxy_device";
 
 /// The ring buffer of verdict events.
 pub const EVENTS_MAP: &str = "events";
@@ -108,20 +180,40 @@ pub const TREE_MAX_SEGMENTS: usize = 256;
 
 // Map types and flags (include/uapi/linux/bpf.h).
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 
-// Helpers.
+// Helpers (enum bpf_func_id, include/uapi/linux/bpf.h); check.rs knows their arguments.
 const MAP_LOOKUP_ELEM: i32 = 1;
 const MAP_UPDATE_ELEM: i32 = 2;
+const REDIRECT: i32 = 23;
+const SKB_CHANGE_TYPE: i32 = 32;
+const SK_LOOKUP_TCP: i32 = 84;
+const SK_RELEASE: i32 = 86;
+const SKC_LOOKUP_TCP: i32 = 99;
+const SK_ASSIGN: i32 = 124;
 const RINGBUF_OUTPUT: i32 = 130;
 
 // struct __sk_buff offsets (include/uapi/linux/bpf.h).
 const SKB_MARK: i16 = 8;
 const SKB_DATA: i16 = 76;
 const SKB_DATA_END: i16 = 80;
+// struct bpf_sock: the TCP state (BPF_TCP_*), readable through a sock_common pointer.
+const SOCK_STATE: i16 = 72;
+const BPF_TCP_TIME_WAIT: i32 = 6;
+const BPF_TCP_LISTEN: i32 = 10;
+/// The `netns` argument of the socket lookups: the network namespace of the packet's device.
+const BPF_F_CURRENT_NETNS: i32 = -1;
+/// `bpf_redirect` flag: deliver on the target device's receive path.
+const BPF_F_INGRESS: i32 = 1;
+/// `skb->pkt_type` for a frame addressed to this host (include/uapi/linux/if_packet.h).
+const PACKET_HOST: i32 = 0;
+/// `struct bpf_sock_tuple` sizes: IPv4 (addresses, ports) and IPv6.
+const TUPLE_V4: i32 = 12;
+const TUPLE_V6: i32 = 36;
 
 // Registers kept across helper calls.
 const CTX: Reg = R6;
@@ -136,6 +228,8 @@ const EVT: i16 = -96; // event, 24 bytes
 const CTVAL: i16 = -104; // conntrack value, 8 bytes
 const RET: i16 = -108; // u32: the return code on the event path
 const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
+const TUPLE: i16 = -160; // struct bpf_sock_tuple of a socket lookup, 36 bytes
+const HANDOFF_NEW: i16 = -164; // u32: the handoff opens a connection (1) or continues one (0)
 
 /// How a program decides, chosen by the table's size; `cnpc verify` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -227,7 +321,22 @@ pub fn shared_maps(ipcache_entries: usize) -> Vec<MapDef> {
             max_entries: EVENTS_BYTES,
             flags: 0,
         },
+        MapDef {
+            name: PROXY_CONFIG_MAP.into(),
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: PROXY_CONFIG_VALUE_SIZE,
+            max_entries: 1,
+            flags: 0,
+        },
     ]
+}
+
+/// The `proxy_config` record that names the proxy device (`ifindex` 0: none).
+pub fn proxy_config_record(ifindex: u32) -> Record {
+    let mut value = vec![0u8; PROXY_CONFIG_VALUE_SIZE as usize];
+    value[..4].copy_from_slice(&ifindex.to_le_bytes());
+    (0u32.to_le_bytes().to_vec(), value)
 }
 
 /// Whether the programs of an endpoint whose tables are `tables` (both directions) must track
@@ -258,7 +367,9 @@ fn need(a: &mut Asm, base: Reg, end_off: i32, fail: Label) {
 /// The classifier for `table` (its direction says which address is the peer's), tracking
 /// connections when `track` (see [`needs_tracking`]).
 pub fn generate(table: &DecisionTable, track: bool) -> Generated {
-    let strategy = if table.rows.is_empty() && !track {
+    // A Proxy default needs the parsed packet to find the proxy's socket: no constant program.
+    let proxy_default = matches!(table.default, TableVerdict::Proxy(_));
+    let strategy = if table.rows.is_empty() && !track && !proxy_default {
         Strategy::Constant
     } else {
         choose(table)
@@ -378,6 +489,11 @@ fn verdict_jump(a: &mut Asm, tails: &Tails, verdict: &TableVerdict, row: Option<
 
 /// The program for `table` decided the `strategy` way; [`generate`] picks the strategy.
 pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generated {
+    let strategy = match (strategy, &table.default) {
+        // Handing a packet to the proxy takes the parsed packet: see `generate`.
+        (Strategy::Constant, TableVerdict::Proxy(_)) => Strategy::Branches,
+        (s, _) => s,
+    };
     if strategy == Strategy::Constant {
         return Generated {
             program: constant(&table.default),
@@ -540,6 +656,33 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
     }
     let found = a.label();
     let decide = a.label();
+    // Ingress: traffic of the node's proxies carries their mark (module doc, "L7 proxies").
+    let trusted = (!egress).then(|| a.label());
+    if let Some(trusted) = trusted {
+        let ipcache = a.label();
+        a.load(Size::W, R1, CTX, SKB_MARK);
+        a.mov(R2, Src::Reg(R1))
+            .alu(AluOp::And, R2, Src::Imm(contract::MARK_MAGIC_MASK as i32));
+        a.jump_if(
+            Cond::Eq,
+            R2,
+            Src::Imm(contract::FROM_INGRESS_PROXY as i32),
+            trusted,
+        );
+        a.jump_if(
+            Cond::Ne,
+            R2,
+            Src::Imm(contract::FROM_EGRESS_PROXY as i32),
+            ipcache,
+        );
+        a.alu(
+            AluOp::And,
+            R1,
+            Src::Imm(contract::MARK_IDENTITY_MASK as i32),
+        );
+        a.goto(decide);
+        a.bind(ipcache);
+    }
     identity_lookup(&mut a, found);
     a.mov(R1, Src::Imm(WORLD)).goto(decide);
     a.bind(found);
@@ -553,7 +696,7 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
         Strategy::HashBaseline => baseline_decision(&mut a, table, &tails),
         _ => decision(&mut a, table, strategy, &tails),
     };
-    verdict_tails(&mut a, &tails, egress, track);
+    verdict_tails(&mut a, &tails, egress, track, trusted);
     Generated {
         // The assembler fails only on an unbound label (every label above is bound) or a jump
         // longer than 32,767 slots: code size is bounded by TREE_MAX_MEMBERS and
@@ -576,9 +719,10 @@ fn identity_lookup(a: &mut Asm, found: Label) {
     }
 }
 
-/// What happens after the decision: the conntrack check, events, the return code. r3 holds the
-/// row index on entry.
-fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
+/// What happens after the decision: the conntrack check, the handoff to a proxy, events, the
+/// return code. r3 holds the row index on entry. `trusted`, in ingress programs, is where
+/// traffic of the endpoint's own ingress proxy goes (bound here).
+fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted: Option<Label>) {
     let opened_here = if egress {
         CT_OPENED_BY_EGRESS
     } else {
@@ -586,11 +730,32 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
     } as i32;
     let emit = a.label();
     let ok = a.label();
+    // The handoff to the proxy: `existing` marks a packet of a connection the proxy already has
+    // (found by the allow and deny tails), `handoff` takes a marked packet with HANDOFF_NEW set;
+    // `refused` drops and reports.
+    let existing = a.label();
+    let handoff = a.label();
+    let refused = a.label();
     let ct_lookup = |a: &mut Asm| {
         a.ld_map(R1, CT_MAP);
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(CT)));
         a.call(MAP_LOOKUP_ELEM);
+    };
+    let ct_create = |a: &mut Asm, opened_by: i32, flags: u32| {
+        a.store(Size::W, R10, CTVAL, Src::Imm(opened_by)).store(
+            Size::W,
+            R10,
+            CTVAL + 4,
+            Src::Imm(flags as i32),
+        );
+        a.ld_map(R1, CT_MAP);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(CT)));
+        a.mov(R3, Src::Reg(R10))
+            .alu(AluOp::Add, R3, Src::Imm(i32::from(CTVAL)));
+        a.mov(R4, Src::Imm(0)); // BPF_ANY
+        a.call(MAP_UPDATE_ELEM);
     };
     let untracked = |a: &mut Asm, target: Label| {
         let tracked = a.label();
@@ -600,9 +765,26 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
         a.goto(target);
         a.bind(tracked);
     };
+    // With r0 at a ct entry: a reply (the other side opened it) passes; a connection this side
+    // opened and handed to the proxy goes on to the proxy; anything else goes to `otherwise`.
+    let established = |a: &mut Asm, otherwise: Label| {
+        a.load(Size::W, R1, R0, 0)
+            .jump_if(Cond::Ne, R1, Src::Imm(opened_here), ok);
+        a.load(Size::W, R1, R0, 4).jump_if(
+            Cond::Set,
+            R1,
+            Src::Imm(CT_FLAG_PROXIED as i32),
+            existing,
+        );
+        a.goto(otherwise);
+    };
 
     let [allow_used, deny_used, proxy_used] = tails.used.get();
-    let opens = allow_used || proxy_used;
+    // Every tracked program checks the proxied flag, whatever its table: a connection handed to
+    // the proxy stays there when a new generation's table no longer says Proxy.
+    let existing_used = track && (allow_used || deny_used);
+    let handoff_used = proxy_used || existing_used;
+    let ok_used = allow_used || (track && (deny_used || proxy_used)) || trusted.is_some();
 
     // Denied: a reply of a connection the other side opened passes; anything else is dropped.
     if deny_used {
@@ -614,63 +796,121 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
             untracked(a, dropped);
             ct_lookup(a);
             a.jump_if(Cond::Eq, R0, Src::Imm(0), dropped);
-            a.load(Size::W, R1, R0, 0)
-                .jump_if(Cond::Eq, R1, Src::Imm(opened_here), dropped);
-            a.goto(ok);
+            established(a, dropped);
         }
         a.bind(dropped);
         a.store(Size::W, R10, RET, Src::Imm(TC_ACT_SHOT));
         a.goto(emit);
     }
 
-    // Allowed or proxied: a packet that opens a connection records it and emits an event.
-    let opened = a.label();
+    // Proxied: replies pass; the first packet and the rest of the connection go to the proxy.
     if proxy_used {
         a.bind(tails.proxy);
-        a.store(Size::W, CTX, SKB_MARK, Src::Imm(PROXY_MARK));
+        a.store(Size::W, R10, EVT + event::ROW as i16, Src::Reg(R3));
         a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(2));
-        if allow_used {
-            a.goto(opened);
+        // The mark says the table proxies the packet, whatever becomes of it (as Cilium marks
+        // before it looks for the proxy's socket).
+        proxy_mark(a, egress);
+        // Only TCP is proxied today (HTTP). DNS over UDP will branch off here to a UDP handoff
+        // (`bpf_sk_lookup_udp` on the DNS proxy's port); until then UDP, SCTP and anything
+        // else a Proxy row covers is dropped, never passed unjudged.
+        a.jump_if(Cond::Ne, PROTO, Src::Imm(6), refused);
+        if track {
+            let new = a.label();
+            ct_lookup(a);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), new);
+            a.load(Size::W, R1, R0, 0)
+                .jump_if(Cond::Ne, R1, Src::Imm(opened_here), ok);
+            // Opened before the table said Proxy: the proxy takes it from now on (its stack
+            // resets a connection it never accepted; that is the price of enforcing L7 rules
+            // on it).
+            a.load(Size::W, R1, R0, 4)
+                .alu(AluOp::Or, R1, Src::Imm(CT_FLAG_PROXIED as i32))
+                .store(Size::W, R0, 4, Src::Reg(R1));
+            a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(0));
+            a.goto(handoff);
+            a.bind(new);
+            a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(1));
         }
+        a.goto(handoff);
     }
+
+    // Allowed: a packet that opens a connection records it and emits an event.
     if allow_used {
         a.bind(tails.allow);
+        a.store(Size::W, R10, EVT + event::ROW as i16, Src::Reg(R3));
         a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(0));
-    }
-    if opens {
-        a.bind(opened);
         if track {
-            a.store(Size::W, R10, EVT + event::ROW as i16, Src::Reg(R3));
+            let create = a.label();
+            untracked(a, ok);
+            ct_lookup(a);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), create);
+            established(a, ok);
+            a.bind(create);
+            ct_create(a, opened_here, 0);
+            a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
+            a.goto(emit);
+        } else {
+            a.goto(ok);
+        }
+    }
+
+    // Traffic of the endpoint's own ingress proxy, which judged the connection: it passes and
+    // is recorded, so the endpoint's replies pass. No event: the connection's first leg (peer
+    // to proxy) was reported when it was handed over, and the proxy reports its requests.
+    if let Some(trusted) = trusted {
+        a.bind(trusted);
+        if track {
             untracked(a, ok);
             ct_lookup(a);
             a.jump_if(Cond::Ne, R0, Src::Imm(0), ok);
-            a.store(Size::W, R10, CTVAL, Src::Imm(opened_here)).store(
-                Size::W,
-                R10,
-                CTVAL + 4,
-                Src::Imm(0),
-            );
-            a.ld_map(R1, CT_MAP);
-            a.mov(R2, Src::Reg(R10))
-                .alu(AluOp::Add, R2, Src::Imm(i32::from(CT)));
-            a.mov(R3, Src::Reg(R10))
-                .alu(AluOp::Add, R3, Src::Imm(i32::from(CTVAL)));
-            a.mov(R4, Src::Imm(0)); // BPF_ANY
-            a.call(MAP_UPDATE_ELEM);
-            a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
+            ct_create(a, CT_OPENED_BY_INGRESS as i32, 0);
+        }
+        a.goto(ok);
+    }
+
+    if existing_used {
+        a.bind(existing);
+        a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(0));
+        proxy_mark(a, egress);
+    }
+    if handoff_used {
+        a.bind(handoff);
+        if egress {
+            egress_handoff(a, refused);
+        } else {
+            ingress_handoff(a, refused);
+        }
+        let opens = a.label();
+        if track {
+            a.load(Size::W, R1, R10, HANDOFF_NEW)
+                .jump_if(Cond::Ne, R1, Src::Imm(0), opens);
+        }
+        a.load(Size::W, R0, R10, RET);
+        a.exit();
+        if track {
+            // Recorded only once the proxy has it: a dropped packet leaves no connection.
+            a.bind(opens);
+            ct_create(a, opened_here, CT_FLAG_PROXIED);
             a.goto(emit);
         }
+        // Fail closed: no proxy to take the connection drops it, and says so.
+        a.bind(refused);
+        a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(1));
+        a.store(Size::W, R10, RET, Src::Imm(TC_ACT_SHOT));
+        a.goto(emit);
     }
-    if opens || (deny_used && track) {
+    if ok_used {
         a.bind(ok);
         a.ret(TC_ACT_OK);
     }
-    if !(deny_used || (opens && track)) {
-        return;
-    }
 
     // The event: the subject's identity is its own address's in the ipcache (so identities with
-    // equal tables can share one program), the rest is on the stack already.
+    // equal tables can share one program), the rest is on the stack already. Every tail above
+    // reaches it: the deny and proxy tails always, the allow tail when tracking.
+    if !(deny_used || handoff_used || (allow_used && track)) {
+        return;
+    }
     a.bind(emit);
     let v6 = a.label();
     let keyed = a.label();
@@ -715,8 +955,208 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool) {
     a.exit();
 }
 
+/// Sets `skb->mark` for the proxy: [`TO_PROXY_MARK`], on the ingress path or'ed with the peer's
+/// identity when it fits the mark's identity bits (0 otherwise): the ingress proxy reads the
+/// source's identity from the accepted socket's mark (`cnpc_ir::proxy::contract`).
+fn proxy_mark(a: &mut Asm, egress: bool) {
+    if egress {
+        a.store(Size::W, CTX, SKB_MARK, Src::Imm(TO_PROXY_MARK));
+        return;
+    }
+    let fits = a.label();
+    a.load(Size::W, R1, R10, EVT + event::PEER as i16);
+    a.jump_if(
+        Cond::Le,
+        R1,
+        Src::Imm(contract::MARK_IDENTITY_MASK as i32),
+        fits,
+    );
+    a.mov(R1, Src::Imm(0));
+    a.bind(fits);
+    a.alu(AluOp::Or, R1, Src::Imm(TO_PROXY_MARK))
+        .store(Size::W, CTX, SKB_MARK, Src::Reg(R1));
+}
+
+/// The egress handoff (tc ingress of the endpoint's veth, where `bpf_sk_assign` is allowed):
+/// the packet's tuple from the conntrack key (local side first is the packet's source here),
+/// then [`sock_assign`] to the egress proxy; RET = TC_ACT_OK, or `refused`.
+fn egress_handoff(a: &mut Asm, refused: Label) {
+    let v6 = a.label();
+    let built = a.label();
+    a.load(Size::B, R1, R10, CT + 37);
+    a.jump_if(Cond::Eq, R1, Src::Imm(6), v6);
+    // struct bpf_sock_tuple: saddr, daddr, sport, dport (the ct key's ports are in that order).
+    for (to, from) in [(0, 0), (4, 16), (8, 32)] {
+        a.load(Size::W, R1, R10, CT + from)
+            .store(Size::W, R10, TUPLE + to, Src::Reg(R1));
+    }
+    a.mov(R7, Src::Imm(TUPLE_V4)).goto(built);
+    a.bind(v6);
+    for w in 0..9 {
+        a.load(Size::W, R1, R10, CT + 4 * w)
+            .store(Size::W, R10, TUPLE + 4 * w, Src::Reg(R1));
+    }
+    a.mov(R7, Src::Imm(TUPLE_V6));
+    a.bind(built);
+    sock_assign(a, contract::EGRESS_PROXY_PORT, refused);
+    a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
+}
+
+/// The ingress handoff (tc egress of the endpoint's veth, where `bpf_sk_assign` is refused):
+/// redirect to the receive path of the loader's proxy device, whose program does the
+/// assignment ([`proxy_device_program`]); RET = what `bpf_redirect` returned (TC_ACT_REDIRECT),
+/// or `refused` when `proxy_config` names no device.
+fn ingress_handoff(a: &mut Asm, refused: Label) {
+    a.store(Size::W, R10, SCRATCH, Src::Imm(0));
+    a.ld_map(R1, PROXY_CONFIG_MAP);
+    a.mov(R2, Src::Reg(R10))
+        .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+    a.call(MAP_LOOKUP_ELEM);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), refused);
+    a.load(Size::W, R1, R0, PROXY_CONFIG_IFINDEX)
+        .jump_if(Cond::Eq, R1, Src::Imm(0), refused);
+    a.mov(R2, Src::Imm(BPF_F_INGRESS));
+    a.call(REDIRECT);
+    a.store(Size::W, R10, RET, Src::Reg(R0));
+}
+
+/// Assigns the packet to a proxy socket, as Cilium's bpf/lib/proxy.h (`assign_socket_tcp`)
+/// does: first the socket of the packet's own tuple (a connection the proxy already accepted;
+/// a listener or a TIME_WAIT socket found that way is not one, and is released), then the
+/// proxy's listener on `port` (a listener bound to the wildcard address matches any
+/// destination address). `bpf_sk_assign` then sets `skb->sk`, and the local route for
+/// TO_PROXY_MARK delivers the packet to it. Falls through on success, goes to `fail` when no
+/// socket is found or the assignment fails. Expects the tuple at TUPLE, its size in r7 and the
+/// context in r6; uses r7 and r8, clobbers r0-r5. Every socket reference is released on every
+/// path (the kernel refuses the program otherwise).
+fn sock_assign(a: &mut Asm, port: u16, fail: Label) {
+    let listener = a.label();
+    let release = a.label();
+    let assign = a.label();
+    let v6_port = a.label();
+    let lookup = a.label();
+    let call_lookup = |a: &mut Asm, helper: i32| {
+        a.mov(R1, Src::Reg(CTX));
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(TUPLE)));
+        a.mov(R3, Src::Reg(R7))
+            .mov(R4, Src::Imm(BPF_F_CURRENT_NETNS))
+            .mov(R5, Src::Imm(0));
+        a.call(helper);
+    };
+    call_lookup(a, SKC_LOOKUP_TCP);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), listener);
+    a.mov(R8, Src::Reg(R0));
+    a.load(Size::W, R1, R8, SOCK_STATE);
+    a.jump_if(Cond::Eq, R1, Src::Imm(BPF_TCP_LISTEN), release);
+    a.jump_if(Cond::Eq, R1, Src::Imm(BPF_TCP_TIME_WAIT), release);
+    a.goto(assign);
+    a.bind(release);
+    a.mov(R1, Src::Reg(R8)).call(SK_RELEASE);
+    // The listener: the same tuple with the proxy's port as the destination port.
+    a.bind(listener);
+    let dport = i32::from(port.swap_bytes()); // network order, as stored little-endian
+    a.jump_if(Cond::Eq, R7, Src::Imm(TUPLE_V6), v6_port);
+    a.store(Size::H, R10, TUPLE + 10, Src::Imm(dport))
+        .goto(lookup);
+    a.bind(v6_port);
+    a.store(Size::H, R10, TUPLE + 34, Src::Imm(dport));
+    a.bind(lookup);
+    call_lookup(a, SK_LOOKUP_TCP);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), fail);
+    a.mov(R8, Src::Reg(R0));
+    a.bind(assign);
+    a.mov(R1, Src::Reg(CTX))
+        .mov(R2, Src::Reg(R8))
+        .mov(R3, Src::Imm(0));
+    a.call(SK_ASSIGN);
+    a.mov(R7, Src::Reg(R0)); // the tuple's size is not needed any more
+    a.mov(R1, Src::Reg(R8)).call(SK_RELEASE);
+    a.jump_if(Cond::Ne, R7, Src::Imm(0), fail);
+}
+
+/// The program of the loader's proxy device (one per node), at its tc ingress: packets an
+/// endpoint's ingress program redirected there (they carry TO_PROXY_MARK) are assigned to the
+/// ingress proxy ([`sock_assign`] with [`contract::INGRESS_PROXY_PORT`]); anything else is
+/// dropped, as is a packet no proxy socket takes.
+///
+/// The redirected frame still carries the endpoint's MAC address, so `eth_type_trans` marked it
+/// PACKET_OTHERHOST on the way in, and `ip_rcv` would drop it: the program makes it PACKET_HOST
+/// with `bpf_skb_change_type` (rewriting the destination MAC would need the device's address
+/// here; the packet type is all `ip_rcv` looks at). Only TCP arrives here today; IPv6 with
+/// extension headers before TCP is dropped (the endpoint's program would have handed over only
+/// what it parsed, and proxied traffic has none in practice).
+pub fn proxy_device_program() -> Program {
+    let mut a = Asm::new();
+    let drop = a.label();
+    let v4 = a.label();
+    let v6 = a.label();
+    let parsed = a.label();
+    a.mov(CTX, Src::Reg(R1));
+    // The identity bits under the mark are the ingress proxy's, not ours.
+    a.load(Size::W, R1, CTX, SKB_MARK)
+        .alu(AluOp::And, R1, Src::Imm(contract::MARK_MAGIC_MASK as i32))
+        .jump_if(Cond::Ne, R1, Src::Imm(TO_PROXY_MARK), drop);
+    a.load(Size::W, DATA, CTX, SKB_DATA)
+        .load(Size::W, DATA_END, CTX, SKB_DATA_END);
+    need(&mut a, DATA, 14, drop);
+    a.load(Size::H, R1, DATA, 12);
+    a.jump_if(Cond::Eq, R1, Src::Imm(0x0008), v4); // 0x0800 read little-endian
+    a.jump_if(Cond::Eq, R1, Src::Imm(0xdd86), v6);
+    a.goto(drop);
+
+    a.bind(v4);
+    need(&mut a, DATA, 34, drop);
+    a.load(Size::B, R1, DATA, 14);
+    a.mov(R3, Src::Reg(R1))
+        .alu(AluOp::And, R3, Src::Imm(0xf0))
+        .jump_if(Cond::Ne, R3, Src::Imm(0x40), drop);
+    a.alu(AluOp::And, R1, Src::Imm(0x0f))
+        .jump_if(Cond::Lt, R1, Src::Imm(5), drop);
+    a.alu(AluOp::Lsh, R1, Src::Imm(2))
+        .alu(AluOp::Add, R1, Src::Imm(14));
+    a.load(Size::B, R3, DATA, 23)
+        .jump_if(Cond::Ne, R3, Src::Imm(6), drop);
+    a.load(Size::H, R3, DATA, 20)
+        .push(Insn::ToBe { dst: R3, bits: 16 })
+        .alu(AluOp::And, R3, Src::Imm(0x1fff))
+        .jump_if(Cond::Ne, R3, Src::Imm(0), drop);
+    for (to, from) in [(0, 26), (4, 30)] {
+        a.load(Size::W, R3, DATA, from)
+            .store(Size::W, R10, TUPLE + to, Src::Reg(R3));
+    }
+    a.mov(R3, Src::Reg(DATA)).alu(AluOp::Add, R3, Src::Reg(R1));
+    need(&mut a, R3, 4, drop);
+    a.load(Size::W, R3, R3, 0)
+        .store(Size::W, R10, TUPLE + 8, Src::Reg(R3));
+    a.mov(R7, Src::Imm(TUPLE_V4)).goto(parsed);
+
+    a.bind(v6);
+    need(&mut a, DATA, 58, drop);
+    a.load(Size::B, R3, DATA, 20)
+        .jump_if(Cond::Ne, R3, Src::Imm(6), drop);
+    // Source, destination, then the TCP ports right after the fixed header.
+    for w in 0..9 {
+        a.load(Size::W, R3, DATA, 22 + 4 * w)
+            .store(Size::W, R10, TUPLE + 4 * w, Src::Reg(R3));
+    }
+    a.mov(R7, Src::Imm(TUPLE_V6));
+
+    a.bind(parsed);
+    a.mov(R1, Src::Reg(CTX)).mov(R2, Src::Imm(PACKET_HOST));
+    a.call(SKB_CHANGE_TYPE);
+    a.jump_if(Cond::Ne, R0, Src::Imm(0), drop);
+    sock_assign(&mut a, contract::INGRESS_PROXY_PORT, drop);
+    a.ret(TC_ACT_OK);
+    a.bind(drop);
+    a.ret(TC_ACT_SHOT);
+    // Every label above is bound and the program is a few dozen instructions long.
+    a.finish().expect("generated code assembles")
+}
+
 /// A table without rows, on an endpoint that needs no connection tracking, decides by its
-/// default alone: no peer lookup, no port parsing. Frames that are not IP still pass.
+/// default alone (Allow or Deny): no peer lookup, no port parsing. Frames that are not IP still
+/// pass.
 fn constant(default: &TableVerdict) -> Program {
     let mut a = Asm::new();
     if *default != TableVerdict::Allow {
@@ -731,12 +1171,8 @@ fn constant(default: &TableVerdict) -> Program {
             .jump_if(Cond::Eq, R4, Src::Imm(0xdd86), ip);
         a.ret(TC_ACT_OK);
         a.bind(ip);
-        if let TableVerdict::Proxy(_) = default {
-            a.store(Size::W, R1, SKB_MARK, Src::Imm(PROXY_MARK));
-            a.ret(TC_ACT_OK);
-        } else {
-            a.ret(TC_ACT_SHOT);
-        }
+        // Only Deny gets here: `build` never makes a Proxy default constant.
+        a.ret(TC_ACT_SHOT);
     } else {
         a.ret(TC_ACT_OK);
     }
@@ -1176,6 +1612,68 @@ mod tests {
             assert_eq!(covered, want, "{lo}-{hi}");
             assert!(blocks.len() <= 32);
         }
+    }
+
+    /// Tables of every verdict mix, both directions, tracked or not, in every form: each
+    /// program, and the proxy device's, passes cnpc's checker (the kernel's verdict on the same
+    /// shapes is in runtime-loader's tests).
+    #[test]
+    fn every_form_passes_the_checker() {
+        use cnpc_ir::*;
+        let proxy = || TableVerdict::Proxy(Vec::new());
+        let verdicts = [TableVerdict::Allow, TableVerdict::Deny, proxy()];
+        let mut checked = 0;
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for default in &verdicts {
+                for rows in [
+                    vec![],
+                    vec![proxy()],
+                    vec![TableVerdict::Allow, proxy()],
+                    vec![TableVerdict::Deny, TableVerdict::Allow],
+                    verdicts.to_vec(),
+                ] {
+                    let table = DecisionTable {
+                        subject: NumericIdentity(300),
+                        direction,
+                        default: default.clone(),
+                        classes: vec![IdentityClass {
+                            members: vec![NumericIdentity(400), NumericIdentity(401)],
+                        }],
+                        rows: rows
+                            .iter()
+                            .enumerate()
+                            .map(|(i, v)| TableRow {
+                                class: 0,
+                                protocol: Protocol::Tcp,
+                                ports: PortRange::single(80 + i as u16),
+                                verdict: v.clone(),
+                            })
+                            .collect(),
+                    };
+                    for track in [false, true] {
+                        for strategy in [
+                            Strategy::Constant,
+                            Strategy::Branches,
+                            Strategy::BinarySearch,
+                            Strategy::Maps,
+                            Strategy::HashBaseline,
+                            Strategy::ParseOnly,
+                        ] {
+                            let g = build(&table, track, strategy);
+                            if let Err(e) = crate::check::check(&g.program) {
+                                panic!(
+                                    "{direction:?} {default:?} {rows:?} track={track} {strategy:?}: {e:?}\n{}",
+                                    crate::disasm::listing(&g.program)
+                                );
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 3 * 5 * 2 * 6);
+        crate::check::check(&proxy_device_program()).expect("the proxy device program");
     }
 
     #[test]

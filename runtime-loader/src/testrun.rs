@@ -28,9 +28,11 @@ pub use cnpc_codegen_bpf::gen::Record;
 /// What a program did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
-    /// The tc return code (TC_ACT_OK or TC_ACT_SHOT).
+    /// The tc return code (TC_ACT_OK, TC_ACT_SHOT, or TC_ACT_REDIRECT for an ingress program
+    /// handing the packet to the proxy device).
     pub code: u32,
-    /// `skb->mark` afterwards (gen::PROXY_MARK for the L7 proxy).
+    /// `skb->mark` afterwards (gen::TO_PROXY_MARK when the program handed the packet to an L7
+    /// proxy, or tried to; ingress programs or the peer's identity into its low 16 bits).
     pub mark: u32,
     /// The conntrack entry the packet created, if it opened a connection: who opened it
     /// (gen::CT_OPENED_BY_EGRESS or gen::CT_OPENED_BY_INGRESS).
@@ -38,12 +40,32 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn allowed(&self) -> bool {
+    /// The packet passed (TC_ACT_OK).
+    pub fn passed(&self) -> bool {
         self.code == gen::TC_ACT_OK as u32
     }
 
+    /// The policy lets the packet on: it passed, or the table handed it to an L7 proxy (which
+    /// decides from there). In a test run a proxied packet is dropped or redirected: no proxy
+    /// takes it here (see [`Outcome::proxied`]).
+    pub fn allowed(&self) -> bool {
+        self.passed() || self.proxied()
+    }
+
+    /// The packet was redirected (to the proxy device).
+    pub fn redirected(&self) -> bool {
+        self.code == gen::TC_ACT_REDIRECT as u32
+    }
+
+    /// The packet goes on in the kernel: passed, or redirected to the proxy device.
+    pub fn handed_on(&self) -> bool {
+        self.passed() || self.redirected()
+    }
+
+    /// The table proxies the packet: it carries TO_PROXY_MARK (with no proxy socket or device,
+    /// or for a protocol not proxied yet, the program drops it with the mark).
     pub fn proxied(&self) -> bool {
-        self.allowed() && self.mark == gen::PROXY_MARK as u32
+        self.mark & cnpc_ir::proxy::contract::MARK_MAGIC_MASK == gen::TO_PROXY_MARK as u32
     }
 }
 
@@ -68,6 +90,26 @@ impl Kernel {
     fn map(&self, name: &str) -> &OwnedFd {
         // Kernel::new creates every shared map, and nothing removes one.
         &self.maps[name]
+    }
+
+    /// Names the proxy device in `proxy_config` (0: none, so ingress Proxy verdicts drop).
+    /// Nothing is redirected in a test run: the program only returns TC_ACT_REDIRECT.
+    pub fn set_proxy_device(&self, ifindex: u32) -> Result<(), RunError> {
+        let (k, v) = gen::proxy_config_record(ifindex);
+        sys::map_update(self.map(gen::PROXY_CONFIG_MAP), &k, &v)
+            .map_err(kernel_err("cannot fill proxy_config"))
+    }
+
+    /// Checks and loads a program that reads no map but the shared ones (the proxy device's).
+    pub fn load_program(
+        &mut self,
+        program: &cnpc_codegen_bpf::Program,
+    ) -> Result<OwnedFd, RunError> {
+        self.load_generated(&gen::Generated {
+            program: program.clone(),
+            strategy: gen::Strategy::Constant,
+            maps: Vec::new(),
+        })
     }
 
     /// Adds one ipcache entry (an address learned from DNS, say).
@@ -154,7 +196,19 @@ impl Kernel {
 
     /// Runs one packet, keeping the conntrack state it leaves.
     pub fn run_keep(&self, prog: &OwnedFd, packet: &[u8]) -> Result<Outcome, RunError> {
-        let (code, mark) = sys::test_run(prog, packet).map_err(kernel_err("BPF_PROG_TEST_RUN"))?;
+        self.run_marked(prog, packet, 0)
+    }
+
+    /// Runs one packet that arrives with `skb->mark` = `mark` (what the proxies' sockets set),
+    /// keeping the conntrack state it leaves.
+    pub fn run_marked(
+        &self,
+        prog: &OwnedFd,
+        packet: &[u8],
+        mark: u32,
+    ) -> Result<Outcome, RunError> {
+        let (code, mark) =
+            test_run_marked(prog, packet, mark).map_err(kernel_err("BPF_PROG_TEST_RUN"))?;
         Ok(Outcome {
             code,
             mark,
@@ -176,6 +230,11 @@ impl Kernel {
         Ok(out)
     }
 
+    /// Records a connection in `ct` as a program would (key and value in gen::CT_MAP's layout).
+    pub fn insert_connection(&self, key: &[u8], value: &[u8]) -> Result<(), RunError> {
+        sys::map_update(self.map(gen::CT_MAP), key, value).map_err(kernel_err("writing ct"))
+    }
+
     pub fn forget_connections(&self) -> Result<(), RunError> {
         let ct = self.map(gen::CT_MAP);
         for k in sys::map_keys(ct, gen::CT_KEY_SIZE as usize).map_err(kernel_err("reading ct"))? {
@@ -189,6 +248,77 @@ impl Kernel {
         sys::RingBuf::new(self.map(gen::EVENTS_MAP), gen::EVENTS_BYTES as usize)
             .map_err(kernel_err("cannot map the events ring buffer"))
     }
+}
+
+/// The head of `union bpf_attr` for BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `sizeof(struct __sk_buff)`, and the offset of its `mark`.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
+
+/// BPF_PROG_TEST_RUN with `skb->mark` set on entry (the kernel copies `mark` from the context
+/// it is given, net/bpf/test_run.c `convert___skb_to_skb`); returns the program's return value
+/// and the mark it left. (`sys::test_run` passes a zero context; this is the same call with
+/// one field set.)
+fn test_run_marked(prog: &OwnedFd, packet: &[u8], mark: u32) -> std::io::Result<(u32, u32)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut ctx_in = [0u8; SK_BUFF_SIZE];
+    ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_le_bytes());
+    let mut ctx_out = [0u8; SK_BUFF_SIZE];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: SK_BUFF_SIZE as u32,
+        ctx_size_out: SK_BUFF_SIZE as u32,
+        ctx_in: ctx_in.as_ptr() as u64,
+        ctx_out: ctx_out.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr, zero-padded, whose pointers
+    // point at buffers that live until the call returns.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr as *mut libc::c_void,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mark = u32::from_le_bytes([
+        ctx_out[SK_BUFF_MARK],
+        ctx_out[SK_BUFF_MARK + 1],
+        ctx_out[SK_BUFF_MARK + 2],
+        ctx_out[SK_BUFF_MARK + 3],
+    ]);
+    Ok((attr.retval, mark))
 }
 
 /// An Ethernet frame carrying one packet of the flow: IPv4 or IPv6 after the addresses, the

@@ -3,10 +3,11 @@
 //! example policy set, every pair of parties (IPv4 and IPv6), every protocol and every port
 //! boundary; and the reply of every connection a packet opens passes.
 
-use cnpc_codegen_bpf::gen::{self, PROXY_MARK, TC_ACT_OK, TC_ACT_SHOT};
+use cnpc_codegen_bpf::gen::{self, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TO_PROXY_MARK};
 use cnpc_compiler::eval::{evaluate, parse_peer, Decision, DirVerdict, Flow, Party};
 use cnpc_compiler::tables::{peer_universe, TableCompiler};
 use cnpc_compiler::{check as check_policies, lower, Cluster, PolicySet};
+use cnpc_ir::proxy::contract::MARK_IDENTITY_MASK;
 use cnpc_ir::{Direction, NumericIdentity, Protocol};
 use cnpc_runtime_loader::sys;
 use cnpc_runtime_loader::testrun::{craft, craft_ports, Kernel};
@@ -28,10 +29,29 @@ const LEARNED: [(&str, &str); 2] = [
     ("support.github.com", "140.82.112.6"),
 ];
 
-fn expected(d: &Decision) -> (u32, u32) {
+/// The ifindex the tests put in `proxy_config` (the loopback device: any non-zero index makes
+/// the ingress programs redirect; nothing is redirected in a test run).
+const PROXY_DEVICE: u32 = 1;
+
+/// The return code and mark a packet gets. Proxied packets carry the mark and fail closed when
+/// no proxy takes them: the egress programs find no proxy socket in a test run (nothing listens
+/// on the proxy port, and `bpf_sk_assign` needs tc ingress), so they drop; the ingress programs
+/// redirect TCP to the proxy device. Only TCP is proxied: other protocols are dropped (with
+/// the mark, which says the table proxies them). On the ingress path the mark carries the
+/// source's identity when it fits 16 bits.
+fn expected(d: &Decision, dir: Direction, proto: Protocol, src: Option<u32>) -> (u32, u32) {
+    let mark = match dir {
+        Direction::Egress => TO_PROXY_MARK as u32,
+        Direction::Ingress => {
+            TO_PROXY_MARK as u32 | src.filter(|id| *id <= MARK_IDENTITY_MASK).unwrap_or(0)
+        }
+    };
     match (d.verdict, &d.l7) {
         (DirVerdict::Denied, _) => (TC_ACT_SHOT as u32, 0),
-        (_, Some(_)) => (TC_ACT_OK as u32, PROXY_MARK as u32),
+        (_, Some(_)) if proto == Protocol::Tcp && dir == Direction::Ingress => {
+            (TC_ACT_REDIRECT as u32, mark)
+        }
+        (_, Some(_)) => (TC_ACT_SHOT as u32, mark),
         _ => (TC_ACT_OK as u32, 0),
     }
 }
@@ -110,6 +130,7 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
             return None;
         }
     };
+    kernel.set_proxy_device(PROXY_DEVICE).expect("proxy_config");
     let mut programs = BTreeMap::new();
     let mut insns = 0;
     let tables = compiler.all(&program);
@@ -228,14 +249,23 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
                             .expect("BPF_PROG_TEST_RUN");
                         let got = (o.code, o.mark);
                         total += 1 + usize::from(back.is_some());
-                        if got != expected(decision) {
+                        let source = src.identity.map(|i| i.0);
+                        if got != expected(decision, dir_, proto, source) {
                             let table = loaded
                                 .tables
                                 .iter()
                                 .find(|t| t.subject == id && t.direction == dir_);
                             mismatches.push(format!("{dir}: {} -> {} {port}/{} {:?}: kernel {got:?}, evaluator {:?} {:?}\ntable: {table:#?}", src.name, dst.name, proto.as_str(), dir_, decision.verdict, decision.rules));
                         }
-                        if back.is_some_and(|b| !b.allowed()) {
+                        if o.opened.is_some() && !o.handed_on() {
+                            mismatches.push(format!(
+                                "{dir}: {} -> {} {port}/{} {dir_:?}: kernel {o:?} recorded a connection for a packet it dropped",
+                                src.name,
+                                dst.name,
+                                proto.as_str()
+                            ));
+                        }
+                        if back.is_some_and(|b| !b.passed()) {
                             mismatches.push(format!(
                                 "{dir}: the reply of {} -> {} {port}/{} was dropped",
                                 src.name,

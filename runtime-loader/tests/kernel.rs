@@ -461,3 +461,570 @@ fn verify_loads_the_map_images_of_large_tables() {
         assert!(v.rejected.is_none(), "{v:?}");
     }
 }
+
+mod proxy {
+    //! Proxy verdicts in the kernel (cnpc_codegen_bpf::gen, "L7 proxies"): endpoint 400 at
+    //! 10.0.0.2 / fd00::2, peer 300 at 10.0.0.1 / fd00::1, the node at 10.0.0.9 (host). Both
+    //! directions proxy TCP 80, allow TCP 81 and deny the rest; egress also proxies UDP 53.
+    //! Nothing listens on the proxy ports in a test run, so the egress handoff finds no socket:
+    //! the tests that depend on that run in a network namespace of their own.
+    use super::sys;
+    use cnpc_codegen_bpf::gen::{
+        self, event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS, CT_OPENED_BY_INGRESS, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, TO_PROXY_MARK,
+    };
+    use cnpc_ir::proxy::contract;
+    use cnpc_ir::*;
+    use cnpc_runtime_loader::testrun::{craft_ports, Kernel, Outcome};
+    use std::net::IpAddr;
+    use std::os::fd::OwnedFd;
+
+    const SUBJECT: u32 = 400;
+    const PEER: u32 = 300;
+    const HOST: u32 = 1;
+    /// A local-scope (CIDR) identity, wider than a mark's identity bits.
+    const WIDE: u32 = 16_777_217;
+    const SHOT: u32 = TC_ACT_SHOT as u32;
+    const OK: u32 = TC_ACT_OK as u32;
+    const REDIRECT: u32 = TC_ACT_REDIRECT as u32;
+    const MARK: u32 = TO_PROXY_MARK as u32;
+
+    fn proxy() -> TableVerdict {
+        TableVerdict::Proxy(Vec::new())
+    }
+
+    fn table(direction: Direction, port_80: TableVerdict) -> DecisionTable {
+        let row = |protocol, port, verdict| TableRow {
+            class: 0,
+            protocol,
+            ports: PortRange::single(port),
+            verdict,
+        };
+        let mut rows = vec![
+            row(Protocol::Tcp, 80, port_80),
+            row(Protocol::Tcp, 81, TableVerdict::Allow),
+        ];
+        if direction == Direction::Egress {
+            rows.push(row(Protocol::Udp, 53, proxy()));
+        }
+        DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(PEER)],
+            }],
+            rows,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The shared maps with the parties in the ipcache; `None` (after skip_or_fail) when the
+    /// kernel refuses us.
+    fn kernel() -> Option<Kernel> {
+        let entries = [
+            ("10.0.0.1/32", PEER),
+            ("fd00::1/128", PEER),
+            ("10.0.0.2/32", SUBJECT),
+            ("fd00::2/128", SUBJECT),
+            ("10.0.0.9/32", HOST),
+        ]
+        .map(|(net, id)| (net.parse().unwrap(), NumericIdentity(id)));
+        match Kernel::new(&entries) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                sys::skip_or_fail(&format!("cannot create the maps: {e}"));
+                None
+            }
+        }
+    }
+
+    fn load(kernel: &mut Kernel, t: &DecisionTable) -> Option<OwnedFd> {
+        match kernel.load(t, true) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.to_string().contains("Operation not permitted") => {
+                sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"));
+                None
+            }
+            Err(e) => panic!(
+                "rejected: {e}\n{}",
+                cnpc_codegen_bpf::disasm::listing(&gen::generate(t, true).program)
+            ),
+        }
+    }
+
+    /// Runs `f` on a thread in a new network namespace, where no socket listens (test runs
+    /// look sockets up in the namespace of the thread that runs them).
+    fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: unshare(CLONE_NEWNET) changes only this thread's network namespace.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    sys::skip_or_fail(&format!(
+                        "unshare(CLONE_NEWNET): {}",
+                        std::io::Error::last_os_error()
+                    ));
+                    return None;
+                }
+                Some(f())
+            })
+            .join()
+            .expect("the test thread")
+        })
+    }
+
+    fn field(e: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]])
+    }
+
+    /// (peer, row, verdict, direction) of each event.
+    fn events(ring: &mut sys::RingBuf) -> Vec<(u32, u32, u8, u8)> {
+        ring.drain()
+            .iter()
+            .map(|e| {
+                assert_eq!(field(e, event::SUBJECT), SUBJECT, "{e:?}");
+                (
+                    field(e, event::PEER),
+                    field(e, event::ROW),
+                    e[event::VERDICT],
+                    e[event::DIRECTION],
+                )
+            })
+            .collect()
+    }
+
+    fn code_mark(o: Outcome) -> (u32, u32) {
+        (o.code, o.mark)
+    }
+
+    /// The ct key of a connection, written from the endpoint's side (gen::CT_MAP).
+    fn ct_key(local: IpAddr, peer: IpAddr, local_port: u16, peer_port: u16, proto: u8) -> Vec<u8> {
+        let bytes = |a: IpAddr| match a {
+            IpAddr::V4(v) => {
+                let mut b = v.octets().to_vec();
+                b.resize(16, 0);
+                b
+            }
+            IpAddr::V6(v) => v.octets().to_vec(),
+        };
+        let mut k = bytes(local);
+        k.extend(bytes(peer));
+        k.extend(local_port.to_be_bytes());
+        k.extend(peer_port.to_be_bytes());
+        k.extend([proto, if local.is_ipv4() { 4 } else { 6 }, 0, 0]);
+        k
+    }
+
+    fn ct_value(opened_by: u32, flags: u32) -> Vec<u8> {
+        let mut v = opened_by.to_le_bytes().to_vec();
+        v.extend(flags.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn egress_proxy_without_a_proxy_socket_drops_and_reports() {
+        in_fresh_netns(|| {
+            let Some(mut kernel) = kernel() else { return };
+            let Some(egress) = load(&mut kernel, &table(Direction::Egress, proxy())) else {
+                return;
+            };
+            let mut ring = kernel.events().unwrap();
+            ring.drain();
+            for (me, peer) in [("10.0.0.2", "10.0.0.1"), ("fd00::2", "fd00::1")] {
+                let (me, peer) = (ip(me), ip(peer));
+                let out = kernel
+                    .run_keep(&egress, &craft_ports(me, peer, Protocol::Tcp, 40000, 80))
+                    .unwrap();
+                assert_eq!(code_mark(out), (SHOT, MARK), "fail closed, {me}");
+                assert!(kernel.connections().unwrap().is_empty(), "no connection");
+                assert_eq!(
+                    events(&mut ring),
+                    [(PEER, 0, 1, 1)],
+                    "a drop event naming the Proxy row"
+                );
+                let out = kernel
+                    .run_keep(&egress, &craft_ports(me, peer, Protocol::Udp, 40000, 53))
+                    .unwrap();
+                assert_eq!(
+                    code_mark(out),
+                    (SHOT, MARK),
+                    "UDP is not proxied yet: dropped, no handoff tried"
+                );
+                assert_eq!(events(&mut ring), [(PEER, 2, 1, 1)]);
+                let out = kernel
+                    .run_keep(&egress, &craft_ports(me, peer, Protocol::Tcp, 40000, 81))
+                    .unwrap();
+                assert_eq!(code_mark(out), (OK, 0), "allowed rows pass as before");
+                kernel.forget_connections().unwrap();
+                ring.drain();
+            }
+        });
+    }
+
+    #[test]
+    fn proxied_connections_stay_with_the_proxy() {
+        in_fresh_netns(|| {
+            let Some(mut kernel) = kernel() else { return };
+            let (me, peer) = (ip("10.0.0.2"), ip("10.0.0.1"));
+            let packet = craft_ports(me, peer, Protocol::Tcp, 40000, 80);
+            let key = ct_key(me, peer, 40000, 80, 6);
+            // The next generation allows, or denies, what was proxied.
+            for now in [TableVerdict::Allow, TableVerdict::Deny] {
+                let Some(egress) = load(&mut kernel, &table(Direction::Egress, now.clone())) else {
+                    return;
+                };
+                let Some(ingress) = load(&mut kernel, &table(Direction::Ingress, now.clone()))
+                else {
+                    return;
+                };
+                kernel
+                    .insert_connection(&key, &ct_value(CT_OPENED_BY_EGRESS, CT_FLAG_PROXIED))
+                    .unwrap();
+                let out = kernel.run_keep(&egress, &packet).unwrap();
+                assert_eq!(
+                    code_mark(out),
+                    (SHOT, MARK),
+                    "{now:?}: a proxied connection goes to the proxy (none here: dropped)"
+                );
+                let reply = craft_ports(peer, me, Protocol::Tcp, 80, 40000);
+                assert_eq!(
+                    code_mark(kernel.run_keep(&ingress, &reply).unwrap()),
+                    (OK, 0),
+                    "{now:?}: its replies pass"
+                );
+                kernel
+                    .insert_connection(&key, &ct_value(CT_OPENED_BY_EGRESS, 0))
+                    .unwrap();
+                let want = if now == TableVerdict::Allow { OK } else { SHOT };
+                assert_eq!(
+                    code_mark(kernel.run_keep(&egress, &packet).unwrap()),
+                    (want, 0),
+                    "{now:?}: a connection never proxied is decided by the table"
+                );
+                kernel.forget_connections().unwrap();
+            }
+            // An ingress connection handed to the proxy stays there too.
+            let Some(ingress) = load(&mut kernel, &table(Direction::Ingress, TableVerdict::Allow))
+            else {
+                return;
+            };
+            kernel.set_proxy_device(7).unwrap();
+            kernel
+                .insert_connection(
+                    &ct_key(me, peer, 80, 5555, 6),
+                    &ct_value(CT_OPENED_BY_INGRESS, CT_FLAG_PROXIED),
+                )
+                .unwrap();
+            let first = craft_ports(peer, me, Protocol::Tcp, 5555, 80);
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &first).unwrap()),
+                (REDIRECT, MARK | PEER)
+            );
+            kernel.forget_connections().unwrap();
+        });
+    }
+
+    #[test]
+    fn ingress_proxy_redirects_to_the_proxy_device() {
+        let Some(mut kernel) = kernel() else { return };
+        let Some(ingress) = load(&mut kernel, &table(Direction::Ingress, proxy())) else {
+            return;
+        };
+        let Some(egress) = load(&mut kernel, &table(Direction::Egress, TableVerdict::Deny)) else {
+            return;
+        };
+        let mut ring = kernel.events().unwrap();
+        for (me, peer) in [("10.0.0.2", "10.0.0.1"), ("fd00::2", "fd00::1")] {
+            let (me, peer) = (ip(me), ip(peer));
+            let first = craft_ports(peer, me, Protocol::Tcp, 5555, 80);
+            kernel.set_proxy_device(0).unwrap();
+            ring.drain();
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &first).unwrap()),
+                (SHOT, MARK | PEER),
+                "no proxy device: dropped"
+            );
+            assert!(kernel.connections().unwrap().is_empty());
+            assert_eq!(events(&mut ring), [(PEER, 0, 1, 0)]);
+
+            kernel.set_proxy_device(7).unwrap();
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &first).unwrap()),
+                (REDIRECT, MARK | PEER),
+                "redirected to the proxy device"
+            );
+            let ct = kernel.connections().unwrap();
+            assert_eq!(ct.len(), 1);
+            assert_eq!(ct[0].0, ct_key(me, peer, 80, 5555, 6));
+            assert_eq!(ct[0].1, ct_value(CT_OPENED_BY_INGRESS, CT_FLAG_PROXIED));
+            assert_eq!(events(&mut ring), [(PEER, 0, 2, 0)], "a proxied connection");
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &first).unwrap()),
+                (REDIRECT, MARK | PEER),
+                "the next packet too"
+            );
+            assert!(events(&mut ring).is_empty(), "and no event for it");
+            let reply = craft_ports(me, peer, Protocol::Tcp, 80, 5555);
+            assert_eq!(
+                code_mark(kernel.run_keep(&egress, &reply).unwrap()),
+                (OK, 0),
+                "the proxy's replies (from the endpoint's address) pass"
+            );
+            let udp = craft_ports(peer, me, Protocol::Udp, 5555, 80);
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &udp).unwrap()),
+                (SHOT, 0),
+                "the table denies UDP 80"
+            );
+            kernel.forget_connections().unwrap();
+        }
+        // A peer whose identity does not fit the mark's 16 identity bits (a CIDR identity, say)
+        // is marked with 0 there.
+        let Some(wide) = load(
+            &mut kernel,
+            &DecisionTable {
+                classes: vec![IdentityClass {
+                    members: vec![NumericIdentity(WIDE)],
+                }],
+                ..table(Direction::Ingress, proxy())
+            },
+        ) else {
+            return;
+        };
+        kernel
+            .insert("10.0.0.7/32".parse().unwrap(), NumericIdentity(WIDE))
+            .unwrap();
+        let first = craft_ports(ip("10.0.0.7"), ip("10.0.0.2"), Protocol::Tcp, 5555, 80);
+        assert_eq!(
+            code_mark(kernel.run_keep(&wide, &first).unwrap()),
+            (REDIRECT, MARK)
+        );
+        kernel.forget_connections().unwrap();
+    }
+
+    #[test]
+    fn traffic_of_the_proxies_is_recognised_by_its_mark() {
+        let Some(mut kernel) = kernel() else { return };
+        let Some(ingress) = load(&mut kernel, &table(Direction::Ingress, proxy())) else {
+            return;
+        };
+        let Some(egress) = load(&mut kernel, &table(Direction::Egress, TableVerdict::Deny)) else {
+            return;
+        };
+        kernel.set_proxy_device(7).unwrap();
+        let mut ring = kernel.events().unwrap();
+        ring.drain();
+        let (me, node) = (ip("10.0.0.2"), ip("10.0.0.9"));
+        let to = |port| craft_ports(node, me, Protocol::Tcp, 45000, port);
+        let run = |port, mark| code_mark(kernel.run_marked(&ingress, &to(port), mark).unwrap());
+
+        // The endpoint's own ingress proxy: no table, and the connection is recorded.
+        for port in [82, 80] {
+            assert_eq!(
+                run(port, contract::FROM_INGRESS_PROXY | PEER),
+                (OK, contract::FROM_INGRESS_PROXY | PEER),
+                "port {port}"
+            );
+        }
+        let ct = kernel.connections().unwrap();
+        assert_eq!(ct.len(), 2);
+        assert!(ct
+            .iter()
+            .all(|(_, v)| *v == ct_value(CT_OPENED_BY_INGRESS, 0)));
+        let reply = craft_ports(me, node, Protocol::Tcp, 82, 45000);
+        assert_eq!(
+            kernel.run_keep(&egress, &reply).unwrap().code,
+            OK,
+            "the endpoint's replies to the proxy pass"
+        );
+        assert!(events(&mut ring).is_empty(), "the proxy reports these");
+        kernel.forget_connections().unwrap();
+
+        // An egress proxy's upstream connection: decided by the mark's identity, not the
+        // ipcache's (which says host, and the table denies the host).
+        assert_eq!(run(81, 0), (SHOT, 0), "the node itself is denied");
+        assert_eq!(run(81, contract::FROM_EGRESS_PROXY | PEER).0, OK);
+        assert_eq!(run(81, contract::FROM_EGRESS_PROXY | (PEER + 1)).0, SHOT);
+        assert_eq!(
+            run(80, contract::FROM_EGRESS_PROXY | PEER),
+            (REDIRECT, MARK | PEER),
+            "and handed to the ingress proxy where the table says so"
+        );
+        let got = events(&mut ring);
+        assert_eq!(
+            got,
+            [
+                (HOST, u32::MAX, 1, 0),
+                (PEER, 1, 0, 0),
+                (PEER + 1, u32::MAX, 1, 0),
+                (PEER, 0, 2, 0)
+            ]
+        );
+        kernel.forget_connections().unwrap();
+
+        // Marks mean nothing to egress programs: a pod cannot send them (module doc).
+        let out = kernel
+            .run_marked(
+                &egress,
+                &craft_ports(me, node, Protocol::Tcp, 45000, 81),
+                contract::FROM_INGRESS_PROXY | PEER,
+            )
+            .unwrap();
+        assert_eq!(out.code, SHOT);
+        kernel.forget_connections().unwrap();
+    }
+
+    #[test]
+    fn the_proxy_device_program_takes_only_marked_tcp() {
+        in_fresh_netns(|| {
+            let Some(mut kernel) = kernel() else { return };
+            let prog = match kernel.load_program(&gen::proxy_device_program()) {
+                Ok(fd) => fd,
+                Err(e) if e.to_string().contains("Operation not permitted") => {
+                    return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                }
+                Err(e) => panic!(
+                    "rejected: {e}\n{}",
+                    cnpc_codegen_bpf::disasm::listing(&gen::proxy_device_program())
+                ),
+            };
+            for (peer, me) in [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")] {
+                let (peer, me) = (ip(peer), ip(me));
+                let tcp = craft_ports(peer, me, Protocol::Tcp, 5555, 80);
+                let run = |p: &[u8], mark| kernel.run_marked(&prog, p, mark).unwrap().code;
+                assert_eq!(run(&tcp, 0), SHOT, "unmarked: dropped");
+                assert_eq!(run(&tcp, contract::FROM_INGRESS_PROXY), SHOT);
+                assert_eq!(run(&tcp, MARK), SHOT, "no proxy socket: dropped");
+                let udp = craft_ports(peer, me, Protocol::Udp, 5555, 53);
+                assert_eq!(run(&udp, MARK), SHOT, "not TCP");
+                let mut short = tcp.clone();
+                short.truncate(short.len() - 18);
+                assert_eq!(run(&short, MARK), SHOT, "too short for the ports");
+            }
+            let mut arp = vec![0u8; 42];
+            arp[12..14].copy_from_slice(&[0x08, 0x06]);
+            assert_eq!(kernel.run_marked(&prog, &arp, MARK).unwrap().code, SHOT);
+        });
+    }
+
+    /// Whether `bpf_sk_assign` can be exercised with BPF_PROG_TEST_RUN: a listener in this
+    /// namespace is found, but the assignment is refused with EOPNOTSUPP, because a test run is
+    /// not at tc ingress (net/core/filter.c `bpf_sk_assign` checks `skb_at_tc_ingress`, and
+    /// net/bpf/test_run.c never sets `tc_at_ingress`). So the handoff's success path is tested
+    /// end to end in network namespaces, not here.
+    #[test]
+    fn sk_assign_is_refused_in_a_test_run() {
+        use cnpc_codegen_bpf::insn::*;
+        use cnpc_codegen_bpf::Asm;
+        const NOT_FOUND: i32 = 1000;
+        in_fresh_netns(|| {
+            let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("a listener");
+            let port = listener.local_addr().unwrap().port();
+            let mut a = Asm::new();
+            let none = a.label();
+            a.mov(R6, Src::Reg(R1));
+            // struct bpf_sock_tuple (IPv4): 10.0.0.1:40000 -> 10.0.0.2:port.
+            a.store(
+                Size::W,
+                R10,
+                -16,
+                Src::Imm(i32::from_le_bytes([10, 0, 0, 1])),
+            )
+            .store(
+                Size::W,
+                R10,
+                -12,
+                Src::Imm(i32::from_le_bytes([10, 0, 0, 2])),
+            )
+            .store(Size::H, R10, -8, Src::Imm(i32::from(40000u16.swap_bytes())))
+            .store(Size::H, R10, -6, Src::Imm(i32::from(port.swap_bytes())));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(-16))
+                .mov(R3, Src::Imm(12))
+                .mov(R4, Src::Imm(-1))
+                .mov(R5, Src::Imm(0))
+                .call(84); // bpf_sk_lookup_tcp
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+            a.mov(R7, Src::Reg(R0));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R7))
+                .mov(R3, Src::Imm(0))
+                .call(124); // bpf_sk_assign
+            a.mov(R8, Src::Reg(R0));
+            a.mov(R1, Src::Reg(R7)).call(86); // bpf_sk_release
+            a.mov(R0, Src::Reg(R8)).exit();
+            a.bind(none);
+            a.ret(NOT_FOUND);
+            let prog = a.finish().unwrap();
+            cnpc_codegen_bpf::check::check(&prog).expect("cnpc's checker");
+            let fd = match sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &prog.bytes()) {
+                Ok(fd) => fd,
+                Err(e) if e.contains("Operation not permitted") => {
+                    return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                }
+                Err(e) => panic!("the kernel verifier rejected the probe: {e}"),
+            };
+            let packet = craft_ports(ip("10.0.0.1"), ip("10.0.0.2"), Protocol::Tcp, 40000, port);
+            let (ret, _) = sys::test_run(&fd, &packet).expect("BPF_PROG_TEST_RUN");
+            assert_ne!(ret as i32, NOT_FOUND, "the wildcard listener is found");
+            assert_eq!(
+                ret as i32,
+                -libc::EOPNOTSUPP,
+                "sk_assign is refused outside tc ingress"
+            );
+            drop(listener);
+        });
+    }
+
+    /// A socket reference leaked, or a socket used before its null check: cnpc's checker and the
+    /// kernel verifier both refuse the program.
+    #[test]
+    fn the_kernel_rejects_what_the_checker_rejects_about_sockets() {
+        use cnpc_codegen_bpf::insn::*;
+        use cnpc_codegen_bpf::Asm;
+        let program = |leak: bool| {
+            let mut a = Asm::new();
+            let none = a.label();
+            a.mov(R6, Src::Reg(R1));
+            a.store(Size::DW, R10, -16, Src::Imm(0))
+                .store(Size::W, R10, -8, Src::Imm(0));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(-16))
+                .mov(R3, Src::Imm(12))
+                .mov(R4, Src::Imm(-1))
+                .mov(R5, Src::Imm(0))
+                .call(84); // bpf_sk_lookup_tcp
+            if leak {
+                a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+                a.ret(0); // holding the socket
+            } else {
+                a.load(Size::W, R1, R0, 72); // the state, before the null check
+                a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+                a.mov(R1, Src::Reg(R0)).call(86);
+            }
+            a.bind(none);
+            a.ret(0);
+            a.finish().unwrap()
+        };
+        for (leak, ours, theirs) in [
+            (true, "not released", "Unreleased reference"),
+            (false, "before its null check", "invalid mem access"),
+        ] {
+            let prog = program(leak);
+            let e = cnpc_codegen_bpf::check::check(&prog).unwrap_err();
+            assert!(e.iter().any(|e| e.message.contains(ours)), "{e:?}");
+            match sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &prog.bytes()) {
+                Ok(_) => panic!("the kernel accepted it (leak: {leak})"),
+                Err(e) if e.contains("Operation not permitted") => {
+                    return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                }
+                Err(e) => assert!(e.contains(theirs), "{e}"),
+            }
+        }
+    }
+}
