@@ -10,10 +10,11 @@
 //!   `local default dev lo`, for IPv4 and IPv6.
 //! - **The proxy device.** An endpoint's ingress program runs at tc egress of its host-side
 //!   interface, where `bpf_sk_assign` is refused; it redirects proxied packets to the ingress of
-//!   a dummy device the loader owns ([`PROXY_DEVICE`]), whose ingress program assigns them to the
-//!   ingress proxy's socket (Cilium hairpins through `cilium_host` the same way). The device has
-//!   no address; reverse-path filtering is off on it, since the packets it receives come from
-//!   pods routed elsewhere.
+//!   a device the loader owns ([`PROXY_DEVICE`]), whose ingress program assigns them to the
+//!   ingress proxy's socket (Cilium hairpins through `cilium_host` the same way). The device is
+//!   one end of a veth pair and has no address; reverse-path filtering is off on it, since the
+//!   packets it receives come from pods routed elsewhere, and local sources are accepted (an
+//!   egress proxy's upstream connection leaves from the node's address).
 //! - **The proxy policy.** Each generation's [`ProxyPolicy`] is written to a JSON file (a
 //!   temporary file renamed over the old one) before the generation's programs are switched in,
 //!   and the proxy is told to reload it (SIGHUP).
@@ -30,6 +31,8 @@ use std::time::{Duration, Instant};
 /// The dummy device whose ingress hands proxied packets of endpoints' ingress direction to the
 /// ingress proxy.
 pub const PROXY_DEVICE: &str = "cnpc_proxy";
+/// The other end of the proxy device's veth pair (a veth is up only with its peer up).
+pub const PROXY_DEVICE_PEER: &str = "cnpc_proxy_p";
 
 #[derive(Debug, thiserror::Error)]
 pub enum L7Error {
@@ -63,16 +66,32 @@ fn ip(args: &[&str]) -> Result<String, L7Error> {
     }
 }
 
+/// Preferences of the two fwmark rules (before `main` at 32766).
+const LOCAL_PREF: &str = "8";
+const PROXY_PREF: &str = "9";
+
 /// Adds the fwmark rule and the local route of the proxy table, both families (what is already
-/// there is left as it is), and makes accepted sockets take their SYN's mark.
+/// there is left as it is), makes accepted sockets take their SYN's mark, and turns off TCP
+/// early demux (see below).
 pub fn install_routes() -> Result<(), L7Error> {
-    // An accepted socket takes its SYN's mark, which carries the source identity on the
-    // ingress path (ir::proxy::contract).
-    let accept = "/proc/sys/net/ipv4/tcp_fwmark_accept";
-    std::fs::write(accept, "1").map_err(|source| L7Error::Write {
-        path: accept.into(),
-        source,
-    })?;
+    for (sysctl, value) in [
+        // An accepted socket takes its SYN's mark, which carries the source identity on the
+        // ingress path (ir::proxy::contract).
+        ("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"),
+        // The ingress proxy's accepted socket has the client pod's 4-tuple. With early demux,
+        // the client's next packets (arriving on its veth, to be forwarded to the server's
+        // veth where the ingress program hands them over) would be matched to that socket at
+        // ip_rcv, and ip_forward drops any packet that carries a socket: the connection would
+        // hang after its SYN. Without it, they are routed as usual. (Covers IPv6 as well:
+        // ip6_rcv_finish reads the same sysctls.) The cost is one route lookup more for the
+        // packets of this namespace's own TCP connections.
+        ("/proc/sys/net/ipv4/tcp_early_demux", "0"),
+    ] {
+        std::fs::write(sysctl, value).map_err(|source| L7Error::Write {
+            path: sysctl.into(),
+            source,
+        })?;
+    }
     let mark = format!(
         "{:#x}/{:#x}",
         contract::TO_PROXY_MARK,
@@ -81,12 +100,19 @@ pub fn install_routes() -> Result<(), L7Error> {
     let table = contract::PROXY_ROUTE_TABLE.to_string();
     for family in ["-4", "-6"] {
         let rules = ip(&[family, "rule", "show"])?;
-        let present = rules.lines().any(|l| {
-            l.contains(&format!("fwmark {mark}")) && l.contains(&format!("lookup {table}"))
-        });
-        if !present {
+        let has = |pref: &str| rules.lines().any(|l| l.starts_with(&format!("{pref}:")));
+        // Packets the proxies' own accepted sockets send carry the mark too (an accepted
+        // socket takes its SYN's mark), and must be routed normally: locally generated packets
+        // match `iif lo`, so they take the main table first.
+        if !has(LOCAL_PREF) {
             ip(&[
-                family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "9",
+                family, "rule", "add", "pref", LOCAL_PREF, "fwmark", &mark, "iif", "lo", "lookup",
+                "main",
+            ])?;
+        }
+        if !has(PROXY_PREF) {
+            ip(&[
+                family, "rule", "add", "pref", PROXY_PREF, "fwmark", &mark, "lookup", &table,
             ])?;
         }
         ip(&[
@@ -99,15 +125,32 @@ pub fn install_routes() -> Result<(), L7Error> {
 /// Creates the proxy device if it is missing, brings it up with reverse-path filtering off, and
 /// returns its ifindex.
 pub fn ensure_device() -> Result<u32, L7Error> {
+    // A veth pair rather than a dummy device: veth is in every kernel that has network
+    // namespaces, while the dummy driver is a module some kernels lack. Only this end is used.
     if crate::sys::ifindex(PROXY_DEVICE).is_none() {
-        ip(&["link", "add", PROXY_DEVICE, "type", "dummy"])?;
+        ip(&[
+            "link",
+            "add",
+            PROXY_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            PROXY_DEVICE_PEER,
+        ])?;
     }
+    ip(&["link", "set", PROXY_DEVICE_PEER, "up"])?;
     ip(&["link", "set", PROXY_DEVICE, "up"])?;
-    let rp = format!("/proc/sys/net/ipv4/conf/{PROXY_DEVICE}/rp_filter");
-    std::fs::write(&rp, "0").map_err(|source| L7Error::Write {
-        path: rp.clone().into(),
-        source,
-    })?;
+    // No reverse-path check (the sources are routed through other interfaces), and local
+    // sources accepted: an egress proxy's upstream connection to a local endpoint leaves from
+    // this node's address and comes back in here when that endpoint's ingress is proxied too.
+    for (name, value) in [("rp_filter", "0"), ("accept_local", "1")] {
+        let path = format!("/proc/sys/net/ipv4/conf/{PROXY_DEVICE}/{name}");
+        std::fs::write(&path, value).map_err(|source| L7Error::Write {
+            path: path.into(),
+            source,
+        })?;
+    }
     crate::sys::ifindex(PROXY_DEVICE).ok_or_else(|| L7Error::Ip {
         args: format!("link show {PROXY_DEVICE}"),
         message: "the device vanished after it was created".into(),
@@ -196,15 +239,19 @@ impl ProxySupervisor {
         if Instant::now() < self.next_start || !self.policy.exists() {
             return Ok(());
         }
-        let stderr = match &self.log {
-            Some(p) => std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::inherit()),
-            None => Stdio::inherit(),
+        let log = || {
+            self.log.as_ref().and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            })
         };
+        let stderr = log().map_or_else(Stdio::inherit, Stdio::from);
+        // Request events arrive as JSON lines on stdout; until the event stream reads them,
+        // they go to the log beside the proxy's own lines.
+        let stdout = log().map_or_else(Stdio::null, Stdio::from);
         let mut cmd = Command::new(&self.bin);
         // The proxy goes when the loader goes (even on kill -9), so a restarted loader never
         // finds an orphan holding the proxy ports; proxied flows are dropped in between.
@@ -223,9 +270,7 @@ impl ProxySupervisor {
             .arg("--policy")
             .arg(&self.policy)
             .stdin(Stdio::null())
-            // Request events arrive as JSON lines on stdout; until the event stream reads
-            // them, they are discarded.
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .map_err(|source| {

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! ct, events                       shared by every generation: connections survive swaps
+//! proxy_config                     the proxy device's ifindex, for ingress programs' handoff
 //! links/<direction>_<interface>    one TCX link per endpoint hook, pinned so enforcement
 //!                                  outlives the loader
+//! proxy_device                     the TCX link of the proxy device's program (crate::l7)
 //! ```
 //!
 //! and a state file (default `/run/cnpc/state.json`) recording each hook's endpoint, identity,
@@ -72,6 +74,9 @@ enum Attachment {
     Link(OwnedFd),
     Clsact { ifindex: u32 },
 }
+
+/// The pin (and clsact filter) name of the proxy device's program.
+const PROXY_DEVICE_HOOK: &str = "proxy_device";
 
 fn tc_hook(direction: Direction) -> crate::tc::Hook {
     match direction {
@@ -156,6 +161,7 @@ pub struct Loader {
     cfg: Config,
     ct: OwnedFd,
     events: OwnedFd,
+    proxy_config: OwnedFd,
     state: State,
     links: BTreeMap<String, Attachment>,
 }
@@ -207,6 +213,10 @@ impl Loader {
         };
         let ct = pinned_map(&cfg.pin_dir.join(gen::CT_MAP), &def(gen::CT_MAP))?;
         let events = pinned_map(&cfg.pin_dir.join(gen::EVENTS_MAP), &def(gen::EVENTS_MAP))?;
+        let proxy_config = pinned_map(
+            &cfg.pin_dir.join(gen::PROXY_CONFIG_MAP),
+            &def(gen::PROXY_CONFIG_MAP),
+        )?;
         let state = match std::fs::read_to_string(&cfg.state_file) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| LoaderError::State {
                 path: cfg.state_file.clone(),
@@ -247,6 +257,7 @@ impl Loader {
             cfg,
             ct,
             events,
+            proxy_config,
             state,
             links,
         })
@@ -367,11 +378,13 @@ impl Loader {
                         maps.insert(m.def.name.clone(), fd);
                     }
                     let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
+                    let proxy_config = self.proxy_config.as_raw_fd();
                     let program = generated
                         .program
                         .with_map_fds(|name| match name {
                             gen::CT_MAP => Some(ct),
                             gen::EVENTS_MAP => Some(events),
+                            gen::PROXY_CONFIG_MAP => Some(proxy_config),
                             _ => maps.get(name).map(|fd| fd.as_raw_fd()),
                         })
                         .ok_or_else(|| LoaderError::Rejected {
@@ -565,6 +578,45 @@ impl Loader {
         Ok(attached)
     }
 
+    /// Puts the proxy device's program (`gen::proxy_device_program`) at tc ingress of
+    /// `interface` and names the device in `proxy_config`, so ingress programs hand proxied
+    /// packets to it. Pinned apart from the endpoint hooks, which a generation replaces; done
+    /// again at every start (the program has no state, the pin is replaced).
+    pub fn attach_proxy_device(&mut self, interface: &str) -> Result<(), LoaderError> {
+        let program = gen::proxy_device_program();
+        check::check(&program).map_err(|errors| LoaderError::Rejected {
+            hook: PROXY_DEVICE_HOOK.into(),
+            reason: format!("cnpc's checker: {}", errors[0]),
+        })?;
+        let prog = sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &program.bytes()).map_err(|reason| {
+            LoaderError::Rejected {
+                hook: PROXY_DEVICE_HOOK.into(),
+                reason,
+            }
+        })?;
+        let pin = self.cfg.pin_dir.join(PROXY_DEVICE_HOOK);
+        let ifindex = sys::ifindex(interface).ok_or_else(|| LoaderError::Kernel {
+            what: format!("no interface {interface}"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let adopted = sys::obj_get(&pin)
+            .ok()
+            .filter(|l| sys::link_info(l).is_ok_and(|(_, _, i)| i == ifindex));
+        match adopted {
+            Some(link) => sys::link_update(&link, &prog)
+                .map_err(kernel(format!("cannot update {}", pin.display())))?,
+            None => {
+                let _ = std::fs::remove_file(&pin);
+                // The device's tc ingress is where an endpoint's egress program would run.
+                self.attach_at(PROXY_DEVICE_HOOK, ifindex, Direction::Egress, &prog, &pin)
+                    .map_err(kernel(format!("cannot attach to {interface}")))?;
+            }
+        }
+        let (key, value) = gen::proxy_config_record(ifindex);
+        sys::map_update(&self.proxy_config, &key, &value)
+            .map_err(kernel("cannot write proxy_config"))
+    }
+
     fn attach(
         &self,
         hook: &str,
@@ -578,6 +630,20 @@ impl Loader {
                 format!("no interface {interface}"),
             )
         })?;
+        let path = self.cfg.pin_dir.join("links").join(hook);
+        self.attach_at(hook, ifindex, direction, prog, &path)
+    }
+
+    /// Attaches `prog` where `direction`'s program of an endpoint runs on interface `ifindex`
+    /// (egress: tc ingress), as a TCX link pinned at `pin`, or a clsact filter named `hook`.
+    fn attach_at(
+        &self,
+        hook: &str,
+        ifindex: u32,
+        direction: Direction,
+        prog: &OwnedFd,
+        pin: &Path,
+    ) -> std::io::Result<Attachment> {
         let clsact = |_| {
             crate::tc::attach(ifindex, tc_hook(direction), prog, hook)
                 .map(|()| Attachment::Clsact { ifindex })
@@ -599,9 +665,8 @@ impl Loader {
                 Err(e) => return Err(e),
             },
         };
-        let path = self.cfg.pin_dir.join("links").join(hook);
-        let _ = std::fs::remove_file(&path);
-        sys::obj_pin(&link, &path)?;
+        let _ = std::fs::remove_file(pin);
+        sys::obj_pin(&link, pin)?;
         Ok(Attachment::Link(link))
     }
 

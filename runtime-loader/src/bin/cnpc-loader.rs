@@ -398,7 +398,7 @@ fn main() -> ExitCode {
             Attach::Clsact => AttachMode::Clsact,
         },
     };
-    let loader = match Loader::open(cfg) {
+    let mut loader = match Loader::open(cfg) {
         Ok(l) => l,
         Err(e) => {
             error!(error = %e, "cannot open the pinned state");
@@ -457,6 +457,16 @@ fn main() -> ExitCode {
     } else {
         if let Err(e) = l7::install_routes() {
             error!(error = %e, "cannot route packets to the L7 proxy; proxied flows are dropped");
+        }
+        let device = l7::ensure_device()
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                loader
+                    .attach_proxy_device(l7::PROXY_DEVICE)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = device {
+            error!(error = %e, "no proxy device: ingress flows for the L7 proxy are dropped");
         }
         let bin = args.proxy.clone().or_else(|| {
             std::env::current_exe()

@@ -219,7 +219,7 @@ impl Net {
                             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                             let mut reader = std::io::BufReader::new(&s);
                             let mut out = &s;
-                            while let Some((line, _, body)) = read_message(&mut reader) {
+                            while let Some((line, body)) = read_message(&mut reader) {
                                 let target = line.split(' ').nth(1).unwrap_or("").to_string();
                                 seen.lock().unwrap().push(line.clone());
                                 let reply = if line.starts_with("POST /v1/request-landing ") {
@@ -434,16 +434,14 @@ pub fn request(
         "{method} {target} HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n\r\n"
     )
     .ok()?;
-    let (line, _, body) = read_message(reader)?;
+    let (line, body) = read_message(reader)?;
     let status = line.split(' ').nth(1)?.parse().ok()?;
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Reads one HTTP/1.1 message (request or response): its first line, headers and a body of
+/// Reads one HTTP/1.1 message (request or response): its first line and a body of
 /// `Content-Length` bytes. `None` at the end of the stream or on a malformed message.
-pub fn read_message(
-    r: &mut impl std::io::BufRead,
-) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+pub fn read_message(r: &mut impl std::io::BufRead) -> Option<(String, Vec<u8>)> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
@@ -469,7 +467,7 @@ pub fn read_message(
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).ok()?;
-    Some((first, headers, body))
+    Some((first, body))
 }
 
 pub fn enter(path: &str) -> Result<(), String> {
