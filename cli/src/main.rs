@@ -395,35 +395,35 @@ fn run_trace(a: TraceArgs) -> ExitCode {
     };
     let mut verdict = eval::evaluate(&program, &flow);
     if a.engine == Engine::Bpf {
-        verdict = match bpf_verdict(&program, &flow) {
+        verdict = match cnpc_runtime_loader::trace::bpf_verdict(&program, &flow) {
             Ok(bpf) => {
                 // The kernel must agree with the reference engine; a disagreement is a bug.
+                // Where the proxy judged a request, its answer must be the reference's too.
                 let same = |b: &eval::Decision, r: &eval::Decision| {
+                    let l7 = |d: &eval::Decision| d.l7.as_ref().and_then(|l| l.allowed);
                     (b.verdict == eval::DirVerdict::Denied)
                         == (r.verdict == eval::DirVerdict::Denied)
                         && b.l7.is_some() == r.l7.is_some()
+                        && (l7(b).is_none() || l7(b) == l7(r))
                 };
                 if !same(&bpf.egress, &verdict.egress) || !same(&bpf.ingress, &verdict.ingress) {
                     eprintln!("error: the BPF engine and the reference engine disagree (a bug in cnpc):\nbpf:\n{}reference:\n{}", report::trace_text(&flow, &bpf), report::trace_text(&flow, &verdict));
                     return ExitCode::from(1);
                 }
-                // The kernel hands proxied packets to the L7 stage; what that stage decides
-                // comes from the L7 rules, as the reference evaluator applies them.
+                // Where no request went through the proxy (none given, or not HTTP), the L7
+                // part is explained by the reference evaluator's reading of the rules.
                 let mut bpf = bpf;
                 for (b, r) in [
                     (&mut bpf.egress, &verdict.egress),
                     (&mut bpf.ingress, &verdict.ingress),
                 ] {
-                    if b.l7.is_some() {
+                    if b.l7.as_ref().is_some_and(|l| l.allowed.is_none()) {
                         b.l7 = r.l7.clone();
                     }
                 }
-                let l7_ok =
-                    |d: &eval::Decision| d.l7.as_ref().is_none_or(|l| l.allowed != Some(false));
-                bpf.allowed = bpf.allowed && l7_ok(&bpf.egress) && l7_ok(&bpf.ingress);
                 bpf
             }
-            Err(message) => return usage(&message),
+            Err(e) => return usage(&e.to_string()),
         };
     }
     match a.output {
@@ -720,80 +720,6 @@ fn run_tables(
         }
     }
     print(&report::tables_text(&program, &universe, &tables))
-}
-
-/// The flow's verdict from the generated programs in the kernel: the source's egress program
-/// and the destination's ingress program, each run on a packet crafted from the flow.
-fn bpf_verdict(program: &cnpc_ir::Program, flow: &Flow) -> Result<eval::Verdict, String> {
-    use cnpc_runtime_loader::testrun::{craft, Kernel};
-    let (Some(src), Some(dst)) = (flow.src.ip, flow.dst.ip) else {
-        return Err(
-            "--engine bpf needs an address on both sides (pod:, ip: or fqdn: peers)".into(),
-        );
-    };
-    let universe = cnpc_compiler::tables::peer_universe(program);
-    let mut entries = cnpc_compiler::tables::ipcache_entries(program, &universe);
-    for party in [&flow.src, &flow.dst] {
-        // An address learned from DNS carries its names' identity, as the DNS proxy records it.
-        if let (Some(_), Some(ip), Some(id)) = (
-            &party.fqdn,
-            party.ip,
-            cnpc_compiler::tables::peer_of(&universe, party),
-        ) {
-            entries.push((cnpc_ir::IpNet::from(ip), id));
-        }
-    }
-    let mut kernel = Kernel::new(&entries)
-        .map_err(|e| format!("--engine bpf: {e} (it needs root and bpf(2))"))?;
-    let packet = craft(src, dst, flow.protocol, flow.port);
-    let mut decide =
-        |party: &eval::Party, dir: cnpc_ir::Direction| -> Result<eval::Decision, String> {
-            let Some(e) = party
-                .endpoint
-                .as_ref()
-                .filter(|e| e.is_pod && party.identity.is_some())
-            else {
-                return Ok(eval::Decision {
-                    verdict: eval::DirVerdict::NotEnforced,
-                    rules: Vec::new(),
-                    l7: None,
-                });
-            };
-            let tables = [cnpc_ir::Direction::Ingress, cnpc_ir::Direction::Egress]
-                .map(|d| cnpc_compiler::tables::decision_table(program, &universe, e, d));
-            let track = cnpc_codegen_bpf::gen::needs_tracking(&tables);
-            let table = &tables[usize::from(dir == cnpc_ir::Direction::Egress)];
-            let prog = kernel
-                .load(table, track)
-                .map_err(|e| format!("--engine bpf: {e}"))?;
-            let out = kernel
-                .run(&prog, &packet)
-                .map_err(|e| format!("--engine bpf: {e}"))?;
-            let verdict = if out.allowed() {
-                eval::DirVerdict::Allowed
-            } else {
-                eval::DirVerdict::Denied
-            };
-            let l7 = out.proxied().then(|| eval::L7Decision {
-                protocol: "proxy",
-                allowed: None,
-                rules: Vec::new(),
-            });
-            Ok(eval::Decision {
-                verdict,
-                rules: Vec::new(),
-                l7,
-            })
-        };
-    let egress = decide(&flow.src, cnpc_ir::Direction::Egress)?;
-    let ingress = decide(&flow.dst, cnpc_ir::Direction::Ingress)?;
-    let allowed =
-        egress.verdict != eval::DirVerdict::Denied && ingress.verdict != eval::DirVerdict::Denied;
-    Ok(eval::Verdict {
-        allowed,
-        egress,
-        ingress,
-    })
 }
 
 fn run_check(

@@ -422,6 +422,22 @@ fn bpf_engine_agrees_with_the_reference_on_the_demo_flows() {
         assert_eq!(out.status.code(), Some(0), "{set} {args:?}: {stderr}");
         let bpf: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(bpf["verdict"], reference["verdict"], "{set} {args:?}");
+        // A request on a proxied flow went through the real proxy: its answer is the L7
+        // decision, and an allowed one names the rule the proxy matched.
+        if args.contains(&"--http") {
+            assert_eq!(
+                bpf["l7"]["allowed"], reference["l7"]["allowed"],
+                "{set} {args:?}"
+            );
+            if bpf["verdict"] == "allowed" {
+                assert!(
+                    bpf["l7"]["rules"][0]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("the proxy")),
+                    "{bpf:#}"
+                );
+            }
+        }
         for dir in ["egress", "ingress"] {
             let norm = |v: &Value| {
                 if v == "not-enforced" {

@@ -25,12 +25,14 @@
 //!
 //! Modules: [`matcher`] (the L7 decision, which must agree with `cnpc_compiler::eval`),
 //! [`server`] (HTTP/1.1 in, HTTP/1.1 out), [`listener`] (transparent sockets and accept loops),
-//! [`policy_file`] (reading and watching the generation's file), [`events`].
+//! [`policy_file`] (reading and watching the generation's file), [`events`], [`probe`] (one
+//! request through the proxy in process, for `cnpc trace --engine bpf`).
 
 pub mod events;
 pub mod listener;
 pub mod matcher;
 pub mod policy_file;
+pub mod probe;
 pub mod server;
 
 use arc_swap::ArcSwap;

@@ -3,7 +3,7 @@
 //! Puts compiled programs into the kernel and keeps them in step with the cluster
 //! (`DESIGN.md` §1, §6): bpf(2) calls ([`sys`]), checking compiled directories against the
 //! kernel verifier ([`verify`]), running packets through programs for tests and `cnpc trace`
-//! ([`testrun`]), finding endpoints' interfaces on this node ([`node`]), compiling a generation
+//! ([`testrun`], [`trace`]), finding endpoints' interfaces on this node ([`node`]), compiling a generation
 //! with the compiler ([`generation`]), attaching, swapping and pinning it ([`loader`]), and the
 //! node side of the L7 stage: proxy routes, the proxy device and the supervised `cnpc-proxy`
 //! ([`l7`]). The `cnpc-loader` binary runs it standalone.
@@ -21,4 +21,5 @@ pub mod node;
 pub mod sys;
 pub mod tc;
 pub mod testrun;
+pub mod trace;
 pub mod verify;
