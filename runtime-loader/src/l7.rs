@@ -26,6 +26,8 @@
 use cnpc_ir::proxy::{contract, ProxyPolicy};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The dummy device whose ingress hands proxied packets of endpoints' ingress direction to the
@@ -200,6 +202,37 @@ pub struct ProxySupervisor {
     next_start: Instant,
     backoff: Duration,
     restarts: u64,
+    counts: Arc<L7Counts>,
+}
+
+/// HTTP requests the proxy judged, by direction and verdict (from its event lines).
+#[derive(Debug, Default)]
+pub struct L7Counts {
+    /// `[direction][verdict]`: ingress, egress × allowed, denied.
+    counts: [[AtomicU64; 2]; 2],
+}
+
+impl L7Counts {
+    fn count(&self, e: &cnpc_proxy::L7Event) {
+        let d = usize::from(e.direction == cnpc_ir::Direction::Egress);
+        let v = usize::from(e.verdict == cnpc_proxy::Verdict::Denied);
+        self.counts[d][v].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (direction, verdict, count) for every combination.
+    pub fn all(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (d, direction) in ["ingress", "egress"].into_iter().enumerate() {
+            for (v, verdict) in ["allowed", "denied"].into_iter().enumerate() {
+                out.push((
+                    direction,
+                    verdict,
+                    self.counts[d][v].load(Ordering::Relaxed),
+                ));
+            }
+        }
+        out
+    }
 }
 
 impl ProxySupervisor {
@@ -214,6 +247,7 @@ impl ProxySupervisor {
             next_start: Instant::now(),
             backoff: Duration::from_millis(100),
             restarts: 0,
+            counts: Arc::default(),
         }
     }
 
@@ -249,9 +283,6 @@ impl ProxySupervisor {
             })
         };
         let stderr = log().map_or_else(Stdio::inherit, Stdio::from);
-        // Request events arrive as JSON lines on stdout; until the event stream reads them,
-        // they go to the log beside the proxy's own lines.
-        let stdout = log().map_or_else(Stdio::null, Stdio::from);
         let mut cmd = Command::new(&self.bin);
         // The proxy goes when the loader goes (even on kill -9), so a restarted loader never
         // finds an orphan holding the proxy ports; proxied flows are dropped in between.
@@ -270,7 +301,7 @@ impl ProxySupervisor {
             .arg("--policy")
             .arg(&self.policy)
             .stdin(Stdio::null())
-            .stdout(stdout)
+            .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .map_err(|source| {
@@ -282,6 +313,24 @@ impl ProxySupervisor {
                 }
             })?;
         tracing::info!(pid = child.id(), bin = %self.bin.display(), "cnpc-proxy started");
+        let mut child = child;
+        if let Some(out) = child.stdout.take() {
+            // Request events arrive as JSON lines on stdout: counted here, and kept in the
+            // log beside the proxy's own lines until the event stream carries them.
+            let counts = self.counts.clone();
+            let mut log = log();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Ok(e) = serde_json::from_str::<cnpc_proxy::L7Event>(&line) {
+                        counts.count(&e);
+                    }
+                    if let Some(f) = &mut log {
+                        let _ = writeln!(f, "{line}");
+                    }
+                }
+            });
+        }
         self.child = Some(child);
         Ok(())
     }
@@ -295,6 +344,11 @@ impl ProxySupervisor {
                 libc::kill(c.id() as libc::pid_t, libc::SIGHUP);
             }
         }
+    }
+
+    /// The requests judged so far, across restarts.
+    pub fn counts(&self) -> Arc<L7Counts> {
+        self.counts.clone()
     }
 
     /// Times the proxy was restarted after exiting.

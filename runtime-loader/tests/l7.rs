@@ -78,6 +78,33 @@ fn l7_rules_are_enforced_by_the_proxy_on_clsact() {
     l7_demo("clsact");
 }
 
+/// The loader's /healthz and /metrics, inside the node's namespace.
+const METRICS: &str = "127.0.0.1:9963";
+
+/// (status line, body) of `GET path` from the loader's metrics server.
+fn loader_get(net: &Net, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let node = format!("/var/run/netns/{}", net.ns("node"));
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        netns::enter(&node).ok()?;
+        let mut s = std::net::TcpStream::connect(METRICS).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        Some((head.lines().next()?.to_string(), body.to_string()))
+    })
+    .join()
+    .ok()?
+}
+
+/// A metric's value from the Prometheus text, by its name and labels as printed.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 fn proxy_log(net: &Net) -> String {
     std::fs::read_to_string(net.tmp.join("state/proxy.log")).unwrap_or_default()
 }
@@ -113,6 +140,8 @@ fn l7_demo(attach: &str) {
         attach.into(),
         "--proxy".into(),
         proxy.display().to_string(),
+        "--metrics".into(),
+        METRICS.into(),
     ];
     net.start_loader().unwrap();
     // Before the first generation nothing is enforced and the demo would pass on its own:
@@ -244,6 +273,20 @@ fn l7_demo(attach: &str) {
     drop(reader);
     drop(conn);
 
+    // What /metrics and /healthz say of the L7 stage.
+    let (status, text) = loader_get(&net, "/metrics").expect("metrics");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(metric(&text, "cnpc_proxy_up"), Some(1.0), "{text}");
+    let denied = |dir: &str| {
+        metric(
+            &text,
+            &format!("cnpc_l7_requests_total{{direction=\"{dir}\",verdict=\"denied\"}}"),
+        )
+    };
+    assert!(denied("ingress").is_some_and(|n| n >= 2.0), "{text}");
+    assert!(denied("egress").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(loader_get(&net, "/healthz").is_some_and(|(s, _)| s.contains("200")));
+
     // Without a proxy, proxied flows fail: never passed unfiltered.
     if let Some(mut c) = net.loader.take() {
         let _ = c.kill();
@@ -254,6 +297,8 @@ fn l7_demo(attach: &str) {
         attach.into(),
         "--proxy".into(),
         "/nonexistent/cnpc-proxy".into(),
+        "--metrics".into(),
+        METRICS.into(),
     ];
     net.start_loader().unwrap();
     assert!(
@@ -263,6 +308,11 @@ fn l7_demo(attach: &str) {
             .is_some(),
         "{}",
         net.log()
+    );
+    let health = loader_get(&net, "/healthz").expect("healthz");
+    assert!(
+        health.0.contains("503") && health.1.contains("L7 proxy not listening"),
+        "{health:?}"
     );
     let before = seen.lock().unwrap().len();
     assert!(

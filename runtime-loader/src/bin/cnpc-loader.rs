@@ -100,6 +100,8 @@ struct Metrics {
     needs_proxy: AtomicBool,
     proxy_up: AtomicBool,
     proxy_restarts: AtomicU64,
+    /// The supervised proxy's request counts, once it runs.
+    l7: std::sync::OnceLock<Arc<l7::L7Counts>>,
     /// Verdict events read from the programs' ring buffer: allowed, denied, proxied.
     verdicts: [AtomicU64; 3],
 }
@@ -164,6 +166,17 @@ impl Metrics {
             "counter",
             "Times the L7 proxy exited and was restarted.",
             vec![(String::new(), g(&self.proxy_restarts) as f64)],
+        );
+        metric(
+            "cnpc_l7_requests_total",
+            "counter",
+            "HTTP requests the L7 proxy judged, by direction and verdict.",
+            self.l7.get().map_or_else(Vec::new, |c| {
+                c.all()
+                    .into_iter()
+                    .map(|(d, v, n)| (format!("{{direction=\"{d}\",verdict=\"{v}\"}}"), n as f64))
+                    .collect()
+            }),
         );
         metric(
             "cnpc_verdict_events_total",
@@ -477,6 +490,9 @@ fn main() -> ExitCode {
             l7::ProxySupervisor::new(bin, proxy_policy, Some(args.state_dir.join("proxy.log")))
         })
     };
+    if let Some(p) = &proxy {
+        let _ = metrics.l7.set(p.counts());
+    }
     let mut runner = Runner {
         args,
         loader,

@@ -363,6 +363,9 @@ impl Net {
             .open(self.tmp.join("loader.log"))
             .map_err(|e| e.to_string())?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cnpc-loader"));
+        if !self.loader_args.iter().any(|a| a == "--metrics") {
+            cmd.args(["--metrics", "off"]);
+        }
         cmd.arg("--policies")
             .arg(&self.policies)
             .arg("--cluster")
@@ -371,7 +374,7 @@ impl Net {
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(self.tmp.join("state"))
-            .args(["--metrics", "off", "--debounce-ms", "30"])
+            .args(["--debounce-ms", "30"])
             .args(&self.loader_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
