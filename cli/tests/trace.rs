@@ -380,6 +380,29 @@ fn bpf_engine_agrees_with_the_reference_on_the_demo_flows() {
                 "80",
             ],
         ),
+        // toServices with toPorts: the service's backends, on those ports only.
+        (
+            "policies/warnings/release-dependent.yaml",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "80",
+            ],
+        ),
+        (
+            "policies/warnings/release-dependent.yaml",
+            &[
+                "--from",
+                "pod:default/tiefighter",
+                "--to",
+                "pod:default/deathstar",
+                "--dport",
+                "443",
+            ],
+        ),
         (
             "policies/dns/match-name",
             &[
@@ -453,4 +476,26 @@ fn bpf_engine_agrees_with_the_reference_on_the_demo_flows() {
             );
         }
     }
+}
+
+/// toServices with toPorts (accepted by current Cilium, with a warning): `trace` allows the
+/// service's backends on the rule's port and nothing else; the BPF engine agrees
+/// (`bpf_engine_agrees_with_the_reference_on_the_demo_flows` runs the same flows).
+#[test]
+fn to_services_with_to_ports_is_enforced() {
+    let set = "policies/warnings/release-dependent.yaml";
+    let flow = |port: &'static str| {
+        [
+            "--from",
+            "pod:default/tiefighter",
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            port,
+        ]
+    };
+    assert_eq!(verdict(set, &flow("80"))["verdict"], "allowed");
+    let v = verdict(set, &flow("443"));
+    assert_eq!(v["verdict"], "denied");
+    assert_eq!(v["egress"]["verdict"], "denied");
 }

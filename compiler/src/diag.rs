@@ -75,6 +75,7 @@ codes! {
     CidrMeansWorld = "cidr-means-world", Warning, "0.0.0.0/0 or ::/0 where the world entity is probably meant.";
     SelectsNothing = "selects-nothing", Warning, "A policy whose selector matches no workload in the cluster snapshot.";
     DenyShadowsAllow = "deny-shadows-allow", Warning, "A deny rule covers an allow rule completely, so the allow can never take effect.";
+    ReleaseDependent = "release-dependent", Warning, "A rule current Cilium accepts that older Cilium releases rejected or enforced differently.";
     NotEnforced = "not-enforced", Warning, "L7 rules of a kind cnpc-loader cannot enforce (Kafka, l7proto): traffic they would allow is dropped on a node.";
     NamespaceOverridden = "namespace-overridden", Warning, "A namespaced policy's endpointSelector names another namespace; Cilium selects in the policy's own namespace instead.";
     SuspiciousLabelKey = "suspicious-label-key", Warning, "A label key that looks like a misspelt Cilium or Kubernetes key.";

@@ -419,16 +419,21 @@ impl Validator {
             ),
         ];
         self.l3_combination(&members, rule_span);
-        // EgressRule.sanitize: l3DependentL4Support["ToServices"] = false.
+        // Current Cilium accepts toServices with toPorts: EgressCommonRule.l3DependentL4Support
+        // (pkg/policy/api/rule_validation.go) has "ToServices": true, and the rule allows the
+        // service's backends on those ports. Releases before 1.17 differed: 1.10-1.11 let world
+        // traffic through on the ports (cilium/cilium#20067), and later ones rejected the rule
+        // ("Combining ToServices and ToPorts is not supported yet", still in 1.16.x per
+        // cilium/cilium#37057). cnpc follows the newest release and warns.
         if let (Some(svc), Some(tp)) = (
             p.to_services.as_ref().filter(|l| !l.value.is_empty()),
             to_ports,
         ) {
             self.out.push(
-                Diagnostic::new(Code::UnsupportedCombination, svc.span, "`toServices` cannot be combined with `toPorts`")
+                Diagnostic::new(Code::ReleaseDependent, svc.span, "`toServices` with `toPorts` needs Cilium 1.17 or later")
                     .label("toServices here")
                     .related(tp, "toPorts here")
-                    .help("Cilium rejects this rule (cilium/cilium#20067); allow the service's backends with toEndpoints and toPorts instead"),
+                    .help("current Cilium (and cnpc) allows the service's backends on these ports; Cilium 1.14-1.16 reject this rule and 1.10-1.11 let world traffic through on the ports (cilium/cilium#20067): on an older cluster, select the backends with toEndpoints instead"),
             );
         }
         for s in p

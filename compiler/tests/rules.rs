@@ -27,11 +27,12 @@ fn assert_codes(case: &str, yaml: &str, expected: &[Code]) {
 
 #[test]
 fn egress_rule_checks() {
-    // EgressRule.sanitize: l3DependentL4Support["ToServices"] = false.
+    // EgressCommonRule.l3DependentL4Support["ToServices"] = true in current Cilium; releases
+    // before 1.17 rejected or mishandled it: accepted with a warning.
     assert_codes(
         "toServices with toPorts",
         &cnp("  egress:\n  - toServices:\n    - k8sService: {serviceName: db, namespace: x}\n    toPorts:\n    - ports: [{port: \"5432\", protocol: TCP}]\n"),
-        &[Code::UnsupportedCombination],
+        &[Code::ReleaseDependent],
     );
     // PortRule.sanitize: "Listener is not allowed on ingress".
     assert_codes(

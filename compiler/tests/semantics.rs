@@ -690,3 +690,22 @@ fn identities_are_per_label_set_and_stable_under_change() {
         );
     }
 }
+
+/// toServices with toPorts (current Cilium: EgressCommonRule.l3DependentL4Support has
+/// "ToServices": true): the service's backends are allowed on those ports only, as Cilium
+/// generates the backends' selector (or their EndpointSlice addresses) with the rule's L4.
+#[test]
+fn to_services_with_to_ports_allows_the_backends_on_those_ports() {
+    let w = world(&cnp(
+        "a",
+        "p",
+        &format!("{WEB}  egress:\n  - toServices:\n    - k8sService: {{serviceName: db, namespace: b}}\n    - k8sService: {{serviceName: ext, namespace: a}}\n    toPorts:\n    - ports: [{{port: \"5432\", protocol: TCP}}]\n"),
+    ));
+    assert!(w.allowed("pod:a/web", "pod:b/db", "5432"));
+    assert!(!w.allowed("pod:a/web", "pod:b/db", "5433"));
+    assert!(!w.allowed("pod:a/web", "pod:b/db", "5432/UDP"));
+    assert!(!w.allowed("pod:a/web", "pod:b/client", "5432"));
+    // A Service without a selector: its EndpointSlice addresses, on those ports.
+    assert!(w.allowed("pod:a/web", "ip:203.0.113.7", "5432"));
+    assert!(!w.allowed("pod:a/web", "ip:203.0.113.7", "443"));
+}
