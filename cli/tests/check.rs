@@ -356,6 +356,138 @@ const CORPUS_ERRORS: &[(&str, &[&str])] = &[
     ("l7/http/http.yaml", &["cnpc::unknown-field"]),
 ];
 
+/// Errors cnpc reports in ../shared/corpus/wild (policies from public repositories, byte for
+/// byte), each a genuine defect for current Cilium. Every other file checks without an error.
+const WILD_ERRORS: &[(&str, &[&str], &str)] = &[
+    // Flux post-build substitutions (`${VAR}`, `${VAR:=default}`) are not applied: the raw file
+    // is not a valid policy until Flux substitutes them (issue 13 gives each one diagnostic).
+    (
+        "JJGadgets__Biohazard__.archive_kube_deploy_apps_gts-robo_app_netpol.yaml",
+        &["cnpc::invalid-cidr", "cnpc::invalid-label-value", "cnpc::invalid-label-value"],
+        "Flux variables ${IP_ROBOROCK}, ${CLUSTER_NAME}",
+    ),
+    (
+        "JJGadgets__Biohazard__.archive_kube_deploy_core_db_pg_clusters_enc_netpol.yaml",
+        &["cnpc::invalid-cidr"],
+        "Flux variable ${IP_TRUENAS}",
+    ),
+    (
+        "JJGadgets__Biohazard__kube_deploy_vm_ad__deps_netpol.yaml",
+        &["cnpc::invalid-cidr", "cnpc::invalid-cidr", "cnpc::unsupported-combination"],
+        "Flux variable ${IP_ROUTER_LAN}; and fromEndpoints beside fromCIDRSet in one rule, which \
+         Cilium's rule validation refuses (\"combining ... is not supported yet\")",
+    ),
+    (
+        "deedee-ops__home-ops__kubernetes_apps_observability_gatus_networkpolicy.yaml",
+        &["cnpc::invalid-dns-name"],
+        "Flux variable ${ROOT_DOMAIN} in a matchPattern",
+    ),
+    (
+        "haraldkoch__kochhaus-home__kubernetes_apps_base_dev_forgejo-runner_ciliumnetworkpolicy.yaml",
+        &["cnpc::invalid-dns-name"],
+        "Flux variable ${CLUSTER_DOMAIN} in a matchName",
+    ),
+    (
+        "monosense-io__k8s-gitops__kubernetes_components_dragonfly_networkpolicy.yaml",
+        &[
+            "cnpc::invalid-label-value",
+            "cnpc::invalid-label-value",
+            "cnpc::invalid-label-value",
+            "cnpc::invalid-label-value",
+            "cnpc::invalid-label-value",
+            "cnpc::invalid-name",
+            "cnpc::invalid-name",
+            "cnpc::invalid-name",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+            "cnpc::invalid-port",
+        ],
+        "Flux variables with defaults (${DRAGONFLY_PORT:=6379} and others) in names, labels, ports",
+    ),
+    (
+        "zhorvath83__home-ops__kubernetes_apps_media_plex_app_ciliumnetworkpolicy.yaml",
+        &["cnpc::invalid-cidr", "cnpc::invalid-cidr"],
+        "Flux variables ${LAN_SUBNET}, ${IOT_SUBNET}",
+    ),
+    // Genuine mistakes.
+    (
+        "JJGadgets__Biohazard__kube_deploy_core__networking_cilium_netpols_cluster-default-kube-dns.yaml",
+        &["cnpc::l7-protocol"],
+        "DNS rules on an ingress rule: Cilium's proxy sees only an endpoint's own lookups (egress)",
+    ),
+    (
+        "isovalent__cilium-up-and-running__chapter12_invalid-policy.yaml",
+        &["cnpc::unsupported-combination"],
+        "toEndpoints beside toEntities in one rule (the book's example of a policy Cilium refuses)",
+    ),
+    (
+        "jfroy__flatops__kubernetes_apps_default_jellyfin_app_networkpolicy.yaml",
+        &["cnpc::invalid-regex"],
+        "HTTP path `^/(?!metrics).*`: look-ahead is not RE2, which Cilium's validation and Envoy use",
+    ),
+    (
+        "ragasindhun__cilium-ci-automation__cilium-policy.yaml",
+        &["cnpc::yaml-syntax"],
+        "a tab in block indentation: not YAML",
+    ),
+];
+
+#[test]
+fn wild_corpus_reads_without_crash_and_errors_are_genuine() {
+    let corpus = root().join("../shared/corpus/wild");
+    if !corpus.is_dir() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run with ../shared/corpus beside the repo"
+        );
+        eprintln!("skipped: {} not present", corpus.display());
+        return;
+    }
+    let mut files: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 100,
+        "corpus looks truncated: {}",
+        files.len()
+    );
+    let mut listed = 0;
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let run = cnpc(&["check", f.to_str().unwrap(), "--format", "json"]);
+        assert!(
+            run.code == 0 || run.code == 1,
+            "{name}: exit {} (crash?)\n{}",
+            run.code,
+            run.stderr
+        );
+        let report = json(&run);
+        let mut errors: Vec<&str> = report["diagnostics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["severity"] == "error")
+            .map(|d| d["code"].as_str().unwrap())
+            .collect();
+        errors.sort();
+        let expected = WILD_ERRORS
+            .iter()
+            .find(|(p, _, _)| *p == name)
+            .map_or(&[][..], |(_, e, _)| *e);
+        listed += usize::from(!expected.is_empty());
+        assert_eq!(errors, expected, "{name}: {report:#}");
+    }
+    assert_eq!(listed, WILD_ERRORS.len(), "a listed wild file is missing");
+}
+
 #[test]
 fn corpus_reads_without_crash_and_errors_are_genuine() {
     let corpus = root().join("../shared/corpus/cilium-examples");

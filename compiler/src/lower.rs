@@ -582,6 +582,12 @@ impl Lowering<'_> {
             ));
         }
         if let Some(dns) = &r.dns {
+            // No DNS rule at all (`dns: []`) lets every query through (the DNS proxy's
+            // match-all pattern for a port with zero DNS rules, pkg/fqdn/dnsproxy); an entry
+            // with neither matchName nor matchPattern matches no name.
+            if dns.value.is_empty() {
+                return Some(L7Rules::Dns(vec![DnsMatcher::pattern("*")]));
+            }
             let mut m = Vec::new();
             for d in &dns.value {
                 m.extend(d.match_name.as_ref().map(|n| DnsMatcher::name(&n.value)));

@@ -495,7 +495,7 @@ impl Validator {
             }
         }
         for f in fqdns.iter().flat_map(|l| l.value.iter()) {
-            self.fqdn_selector(f);
+            self.fqdn_selector(f, false);
         }
     }
 
@@ -642,9 +642,23 @@ impl Validator {
         }
     }
 
-    fn fqdn_selector(&mut self, f: &Spanned<FqdnSelector>) {
+    /// A toFQDNs selector, or with `dns_rule` an entry of a DNS rule.
+    fn fqdn_selector(&mut self, f: &Spanned<FqdnSelector>, dns_rule: bool) {
         // FQDNSelector.sanitize: exactly one of matchName and matchPattern; allowed characters.
         match (&f.match_name, &f.match_pattern) {
+            // PortRuleDNS.Sanitize requires neither field, and the DNS proxy turns an entry
+            // with neither into a pattern that matches no name (pkg/fqdn/dnsproxy,
+            // GeneratePattern), so `dns: [{}]` allows no query. (Newer CRDs reject it with a
+            // oneOf; the agent itself accepts it.)
+            (None, None) if dns_rule => self.out.push(
+                Diagnostic::new(
+                    Code::NeverMatches,
+                    f.span,
+                    "this DNS rule has neither `matchName` nor `matchPattern`, so it allows no query",
+                )
+                .label("matches no name")
+                .help("to allow every query (and still see them in the DNS proxy), write `matchPattern: \"*\"`; recent Cilium CRDs reject an empty entry"),
+            ),
             (Some(_), Some(p)) => self.err(
                 Code::UnsupportedCombination,
                 p.span,
@@ -967,7 +981,7 @@ impl Validator {
             self.kafka(k);
         }
         for d in rules.dns.iter().flat_map(|l| l.value.iter()) {
-            self.fqdn_selector(d);
+            self.fqdn_selector(d, true);
         }
     }
 

@@ -709,3 +709,22 @@ fn to_services_with_to_ports_allows_the_backends_on_those_ports() {
     assert!(w.allowed("pod:a/web", "ip:203.0.113.7", "5432"));
     assert!(!w.allowed("pod:a/web", "ip:203.0.113.7", "443"));
 }
+
+/// An entry of a DNS rule with neither matchName nor matchPattern (`dns: [{}]`) matches no
+/// name: PortRuleDNS.Sanitize accepts it and the DNS proxy builds a pattern that nothing
+/// matches (pkg/fqdn/dnsproxy GeneratePattern); a port with zero DNS rules (`dns: []`) gets
+/// the proxy's match-all pattern instead. Both ports are proxied.
+#[test]
+fn empty_dns_rule_entry_allows_no_query_and_no_dns_rule_allows_all() {
+    let spec = |dns: &str| {
+        format!("{WEB}  egress:\n  - toEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts:\n    - ports: [{{port: \"53\", protocol: UDP}}]\n      rules: {{dns: {dns}}}\n")
+    };
+    for (dns, allowed) in [("[{}]", false), ("[]", true)] {
+        let w = world(&cnp("a", "p", &spec(dns)));
+        let mut f = w.flow("pod:a/web", "pod:a/client", "53/UDP");
+        f.dns_query = Some("api.github.com".into());
+        let v = evaluate(&w.program, &f);
+        assert_eq!(v.allowed, allowed, "dns: {dns}");
+        assert_eq!(v.l7().map(|l| l.protocol), Some("dns"), "dns: {dns}");
+    }
+}
