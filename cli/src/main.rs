@@ -4,7 +4,7 @@
 //! Exit codes (DESIGN.md §7): 0 success, 1 the command's negative result (errors found), 2 usage
 //! or I/O error.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use cnpc_compiler::eval::{self, Flow, HttpRequest};
 use cnpc_compiler::{check, lower, report, Cluster, PolicySet};
 use cnpc_ir::Protocol;
@@ -146,6 +146,11 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: TraceFormat,
     },
+    /// Print the shell completion script for cnpc, e.g. `source <(cnpc completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -246,6 +251,11 @@ fn main() -> ExitCode {
             state_dir,
             output,
         } => run_endpoints(pin_dir, &state_dir, output),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cnpc", &mut script);
+            print(&String::from_utf8_lossy(&script))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! (tested). Output is byte-identical for identical input.
 
 use crate::asm::Program;
+use object::elf::R_BPF_64_64;
 use object::write::{Object, Relocation, Symbol, SymbolSection};
 use object::{
     Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags, SymbolKind,
@@ -20,9 +21,6 @@ pub struct MapDef {
     pub max_entries: u32,
     pub flags: u32,
 }
-
-/// ELF relocation type for a 64-bit immediate load of a map (`R_BPF_64_64`).
-const R_BPF_64_64: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
