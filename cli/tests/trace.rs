@@ -499,3 +499,53 @@ fn to_services_with_to_ports_is_enforced() {
     assert_eq!(v["verdict"], "denied");
     assert_eq!(v["egress"]["verdict"], "denied");
 }
+
+/// `--engine bpf` with `entity:host` and `entity:remote-node` (issue 14, item 4): the entity
+/// is given a node's InternalIP from the snapshot, the pod's own node for `host` (which Cilium's
+/// ipcache gives the host identity) and another node for `remote-node`; the kernel must agree
+/// with the reference on a policy that allows only the host.
+#[test]
+fn bpf_engine_takes_node_addresses_for_host_and_remote_node() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = std::env::temp_dir().join(format!("cnpc-trace-host-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = std::fs::read_to_string(root.join("policies/cluster.yaml")).unwrap()
+        + "\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-2}\nstatus: {addresses: [{type: InternalIP, address: 192.168.56.11}]}\n";
+    std::fs::write(dir.join("cluster.yaml"), cluster).unwrap();
+    std::fs::write(
+        dir.join("host-only.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: host-only, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {class: deathstar}}\n  ingress:\n  - fromEntities: [host]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    for (entity, want) in [("host", "allowed"), ("remote-node", "denied")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+            .arg("trace")
+            .arg(dir.join("host-only.yaml"))
+            .arg("--cluster")
+            .arg(dir.join("cluster.yaml"))
+            .args([
+                "--from",
+                &format!("entity:{entity}"),
+                "--to",
+                "pod:default/deathstar",
+            ])
+            .args(["--dport", "80", "--engine", "bpf", "-o", "json"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if stderr.contains("Operation not permitted") {
+            assert!(
+                std::env::var("CNPC_REQUIRE_KERNEL").map_or(true, |v| v != "1"),
+                "CNPC_REQUIRE_KERNEL=1 but: {stderr}"
+            );
+            eprintln!("skipped: {stderr}");
+            return;
+        }
+        assert_eq!(out.status.code(), Some(0), "{entity}: {stderr}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["verdict"], want, "{entity}: {v:#}");
+        assert_eq!(v["ingress"]["verdict"], want, "{entity}: {v:#}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

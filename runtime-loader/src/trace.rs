@@ -9,15 +9,17 @@ use crate::testrun::{craft, Kernel};
 use cnpc_compiler::eval::{self, Decision, DirVerdict, Flow, L7Decision, Party, Reason, Verdict};
 use cnpc_compiler::tables::{decision_table, ipcache_entries, peer_of, peer_universe};
 use cnpc_ir::proxy::ProxyPolicy;
-use cnpc_ir::{Direction, IpNet, Program, Protocol};
+use cnpc_ir::{Direction, IpNet, Program, Protocol, Reserved};
 use cnpc_proxy::probe::{probe, ProbeRequest};
 use cnpc_proxy::ConnContext;
 use std::net::SocketAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("--engine bpf needs an address on both sides (pod:, ip: or fqdn: peers)")]
+    #[error("--engine bpf needs an address on both sides (pod:, ip:, fqdn:, entity:host or entity:remote-node peers)")]
     NoAddress,
+    #[error("--engine bpf: {0}")]
+    NoNode(String),
     #[error("--engine bpf: {0} (it needs root and bpf(2))")]
     Kernel(String),
     #[error("--engine bpf: {0}")]
@@ -26,13 +28,77 @@ pub enum TraceError {
     Proxy(#[from] cnpc_proxy::probe::ProbeError),
 }
 
+/// The address `party` sends from or is reached at. Parties named by address have theirs; the
+/// `host` and `remote-node` entities are given a node's InternalIP from the snapshot, as seen
+/// from the node of the `other` party (a pod): Cilium's ipcache gives that node's own addresses
+/// the host identity and every other node's the remote-node identity, so the host is the pod's
+/// own node (its entry in `entries` becomes host) and a remote node any other. A pod with no
+/// node in the snapshot is taken to run on the first node by name.
+fn address(
+    program: &Program,
+    party: &Party,
+    other: &Party,
+    entries: &mut [(IpNet, cnpc_ir::NumericIdentity)],
+) -> Result<std::net::IpAddr, TraceError> {
+    if let Some(ip) = party.ip {
+        return Ok(ip);
+    }
+    let host = Reserved::Host.numeric();
+    let remote = Reserved::RemoteNode.numeric();
+    let wanted = match party.identity {
+        Some(id) if id == host || id == remote => id,
+        _ => return Err(TraceError::NoAddress),
+    };
+    // A pod the snapshot places on no node is taken to run on its first node.
+    let local_node = other
+        .endpoint
+        .as_ref()
+        .and_then(|e| e.node.clone())
+        .or_else(|| {
+            program
+                .endpoints
+                .values()
+                .filter(|e| !e.is_pod)
+                .map(|e| e.name.clone())
+                .min()
+        });
+    let v4 = other.ip.is_none_or(|ip| ip.is_ipv4());
+    let node = program
+        .endpoints
+        .values()
+        .filter(|e| !e.is_pod)
+        .find(|n| (Some(&n.name) == local_node.as_ref()) == (wanted == host))
+        .ok_or_else(|| {
+            TraceError::NoNode(match (&local_node, wanted == host) {
+                (Some(n), true) => format!("node {n} is not in the cluster snapshot"),
+                (Some(n), false) => format!("no node other than {n} in the cluster snapshot"),
+                (None, _) => "no node in the cluster snapshot for this entity".into(),
+            })
+        })?;
+    let ip = node
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == v4)
+        .copied()
+        .ok_or_else(|| {
+            TraceError::NoNode(format!("node {} has no address of that family", node.name))
+        })?;
+    if wanted == host {
+        for (net, id) in entries.iter_mut() {
+            if *net == IpNet::from(ip) {
+                *id = host;
+            }
+        }
+    }
+    Ok(ip)
+}
+
 /// The flow's verdict from the generated programs (and, for proxied HTTP, the proxy).
 pub fn bpf_verdict(program: &Program, flow: &Flow) -> Result<Verdict, TraceError> {
-    let (Some(src), Some(dst)) = (flow.src.ip, flow.dst.ip) else {
-        return Err(TraceError::NoAddress);
-    };
     let universe = peer_universe(program);
     let mut entries = ipcache_entries(program, &universe);
+    let src = address(program, &flow.src, &flow.dst, &mut entries)?;
+    let dst = address(program, &flow.dst, &flow.src, &mut entries)?;
     for party in [&flow.src, &flow.dst] {
         // An address learned from DNS carries its names' identity, as the DNS proxy records it.
         if let (Some(_), Some(ip), Some(id)) = (&party.fqdn, party.ip, peer_of(&universe, party)) {
