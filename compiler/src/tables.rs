@@ -109,6 +109,12 @@ pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<Pee
 /// What the ipcache must hold for `program`: every endpoint address (pods with their identity,
 /// node addresses as remote nodes) and every CIDR prefix policies name, with its local identity.
 /// Addresses learned from DNS are added at run time by the loader.
+///
+/// A CIDR prefix that is exactly an endpoint's address (an ipBlock `10.0.1.5/32` naming a pod)
+/// gets no entry: the address keeps the endpoint's identity, as in Cilium, whose ipcache lets
+/// endpoint state overwrite the `generated` CIDR identities of policies but not the reverse
+/// (pkg/source/source.go `AllowOverwrite`). Both entries would land on the same exact-match key,
+/// and the later one would give the pod a CIDR identity, which only CIDR rules match.
 pub fn ipcache_entries(
     program: &Program,
     universe: &[PeerIdentity],
@@ -122,7 +128,13 @@ pub fn ipcache_entries(
         };
         out.extend(e.ips.iter().map(|ip| (IpNet::from(*ip), id)));
     }
-    out.extend(universe.iter().filter_map(|p| Some((p.cidr?, p.numeric))));
+    let addresses: BTreeSet<IpNet> = out.iter().map(|(net, _)| *net).collect();
+    out.extend(
+        universe
+            .iter()
+            .filter_map(|p| Some((p.cidr?, p.numeric)))
+            .filter(|(net, _)| !addresses.contains(net)),
+    );
     out.sort();
     out.dedup();
     out
