@@ -1,7 +1,9 @@
 //! Proxy benchmark: N sequential GET requests over one keep-alive connection, straight to a
 //! loopback upstream (the L4-only path: what a connection the table allows costs) and through
 //! the proxy (judged per request, forwarded over its one upstream connection), plus requests
-//! the proxy denies locally. Prints p50/p99 latency, requests/s and the p50 the proxy adds.
+//! the proxy denies locally. Prints p50/p99 latency, requests/s and the p50 the proxy adds;
+//! then throughput with 16 connections sending at once, direct and through the proxy. Client,
+//! proxy and upstream share this machine's cores.
 //!
 //!     cargo bench -p cnpc-proxy --bench proxy            # N = 10000 per row
 //!     CNPC_PROXY_BENCH_N=20000 cargo bench -p cnpc-proxy --bench proxy
@@ -53,6 +55,33 @@ async fn run(name: &str, addr: SocketAddr, path: &str, want: u16, n: usize) -> R
         p99: lat[lat.len() * 99 / 100],
         rps: n as f64 / total.as_secs_f64(),
     }
+}
+
+/// Requests/s with `conns` keep-alive connections sending at once (n requests in all): the
+/// proxy's throughput, where the sequential rows measure its latency.
+async fn throughput(addr: SocketAddr, path: &'static str, conns: usize, n: usize) -> f64 {
+    let per = n / conns;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await;
+                for _ in 0..per {
+                    let req = http::Request::get(path)
+                        .header("host", "deathstar")
+                        .header("x-token", "abc")
+                        .body(Full::new(Bytes::new()))
+                        .expect("valid request");
+                    let got = c.send(req).await.expect("response");
+                    assert_eq!(got.status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    (per * conns) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn rule(path: &str) -> HttpRule {
@@ -124,6 +153,13 @@ fn main() {
                 added
             );
         }
+        const CONNS: usize = 16;
+        let direct = throughput(upstream.addr, "/v1/status", CONNS, n).await;
+        let proxied = throughput(one_addr, "/v1/status", CONNS, n).await;
+        println!(
+            "\n{CONNS} connections at once, {n} requests: direct {direct:.0} requests/s, through the proxy (1 rule) {proxied:.0} requests/s ({:.2}x)",
+            proxied / direct
+        );
         let c = one.counters().snapshot();
         println!(
             "\n1-rule proxy counters: {} allowed, {} denied, {} upstream errors",
