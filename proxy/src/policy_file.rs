@@ -61,12 +61,47 @@ pub fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Reads the file and swaps it in. Returns the (previous, new) generations.
+/// Reads the file and swaps it in, then acknowledges it ([`applied_path`]). Returns the
+/// (previous, new) generations.
 pub fn reload(proxy: &Proxy, path: &Path) -> Result<(u64, u64), PolicyFileError> {
     let policy = read(path)?;
     let new = policy.generation;
     let old = proxy.swap(policy);
+    acknowledge(path, new);
     Ok((old, new))
+}
+
+/// Where the proxy says which generation it runs: the policy file's path with `.applied`
+/// appended, holding the generation number. The loader waits for it before switching that
+/// generation's programs in, so the datapath never hands a connection to a proxy that still
+/// judges by older rules.
+pub fn applied_path(policy: &Path) -> PathBuf {
+    let mut p = policy.as_os_str().to_owned();
+    p.push(".applied");
+    PathBuf::from(p)
+}
+
+/// Writes the acknowledgement atomically; a failure only delays the loader (it waits with a
+/// bound), so it is logged, not fatal.
+pub fn acknowledge(policy: &Path, generation: u64) {
+    let path = applied_path(policy);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written =
+        std::fs::write(&tmp, generation.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, path = %path.display(), "cannot acknowledge the generation");
+    }
+}
+
+/// The generation the proxy acknowledged for `policy`, if any.
+pub fn acknowledged(policy: &Path) -> Option<u64> {
+    std::fs::read_to_string(applied_path(policy))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Watches `path` until the task is dropped: polls every `interval`, reloads when the stamp
@@ -153,6 +188,7 @@ mod tests {
         };
         write(2);
         assert!(wait_for(2).await, "generation 2 was not picked up");
+        assert_eq!(acknowledged(&path), Some(2), "the switch is acknowledged");
         std::fs::write(&path, b"{ not json").expect("write");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(proxy.current().generation(), 2);

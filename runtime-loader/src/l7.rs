@@ -15,9 +15,10 @@
 //!   one end of a veth pair and has no address; reverse-path filtering is off on it, since the
 //!   packets it receives come from pods routed elsewhere, and local sources are accepted (an
 //!   egress proxy's upstream connection leaves from the node's address).
-//! - **The proxy policy.** Each generation's [`ProxyPolicy`] is written to a JSON file (a
-//!   temporary file renamed over the old one) before the generation's programs are switched in,
-//!   and the proxy is told to reload it (SIGHUP).
+//! - **The proxy policy.** Each generation's [`ProxyPolicy`], when it changed, is written to a
+//!   JSON file (a temporary file renamed over the old one), and the loader waits (bounded) for
+//!   the proxy to acknowledge it before switching the generation's programs in: the datapath
+//!   never hands a connection to a proxy still judging by older rules while the proxy runs.
 //! - **The proxy process.** `cnpc-proxy` runs as the loader's child, restarted with a backoff
 //!   when it exits; each restart is counted. Whether both of its listeners are up is read from
 //!   `/proc/net/tcp{,6}`, which costs nothing and opens no connection. While it is down, proxied
@@ -173,6 +174,27 @@ pub fn write_policy(path: &Path, policy: &ProxyPolicy) -> Result<(), L7Error> {
     let text = serde_json::to_vec(policy).expect("a proxy policy serialises");
     std::fs::write(&tmp, text).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Waits (at most `timeout`) until the proxy acknowledges `generation` of the policy at
+/// `path` (`cnpc_proxy::policy_file::acknowledged`). `Some(true)` once it has; `Some(false)`
+/// when the time ran out (the proxy is down or slow: the switch goes ahead, and the proxy,
+/// when it reads the file, judges by the new rules from then on).
+pub fn await_acknowledgement(path: &Path, generation: u64, timeout: Duration) -> Option<bool> {
+    let start = Instant::now();
+    loop {
+        if cnpc_proxy::policy_file::acknowledged(path).is_some_and(|g| g >= generation) {
+            return Some(true);
+        }
+        if start.elapsed() >= timeout {
+            tracing::warn!(
+                generation,
+                "the L7 proxy did not acknowledge the new policy in time"
+            );
+            return Some(false);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Whether a TCP socket is listening on `port` (any address), from `/proc/net/tcp` and
@@ -333,17 +355,6 @@ impl ProxySupervisor {
         }
         self.child = Some(child);
         Ok(())
-    }
-
-    /// Asks the proxy to reload its policy now rather than at its next poll.
-    pub fn reload(&self) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on our own child's pid; a stale pid is only possible after a
-            // wait, which clears `child`.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGHUP);
-            }
-        }
     }
 
     /// The requests judged so far, across restarts.

@@ -56,6 +56,10 @@ pub struct Config {
     /// Where each generation's proxy policy is written for the L7 proxies (`None`: not
     /// written, no L7 stage).
     pub proxy_policy: Option<PathBuf>,
+    /// How long to wait for the proxy to acknowledge a new proxy policy before switching the
+    /// generation's programs in anyway (a proxy that is down never acknowledges; its flows
+    /// are dropped whatever the policy says).
+    pub proxy_ack_timeout: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             state_file: PathBuf::from("/run/cnpc/state.json"),
             attach: AttachMode::Auto,
             proxy_policy: None,
+            proxy_ack_timeout: Duration::from_millis(200),
         }
     }
 }
@@ -130,6 +135,9 @@ pub struct SwapReport {
     pub failed: Vec<String>,
     pub load_time: Duration,
     pub switch_time: Duration,
+    /// Whether the proxy acknowledged a changed proxy policy before the switch (`None`: the
+    /// L7 view did not change, nothing to acknowledge).
+    pub proxy_acknowledged: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +172,8 @@ pub struct Loader {
     proxy_config: OwnedFd,
     state: State,
     links: BTreeMap<String, Attachment>,
+    /// The proxy policy last written (without its generation number).
+    proxy_policy: Option<cnpc_ir::proxy::ProxyPolicy>,
 }
 
 /// Opens the map pinned at `path`, or creates and pins it.
@@ -260,6 +270,7 @@ impl Loader {
             proxy_config,
             state,
             links,
+            proxy_policy: None,
         })
     }
 
@@ -426,12 +437,20 @@ impl Loader {
         // The proxies get the generation's L7 view before its programs switch in, so a
         // connection the new programs hand to a proxy is judged by the new rules.
         if let Some(path) = &self.cfg.proxy_policy {
-            let mut proxy = g.proxy.clone();
-            proxy.generation = report.generation;
-            crate::l7::write_policy(path, &proxy).map_err(|e| LoaderError::State {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            if self.proxy_policy.as_ref() != Some(&g.proxy) {
+                let mut proxy = g.proxy.clone();
+                proxy.generation = report.generation;
+                crate::l7::write_policy(path, &proxy).map_err(|e| LoaderError::State {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                self.proxy_policy = Some(g.proxy.clone());
+                report.proxy_acknowledged = crate::l7::await_acknowledgement(
+                    path,
+                    report.generation,
+                    self.cfg.proxy_ack_timeout,
+                );
+            }
         }
 
         // Phase 2: switch, hook by hook.

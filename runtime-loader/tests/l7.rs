@@ -215,6 +215,12 @@ fn l7_demo(attach: &str) {
         net.log()
     );
     let landings = seen_count(&seen, "POST /v1/request-landing");
+    // The proxy had the new rules before the new programs handed it anything.
+    assert!(
+        net.log().contains("proxy_acknowledged=Some(true)"),
+        "{}",
+        net.log()
+    );
     let answers = net
         .requests(
             tf,

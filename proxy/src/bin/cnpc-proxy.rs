@@ -85,11 +85,14 @@ async fn run(args: Args) -> ExitCode {
         tokio::spawn(accept_loop(listener, direction, proxy.clone()));
     }
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    policy_file::acknowledge(&args.policy, proxy.current().generation());
+    // A stat every 10 ms costs nothing and bounds how long the loader waits for a new
+    // generation's acknowledgement (SIGHUP is quicker still).
     tokio::spawn(policy_file::watch(
         proxy.clone(),
         args.policy.clone(),
         since,
-        Duration::from_millis(100),
+        Duration::from_millis(10),
         hup,
     ));
     tokio::spawn(print_events(rx));

@@ -316,9 +316,6 @@ impl Runner {
                 self.metrics
                     .needs_proxy
                     .store(g.proxy.rules.values().next().is_some(), Ordering::Relaxed);
-                if let Some(p) = &self.proxy {
-                    p.reload();
-                }
                 info!(
                     generation = r.generation,
                     attached = r.attached,
@@ -332,6 +329,7 @@ impl Runner {
                     not_here = r.not_here,
                     load_ms = r.load_time.as_secs_f64() * 1e3,
                     switch_ms = r.switch_time.as_secs_f64() * 1e3,
+                    proxy_acknowledged = ?r.proxy_acknowledged,
                     total_ms = elapsed.as_secs_f64() * 1e3,
                     "applied"
                 );
@@ -410,6 +408,7 @@ fn main() -> ExitCode {
             Attach::Tcx => AttachMode::Tcx,
             Attach::Clsact => AttachMode::Clsact,
         },
+        ..Config::default()
     };
     let mut loader = match Loader::open(cfg) {
         Ok(l) => l,
