@@ -178,13 +178,17 @@ pub fn write_policy(path: &Path, policy: &ProxyPolicy) -> Result<(), L7Error> {
 
 /// Waits (at most `timeout`) until the proxy acknowledges `generation` of the policy at
 /// `path` (`cnpc_proxy::policy_file::acknowledged`). `Some(true)` once it has; `Some(false)`
-/// when the time ran out (the proxy is down or slow: the switch goes ahead, and the proxy,
-/// when it reads the file, judges by the new rules from then on).
+/// at once when no proxy runs, or when the time ran out (a slow proxy: the switch goes ahead,
+/// and the proxy judges by the new rules once it reads the file).
 pub fn await_acknowledgement(path: &Path, generation: u64, timeout: Duration) -> Option<bool> {
     let start = Instant::now();
     loop {
-        if cnpc_proxy::policy_file::acknowledged(path).is_some_and(|g| g >= generation) {
-            return Some(true);
+        match cnpc_proxy::policy_file::acknowledged(path) {
+            Some(g) if g >= generation => return Some(true),
+            // No proxy runs (the supervisor removes the acknowledgement when it exits):
+            // nothing to wait for, its flows are dropped.
+            None => return Some(false),
+            Some(_) => {}
         }
         if start.elapsed() >= timeout {
             tracing::warn!(
@@ -282,6 +286,7 @@ impl ProxySupervisor {
                 Ok(Some(status)) => {
                     tracing::warn!(%status, "cnpc-proxy exited; restarting");
                     self.child = None;
+                    self.forget_acknowledgement();
                     self.restarts += 1;
                     self.next_start = Instant::now() + self.backoff;
                     self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
@@ -305,6 +310,7 @@ impl ProxySupervisor {
             })
         };
         let stderr = log().map_or_else(Stdio::inherit, Stdio::from);
+        self.forget_acknowledgement();
         let mut cmd = Command::new(&self.bin);
         // The proxy goes when the loader goes (even on kill -9), so a restarted loader never
         // finds an orphan holding the proxy ports; proxied flows are dropped in between.
@@ -357,6 +363,11 @@ impl ProxySupervisor {
         Ok(())
     }
 
+    /// Removes the proxy's acknowledgement: no proxy runs to stand by it.
+    fn forget_acknowledgement(&self) {
+        let _ = std::fs::remove_file(cnpc_proxy::policy_file::applied_path(&self.policy));
+    }
+
     /// The requests judged so far, across restarts.
     pub fn counts(&self) -> Arc<L7Counts> {
         self.counts.clone()
@@ -404,8 +415,10 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         assert!(listening(port));
-        drop(l);
-        assert!(!listening(port));
+        // The client end of a connection holds its port without listening on it (checking a
+        // released port instead would race with other processes taking it).
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert!(!listening(client.local_addr().unwrap().port()));
     }
 
     #[test]
