@@ -130,7 +130,11 @@ pub fn build(
             compiler.of(&program, &local)
         }
     };
-    let ipcache = ipcache_entries(&program, &compiler.universe);
+    let mut ipcache = ipcache_entries(&program, &compiler.universe);
+    // Compiled for this node: its own addresses are the host, not a remote node.
+    if routes.is_some() {
+        crate::node::mark_host(&mut ipcache, &crate::node::local_addresses());
+    }
     let proxy = ProxyPolicy::build(&program, &tables, &ipcache);
     let endpoints = program
         .endpoints

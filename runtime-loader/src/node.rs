@@ -5,7 +5,8 @@
 //! (no gateway) with the longest prefix names the interface. IPv4 routes come from
 //! /proc/net/route, IPv6 routes from /proc/net/ipv6_route. Endpoints with no such route are not
 //! on this node. Where routes do not lead to pods, the Pod annotation `cnpc.io/interface` names
-//! the interface; it counts only on the node that has that interface.
+//! the interface; it counts only on the node that has that interface. This node's own
+//! addresses carry the host identity in its ipcache ([`mark_host`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -103,6 +104,59 @@ pub fn interface_for(annotation: Option<&str>, ips: &[IpAddr], routes: &[Route])
         .map(str::to_string)
 }
 
+/// The addresses of this network namespace's interfaces, loopback left out.
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we walk read-only and free once below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says which layout it has.
+            let ip = unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))))
+                    }
+                    libc::AF_INET6 => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        Some(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                }
+            };
+            out.extend(ip.filter(|ip| !ip.is_loopback()));
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs and is freed exactly once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Gives this node's own addresses the host identity in an ipcache, as Cilium's does (its node
+/// addresses are `reserved:host`; other nodes' are `reserved:remote-node`): a node address the
+/// snapshot lists becomes host, and an address of this node it does not list is added.
+pub fn mark_host(ipcache: &mut Vec<(cnpc_ir::IpNet, cnpc_ir::NumericIdentity)>, local: &[IpAddr]) {
+    let host = cnpc_ir::Reserved::Host.numeric();
+    for ip in local {
+        let net = cnpc_ir::IpNet::from(*ip);
+        match ipcache.iter_mut().find(|(n, _)| *n == net) {
+            Some(entry) => entry.1 = host,
+            None => ipcache.push((net, host)),
+        }
+    }
+    ipcache.sort();
+}
+
 /// The routes of the calling thread's network namespace.
 pub fn routes() -> Vec<Route> {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
@@ -112,6 +166,36 @@ pub fn routes() -> Vec<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_nodes_addresses_are_the_host() {
+        let id = cnpc_ir::NumericIdentity;
+        let mut ipcache = vec![
+            ("10.0.1.20/32".parse().unwrap(), id(300)),
+            ("192.168.56.10/32".parse().unwrap(), id(6)),
+            ("192.168.56.11/32".parse().unwrap(), id(6)),
+        ];
+        let local = [
+            "192.168.56.10".parse().unwrap(),
+            "169.254.1.1".parse().unwrap(),
+        ];
+        mark_host(&mut ipcache, &local);
+        let of = |a: &str| {
+            ipcache
+                .iter()
+                .find(|(n, _)| *n == a.parse::<cnpc_ir::IpNet>().unwrap())
+                .map(|(_, i)| i.0)
+        };
+        assert_eq!(of("192.168.56.10/32"), Some(1), "this node: host");
+        assert_eq!(of("192.168.56.11/32"), Some(6), "another node: remote-node");
+        assert_eq!(
+            of("169.254.1.1/32"),
+            Some(1),
+            "an address the snapshot does not list"
+        );
+        assert_eq!(of("10.0.1.20/32"), Some(300));
+        assert!(local_addresses().iter().all(|ip| !ip.is_loopback()));
+    }
 
     #[test]
     fn host_routes_name_the_interface() {

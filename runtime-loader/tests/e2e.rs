@@ -248,3 +248,39 @@ fn demo(attach: &str) {
     assert_eq!(tiefighter.len(), 2);
     assert!(tiefighter[0].record.interface.ends_with("tf"));
 }
+
+/// The node's own traffic is the host entity (Cilium gives a node's addresses `reserved:host`,
+/// other nodes' `reserved:remote-node`): with a deathstar policy allowing only the host, a
+/// request from the node's namespace (as a kubelet probe would come) lands, the xwing's does not.
+#[test]
+fn traffic_from_the_node_is_the_host_entity() {
+    if let Err(e) = sys::bpffs_for_tests(Path::new("/sys/fs/bpf")) {
+        return sys::skip_or_fail(&e);
+    }
+    let mut net = match Net::pods() {
+        Ok(n) => n,
+        Err(e) => return sys::skip_or_fail(&format!("cannot build the test network: {e}")),
+    };
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ds1 = PODS[0].2;
+    net.serve_http(PODS[0].0, ds1, seen).unwrap();
+    std::fs::write(
+        net.policies.join("host-only.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: host-only, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {class: deathstar}}\n  ingress:\n  - fromEntities: [host]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    net.loader_args = vec!["--no-l7".into()];
+    net.start_loader().unwrap();
+    assert!(
+        net.until(Duration::from_secs(20), || net.generation() >= 1)
+            .is_some(),
+        "{}",
+        net.log()
+    );
+    let lands = |from: &str| {
+        net.requests(from, ds1, &[("GET", "/v1/status")], SHORT)
+            .is_some_and(|a| a.first().is_some_and(|(s, _)| *s == 200))
+    };
+    assert!(lands("node"), "the node is the host entity:\n{}", net.log());
+    assert!(!lands("xw"), "the xwing is not");
+}
