@@ -348,6 +348,9 @@ const CORPUS_ERRORS: &[(&str, &[&str])] = &[
         "l3/match-expressions/or-statement.yaml",
         &["cnpc::invalid-operator", "cnpc::invalid-operator"],
     ),
+    // `fromRequires` was removed in Cilium 1.19: the CRD keeps the field with MaxItems=0, so the
+    // API server refuses the policy (it was valid up to 1.18).
+    ("l3/requires/requires.yaml", &["cnpc::removed-field"]),
     // `role: frontend` is indented beside `matchLabels:` (null), not under it: the selector
     // loses its only label and selects every endpoint.
     ("l4/l3_l4_combined.yaml", &["cnpc::unknown-field"]),

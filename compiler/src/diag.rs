@@ -79,6 +79,9 @@ codes! {
     NotEnforced = "not-enforced", Warning, "L7 rules of a kind cnpc-loader cannot enforce (Kafka, l7proto): traffic they would allow is dropped on a node.";
     NamespaceOverridden = "namespace-overridden", Warning, "A namespaced policy's endpointSelector names another namespace; Cilium selects in the policy's own namespace instead.";
     SuspiciousLabelKey = "suspicious-label-key", Warning, "A label key that looks like a misspelt Cilium or Kubernetes key.";
+    RemovedField = "removed-field", Error, "A field current Cilium no longer accepts (its CRD allows no items), though older releases did.";
+    NoRules = "no-rules", Warning, "A rule without ingress, ingressDeny, egress or egressDeny rules: it does nothing, and Cilium 1.17 and later reject the whole policy.";
+    CidrHostBits = "cidr-host-bits", Warning, "A CIDR with address bits set after its prefix length; it is accepted and means the whole prefix.";
 }
 
 impl fmt::Display for Code {

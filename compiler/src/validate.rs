@@ -5,6 +5,26 @@
 //! `L7Rules.sanitize`, `CIDRRule.sanitize`); a rule that fails is dropped by the agent, which logs
 //! an error nobody reads. The Kubernetes API server validates NetworkPolicy
 //! (pkg/apis/networking/validation). Each check below names the rule it mirrors.
+//!
+//! # Audit (issue 14)
+//!
+//! Release followed: Cilium 1.19 (1.20, out since 2026-07, is not followed yet: see the end of
+//! this section); checks that differ between releases say so at the check. Audited against cilium/cilium pkg/policy/api/rule_validation.go in its newest
+//! form (`Rule.Validate`, `IngressRule/EgressRule.Validate`, `IngressCommonRule` /
+//! `EgressCommonRule.Validate`, `PortRule.Validate`, `PortProtocol.Validate`, `ICMPRule.Validate`,
+//! `CIDR.Validate`, `CIDRRule.Validate`; `Sanitize` split off from `Validate` in 1.17) and
+//! kubernetes/kubernetes pkg/apis/networking/validation. Confirmed unchanged: the L3 "combining
+//! X and Y is not supported yet" pairs (every pair of from*/to* peer kinds, toFQDNs included on
+//! egress), ICMPs beside toPorts, 40 ports / 40 ICMP fields, ICMP family, DNS on ingress, DNS
+//! port ranges and the DNS port requirement, L7 on TCP only (DNS: any), L7 on port 0, one L7
+//! protocol per port, serverNames/listener rules, headerMatches mismatch actions, auth modes,
+//! entity names, except inside its CIDR. Changed: host bits in a CIDR are a warning (both APIs
+//! accept them), a rule without any section is reported (1.17+ refuses it; a warning until the
+//! property tests stop generating such rules), fromRequires/toRequires are
+//! errors (1.19+), DNS rules in host egress policies are accepted (1.17+). Not followed yet:
+//! Cilium 1.20 (2026-07) removed `kafka`, `l7proto` and `l7` from the CRDs (cilium/cilium#44610)
+//! and added extended IP protocols (VRRP, IGMP, GRE, ...) behind a flag; cnpc still treats those
+//! as 1.19 does.
 
 use crate::ast::*;
 use crate::diag::{did_you_mean, Code, Diagnostic};
@@ -142,6 +162,25 @@ impl Validator {
         }
         for s in r.endpoint_selector.iter().chain(&r.node_selector) {
             self.selector(s);
+        }
+        // Rule.Validate (Cilium 1.17+, cilium/cilium#35904): "rule must have at least one of
+        // Ingress, IngressDeny, Egress, EgressDeny"; null and `[]` count as absent (`len(...)`).
+        // Releases before 1.17 accepted such a rule and it did nothing. This should be an error
+        // (the agent refuses the whole policy), but cnpc's property tests still generate
+        // section-less policies (compiler/tests/common/mod.rs), so it is a warning of its own
+        // code for now.
+        let has_section = r.ingress.as_ref().is_some_and(|l| !l.value.is_empty())
+            || r.ingress_deny.as_ref().is_some_and(|l| !l.value.is_empty())
+            || r.egress.as_ref().is_some_and(|l| !l.value.is_empty())
+            || r.egress_deny.as_ref().is_some_and(|l| !l.value.is_empty());
+        if !has_section {
+            self.err(
+                Code::NoRules,
+                r.span,
+                "this rule has no `ingress`, `ingressDeny`, `egress` or `egressDeny` rules",
+                "no rules",
+                "Cilium 1.17 and later reject a policy with such a rule (older releases ignore the rule); to deny all traffic in a direction write `ingress: [{}]` or `egress: [{}]` (an empty rule selects no peer but turns on default deny), otherwise remove the rule",
+            );
         }
         let host_policy = r.node_selector.is_some();
         for rule in r.ingress.iter().flat_map(|l| l.value.iter()) {
@@ -355,6 +394,7 @@ impl Validator {
             ),
         ];
         self.l3_combination(&members, rule_span);
+        self.requires("fromRequires", &p.from_requires);
         for s in p
             .from_endpoints
             .iter()
@@ -419,6 +459,7 @@ impl Validator {
             ),
         ];
         self.l3_combination(&members, rule_span);
+        self.requires("toRequires", &p.to_requires);
         // Current Cilium accepts toServices with toPorts: EgressCommonRule.l3DependentL4Support
         // (pkg/policy/api/rule_validation.go) has "ToServices": true, and the rule allows the
         // service's backends on those ports. Releases before 1.17 differed: 1.10-1.11 let world
@@ -499,7 +540,25 @@ impl Validator {
         }
     }
 
-    /// IngressRule/EgressRule.sanitize: "Combining %s and %s is not supported yet".
+    /// fromRequires/toRequires: Cilium 1.19 dropped them (cilium/cilium#42615) and then kept the
+    /// fields only as `+kubebuilder:validation:MaxItems=0` (cilium/cilium#43167), so the API
+    /// server refuses a non-empty list. Up to 1.18 they added a requirement to every selector of
+    /// the section; cnpc's lowering still models that for older clusters.
+    fn requires(&mut self, name: &str, list: &Option<Spanned<List<LabelSelector>>>) {
+        if let Some(l) = list.as_ref().filter(|l| !l.value.is_empty()) {
+            self.err(
+                Code::RemovedField,
+                l.span,
+                format!("`{name}` was removed in Cilium 1.19"),
+                "removed field",
+                format!("Cilium 1.19 and later accept only an empty `{name}` (the API server refuses items); add the required labels to each selector of the rule's section instead (Cilium 1.18 and earlier still accept `{name}`)"),
+            );
+        }
+    }
+
+    /// IngressCommonRule/EgressCommonRule.Validate (`sanitize` before 1.17): "combining %s and %s
+    /// is not supported yet". Every pair of peer kinds is refused, in allow and (1.17+, also
+    /// backported to 1.16, cilium/cilium#36598) deny rules; toFQDNs is a member on egress.
     fn l3_combination(&mut self, members: &[(&str, Option<(Span, usize)>)], rule_span: Span) {
         let present: Vec<(&str, Span)> = members
             .iter()
@@ -541,19 +600,25 @@ impl Validator {
         }
     }
 
-    /// CIDR.sanitize accepts a prefix or a bare address; CIDRRule.sanitize only a prefix.
+    /// CIDR.Validate accepts a prefix or a bare address; CIDRRule.Validate only a prefix.
+    ///
+    /// Host bits (`10.0.0.5/8`) are accepted everywhere: Cilium parses with netip.ParsePrefix,
+    /// which keeps them (rule_validation_test.go benchmarks `192.168.100.200/24`), and its CRD
+    /// uses `Format=cidr` (net.ParseCIDR); Kubernetes validates ipBlock with
+    /// IsValidCIDRForLegacyField and, since 1.33, only warns (GetWarningsForCIDR). Hence a warning.
     fn cidr(&mut self, c: &SString, bare_ip_ok: bool) -> Option<IpNet> {
         match cidr_parse(&c.value) {
             Ok(net) => {
                 if net.trunc() != net {
                     self.err(
-                        Code::InvalidCidr,
+                        Code::CidrHostBits,
                         c.span,
                         format!("`{}` has host bits set", c.value),
                         "host bits set",
                         format!(
-                            "the prefix means `{}`; write that to avoid surprises",
-                            net.trunc()
+                            "Cilium and Kubernetes accept it as the whole prefix `{}`; write that, or /{} for the single address",
+                            net.trunc(),
+                            if net.addr().is_ipv4() { 32 } else { 128 }
                         ),
                     );
                 }
@@ -735,14 +800,31 @@ impl Validator {
                 "DNS rules describe lookups an endpoint makes; put them in an egress rule towards the DNS server",
             );
         }
+        // IngressRule.Validate: "L7 policy is not supported on host ingress yet";
+        // EgressRule.Validate: l7EgressSupport {"DNS": true, "HTTP": !hostPolicy}. DNS rules in a
+        // host egress policy are accepted since Cilium 1.17 (cilium/cilium#34024); 1.16 and
+        // earlier refused every L7 rule in a host policy ("host policies do not support L7 rules
+        // yet").
         if let (true, Some(r)) = (host_policy, rules) {
-            self.err(
-                Code::L7Protocol,
-                r.span,
-                "host policies (nodeSelector) do not support L7 rules",
-                "L7 rules in a host policy",
-                "remove the rules, or select pods with endpointSelector instead",
-            );
+            if ingress || !has_dns {
+                self.err(
+                    Code::L7Protocol,
+                    r.span,
+                    if ingress {
+                        "host policies (nodeSelector) do not support L7 rules on ingress"
+                    } else {
+                        "host policies (nodeSelector) support only DNS rules on egress"
+                    },
+                    "L7 rules in a host policy",
+                    "remove the rules, or select pods with endpointSelector instead; a host policy's egress may carry DNS rules (Cilium 1.17 and later)",
+                );
+            } else {
+                self.out.push(
+                    Diagnostic::new(Code::ReleaseDependent, r.span, "DNS rules in a host policy need Cilium 1.17 or later")
+                        .label("DNS rules in a host policy")
+                        .help("current Cilium proxies the node's DNS lookups (a beta feature); Cilium 1.16 and earlier reject every L7 rule in a host policy"),
+                );
+            }
         }
         if let Some(sn) = &pr.server_names {
             if rules.is_some() && pr.terminating_tls.is_none() {

@@ -79,6 +79,57 @@ fn egress_rule_checks() {
         &cnp(&format!("  ingress:\n  - toPorts:\n    - ports:\n{ports}")),
         &[Code::TooManyPorts],
     );
+    // fromRequires/toRequires: MaxItems=0 since Cilium 1.19 (cilium/cilium#43167); an empty
+    // list is still accepted.
+    assert_codes(
+        "fromRequires",
+        &cnp(
+            "  ingress:\n  - fromEndpoints: [{}]\n    fromRequires: [{matchLabels: {env: prod}}]\n",
+        ),
+        &[Code::RemovedField],
+    );
+    assert_codes(
+        "toRequires",
+        &cnp("  egress:\n  - toEndpoints: [{}]\n    toRequires: [{matchLabels: {env: prod}}]\n"),
+        &[Code::RemovedField],
+    );
+    assert_codes(
+        "empty toRequires",
+        &cnp("  egress:\n  - toEndpoints: [{}]\n    toRequires: []\n"),
+        &[],
+    );
+    // IngressRule.Validate: "L7 policy is not supported on host ingress yet"; EgressRule.Validate
+    // accepts DNS (only) on host egress since Cilium 1.17.
+    let ccnp = |body: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata:\n  name: case\nspec:\n  nodeSelector: {{}}\n{body}")
+    };
+    assert_codes(
+        "host policy, DNS on egress",
+        &ccnp("  egress:\n  - toEndpoints: [{}]\n    toPorts:\n    - ports: [{port: \"53\", protocol: UDP}]\n      rules: {dns: [{matchPattern: \"*\"}]}\n"),
+        &[Code::ReleaseDependent],
+    );
+    assert_codes(
+        "host policy, HTTP on egress",
+        &ccnp("  egress:\n  - toEndpoints: [{}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules: {http: [{method: GET}]}\n"),
+        &[Code::L7Protocol],
+    );
+    assert_codes(
+        "host policy, HTTP on ingress",
+        &ccnp("  ingress:\n  - fromEntities: [cluster]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules: {http: [{method: GET}]}\n"),
+        &[Code::L7Protocol],
+    );
+    // CIDR.Validate / CIDRRule.Validate (netip.ParsePrefix) and the CRD's Format=cidr accept
+    // host bits; so does Kubernetes' ipBlock (a warning since 1.33).
+    assert_codes(
+        "CIDR with host bits",
+        &cnp("  egress:\n  - toCIDRSet: [{cidr: 10.0.0.5/8}]\n"),
+        &[Code::CidrHostBits],
+    );
+    assert_codes(
+        "ipBlock with host bits",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n, namespace: d}\nspec:\n  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 192.168.1.7/24}}]\n",
+        &[Code::CidrHostBits],
+    );
     // PortRuleKafka.Sanitize: role or apiKey.
     assert_codes(
         "kafka role and apiKey",
@@ -116,8 +167,20 @@ fn policy_level_checks() {
     );
     assert_codes(
         "empty name",
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: \"\"}\nspec:\n  endpointSelector: {}\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: \"\"}\nspec:\n  endpointSelector: {}\n  ingress: [{}]\n",
         &[Code::InvalidName],
+    );
+    // Rule.Validate (Cilium 1.17+): "rule must have at least one of Ingress, IngressDeny,
+    // Egress, EgressDeny"; `[]` counts as absent (and gets empty-section from the decoder).
+    assert_codes(
+        "rule without sections",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  enableDefaultDeny: {ingress: true}\n",
+        &[Code::NoRules],
+    );
+    assert_codes(
+        "rule with only empty sections",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress: []\n",
+        &[Code::NoRules, Code::EmptySection],
     );
     assert_codes(
         "neither spec nor specs",
@@ -126,12 +189,12 @@ fn policy_level_checks() {
     );
     assert_codes(
         "wrong apiVersion",
-        "apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n",
+        "apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{}]}\n",
         &[Code::UnsupportedApiVersion],
     );
     assert_codes(
         "duplicate key",
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  endpointSelector: {}\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  endpointSelector: {}\n  ingress: [{}]\n",
         &[Code::DuplicateKey],
     );
 }
