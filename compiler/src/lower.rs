@@ -200,6 +200,38 @@ fn wildcard_peer(has_l4: bool) -> Vec<Peer> {
     }
 }
 
+/// L7 rules of an allow rule whose policy leaves its direction default-allow
+/// (`enableDefaultDeny: false`) must not deny other L7 traffic, so Cilium adds a wildcard rule
+/// beside them: an empty HTTP rule, or DNS `matchPattern: "*"` (pkg/policy/l4.go createL4Filter,
+/// "Adding wildcard L7 rules for default-allow policy" / ensureWildcard; rule_test.go
+/// TestHTTPWildcardInDefaultAllow, TestDNSWildcardInDefaultAllow). Other parsers are not modelled.
+fn with_l7_wildcard(l7: L7Rules) -> L7Rules {
+    match l7 {
+        L7Rules::Http(mut rules) if !rules.is_empty() => {
+            let any = HttpRule {
+                method: None,
+                path: None,
+                host: None,
+                headers: Vec::new(),
+            };
+            if !rules.contains(&any) {
+                rules.push(any);
+            }
+            L7Rules::Http(rules)
+        }
+        // (An empty list here comes from entries matching no name, `dns: [{}]`, which are
+        // rules all the same; `dns: []` already lowers to `*`.)
+        L7Rules::Dns(mut names) => {
+            let any = DnsMatcher::pattern("*");
+            if !names.contains(&any) {
+                names.push(any);
+            }
+            L7Rules::Dns(names)
+        }
+        other => other,
+    }
+}
+
 /// Whether a `toPorts` entry names no port (`{}`, `ports: []`, or only `rules`): Cilium's
 /// mergeIngress/mergeEgress (pkg/policy/rule.go) create L4 filters from the entry's
 /// `GetPortProtocols()`, so an entry without ports covers nothing, L7 rules or not.
@@ -635,11 +667,13 @@ impl Lowering<'_> {
     }
 
     /// One IR rule per toPorts entry (each may carry its own L7), or one for the whole rule.
+    /// `default_deny` is whether the rule's policy puts this direction into default deny.
     fn push_with_ports(
         &mut self,
         base: Rule,
         to_ports: Option<&Spanned<ast::List<ast::PortRule>>>,
         icmps: Vec<L4Term>,
+        default_deny: bool,
     ) {
         match to_ports.filter(|t| !t.value.is_empty()) {
             Some(tp) => {
@@ -650,7 +684,10 @@ impl Lowering<'_> {
                     .filter(|pr| !port_rule_covers_nothing(&pr.ports))
                 {
                     let l4 = self.ports(pr.ports.as_ref());
-                    let l7 = self.l7(&pr.rules);
+                    let mut l7 = self.l7(&pr.rules);
+                    if !default_deny {
+                        l7 = l7.map(with_l7_wildcard);
+                    }
                     self.push(&base, l4, l7);
                 }
             }
@@ -723,7 +760,7 @@ impl Lowering<'_> {
                 &base.origin,
             );
             let icmps = self.icmps(&i.icmps);
-            self.push_with_ports(base, i.to_ports.as_ref(), icmps);
+            self.push_with_ports(base, i.to_ports.as_ref(), icmps, ingress_dd);
         }
         for i in r.ingress_deny.iter().flat_map(|l| l.value.iter()) {
             let base = rule(
@@ -758,7 +795,7 @@ impl Lowering<'_> {
                 &base.origin,
             );
             let icmps = self.icmps(&e.icmps);
-            self.push_with_ports(base, e.to_ports.as_ref(), icmps);
+            self.push_with_ports(base, e.to_ports.as_ref(), icmps, egress_dd);
         }
         for e in r.egress_deny.iter().flat_map(|l| l.value.iter()) {
             let base = rule(
