@@ -104,9 +104,9 @@ pub fn acknowledged(policy: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Watches `path` until the task is dropped: polls every `interval`, reloads when the stamp
-/// differs from `since` (the version in force) and at once when `hup` fires (the binary passes
-/// SIGHUP). Logs each switch and each failure.
+/// Watches `path` until the task is dropped: on every change in its directory (inotify) and
+/// every `interval`, reloads when the stamp differs from `since` (the version in force); at
+/// once when `hup` fires (the binary passes SIGHUP). Logs each switch and each failure.
 pub async fn watch(
     proxy: Proxy,
     path: PathBuf,
@@ -117,9 +117,23 @@ pub async fn watch(
     let mut last = since;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The directory is watched (the loader renames a new file over the old one): an event
+    // wakes the loop at once, so a new generation is in force within a millisecond or two;
+    // the poll stays as the fallback where inotify is unavailable.
+    let (tx, mut changed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let _watcher = path.parent().and_then(|dir| {
+        use notify::Watcher;
+        let mut w = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            let _ = tx.send(());
+        })
+        .ok()?;
+        w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
+        Some(w)
+    });
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
+            Some(()) = changed.recv() => false,
             Some(()) = async {
                 match hup.as_mut() {
                     Some(s) => s.recv().await,

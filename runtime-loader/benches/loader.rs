@@ -78,6 +78,12 @@ fn demo(rounds: usize) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let pid = net.loader.as_ref().map(|c| c.id()).unwrap_or(0);
+    if let Some(l) = net.log().lines().rev().find(|l| l.contains("applied")) {
+        println!(
+            "  demo, last apply: {}",
+            l.split("applied").nth(1).unwrap_or("").trim()
+        );
+    }
     println!(
         "demo ({rounds} rounds): file change to enforced verdict, median {:.0} ms to allow, {:.0} ms to block (target 100 ms); max {:.0} / {:.0} ms; loader peak RSS {:.1} MiB",
         median(allow.clone()).as_secs_f64() * 1e3,

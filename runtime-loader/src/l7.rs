@@ -229,7 +229,12 @@ pub struct ProxySupervisor {
     backoff: Duration,
     restarts: u64,
     counts: Arc<L7Counts>,
+    /// The last reading of the proxy's listeners, and when it was taken.
+    listeners_up: Option<(bool, Instant)>,
 }
+
+/// How often the supervisor reads whether the proxy's listeners are up.
+const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// HTTP requests the proxy judged, by direction and verdict (from its event lines).
 #[derive(Debug, Default)]
@@ -274,6 +279,7 @@ impl ProxySupervisor {
             backoff: Duration::from_millis(100),
             restarts: 0,
             counts: Arc::default(),
+            listeners_up: None,
         }
     }
 
@@ -378,11 +384,23 @@ impl ProxySupervisor {
         self.restarts
     }
 
-    /// Whether the proxy runs and both of its listeners are up.
-    pub fn up(&self) -> bool {
-        self.child.is_some()
-            && listening(contract::EGRESS_PROXY_PORT)
-            && listening(contract::INGRESS_PROXY_PORT)
+    /// Whether the proxy runs and both of its listeners are up. Reading `/proc/net/tcp` walks
+    /// every TCP socket of the machine (7–8 ms with a few thousand), so the listeners are read
+    /// at most once a second; a proxy that exits shows at once.
+    pub fn up(&mut self) -> bool {
+        if self.child.is_none() {
+            self.listeners_up = None;
+            return false;
+        }
+        match self.listeners_up {
+            Some((up, at)) if at.elapsed() < LISTENER_CHECK_INTERVAL => up,
+            _ => {
+                let up = listening(contract::EGRESS_PROXY_PORT)
+                    && listening(contract::INGRESS_PROXY_PORT);
+                self.listeners_up = Some((up, Instant::now()));
+                up
+            }
+        }
     }
 
     /// The process id, for tests and drills.

@@ -138,6 +138,8 @@ pub struct SwapReport {
     /// Whether the proxy acknowledged a changed proxy policy before the switch (`None`: the
     /// L7 view did not change, nothing to acknowledge).
     pub proxy_acknowledged: Option<bool>,
+    /// Time spent writing the proxy policy and waiting for its acknowledgement.
+    pub proxy_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -445,11 +447,13 @@ impl Loader {
                     message: e.to_string(),
                 })?;
                 self.proxy_policy = Some(g.proxy.clone());
+                let waited = Instant::now();
                 report.proxy_acknowledged = crate::l7::await_acknowledgement(
                     path,
                     report.generation,
                     self.cfg.proxy_ack_timeout,
                 );
+                report.proxy_wait = waited.elapsed();
             }
         }
 

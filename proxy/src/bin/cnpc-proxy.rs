@@ -86,13 +86,13 @@ async fn run(args: Args) -> ExitCode {
     }
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     policy_file::acknowledge(&args.policy, proxy.current().generation());
-    // A stat every 10 ms costs nothing and bounds how long the loader waits for a new
-    // generation's acknowledgement (SIGHUP is quicker still).
+    // The file's directory is watched; the poll is a fallback (and bounds how long the loader
+    // waits for an acknowledgement where inotify is missing).
     tokio::spawn(policy_file::watch(
         proxy.clone(),
         args.policy.clone(),
         since,
-        Duration::from_millis(10),
+        Duration::from_millis(50),
         hup,
     ));
     tokio::spawn(print_events(rx));

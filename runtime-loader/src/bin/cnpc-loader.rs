@@ -330,6 +330,7 @@ impl Runner {
                     load_ms = r.load_time.as_secs_f64() * 1e3,
                     switch_ms = r.switch_time.as_secs_f64() * 1e3,
                     proxy_acknowledged = ?r.proxy_acknowledged,
+                    proxy_wait_ms = r.proxy_wait.as_secs_f64() * 1e3,
                     total_ms = elapsed.as_secs_f64() * 1e3,
                     "applied"
                 );
