@@ -26,6 +26,42 @@ fn trace(policies: &str, args: &[&str]) -> (i32, Value) {
     (code, json)
 }
 
+/// `cnpc trace ... --engine bpf -o json` on `policies` over `cluster`: the JSON verdict, or
+/// `None` when the kernel refused (a skip, or a failure under CNPC_REQUIRE_KERNEL=1). Any other
+/// failure fails the test.
+fn trace_bpf(
+    policies: &std::ffi::OsStr,
+    cluster: &std::ffi::OsStr,
+    args: &[&str],
+) -> Option<Value> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+        .arg("trace")
+        .arg(policies)
+        .arg("--cluster")
+        .arg(cluster)
+        .args(["-o", "json", "--engine", "bpf"])
+        .args(args)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if stderr.contains("Operation not permitted") {
+        assert!(
+            std::env::var("CNPC_REQUIRE_KERNEL").map_or(true, |v| v != "1"),
+            "CNPC_REQUIRE_KERNEL=1 but: {stderr}"
+        );
+        eprintln!("skipped: {stderr}");
+        return None;
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{policies:?} {args:?}: {stderr}"
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
 fn verdict(policies: &str, args: &[&str]) -> Value {
     let (code, v) = trace(policies, args);
     assert_eq!(code, 0, "{v:#}");
@@ -415,35 +451,11 @@ fn bpf_engine_agrees_with_the_reference_on_the_demo_flows() {
             ],
         ),
     ];
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     for (set, args) in flows {
         let reference = verdict(set, args);
-        let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
-            .args([
-                "trace",
-                set,
-                "--cluster",
-                "policies/cluster.yaml",
-                "-o",
-                "json",
-                "--engine",
-                "bpf",
-            ])
-            .args(*args)
-            .current_dir(root)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        if stderr.contains("Operation not permitted") {
-            assert!(
-                std::env::var("CNPC_REQUIRE_KERNEL").map_or(true, |v| v != "1"),
-                "CNPC_REQUIRE_KERNEL=1 but: {stderr}"
-            );
-            eprintln!("skipped: {stderr}");
+        let Some(bpf) = trace_bpf(set.as_ref(), "policies/cluster.yaml".as_ref(), args) else {
             return;
-        }
-        assert_eq!(out.status.code(), Some(0), "{set} {args:?}: {stderr}");
-        let bpf: Value = serde_json::from_slice(&out.stdout).unwrap();
+        };
         assert_eq!(bpf["verdict"], reference["verdict"], "{set} {args:?}");
         // A request on a proxied flow went through the real proxy: its answer is the L7
         // decision, and an allowed one names the rule the proxy matched.
@@ -518,32 +530,23 @@ fn bpf_engine_takes_node_addresses_for_host_and_remote_node() {
     )
     .unwrap();
     for (entity, want) in [("host", "allowed"), ("remote-node", "denied")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
-            .arg("trace")
-            .arg(dir.join("host-only.yaml"))
-            .arg("--cluster")
-            .arg(dir.join("cluster.yaml"))
-            .args([
-                "--from",
-                &format!("entity:{entity}"),
-                "--to",
-                "pod:default/deathstar",
-            ])
-            .args(["--dport", "80", "--engine", "bpf", "-o", "json"])
-            .current_dir(root)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        if stderr.contains("Operation not permitted") {
-            assert!(
-                std::env::var("CNPC_REQUIRE_KERNEL").map_or(true, |v| v != "1"),
-                "CNPC_REQUIRE_KERNEL=1 but: {stderr}"
-            );
-            eprintln!("skipped: {stderr}");
+        let from = format!("entity:{entity}");
+        let args = [
+            "--from",
+            &from,
+            "--to",
+            "pod:default/deathstar",
+            "--dport",
+            "80",
+        ];
+        let policies = dir.join("host-only.yaml");
+        let Some(v) = trace_bpf(
+            policies.as_os_str(),
+            dir.join("cluster.yaml").as_os_str(),
+            &args,
+        ) else {
             return;
-        }
-        assert_eq!(out.status.code(), Some(0), "{entity}: {stderr}");
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        };
         assert_eq!(v["verdict"], want, "{entity}: {v:#}");
         assert_eq!(v["ingress"]["verdict"], want, "{entity}: {v:#}");
     }

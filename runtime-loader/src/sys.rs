@@ -301,10 +301,27 @@ pub fn test_run_repeat(
     packet: &[u8],
     repeat: u32,
 ) -> std::io::Result<(u32, u32, u32)> {
+    test_run_with_mark(prog, packet, repeat, 0)
+}
+
+/// `sizeof(struct __sk_buff)`, and the offset of its `mark`.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
+
+/// [`test_run_repeat`] with `skb->mark` set on entry (the kernel copies `mark` from the
+/// context it is given, net/bpf/test_run.c `convert___skb_to_skb`): how the proxies' marked
+/// traffic is tested.
+pub fn test_run_with_mark(
+    prog: &OwnedFd,
+    packet: &[u8],
+    repeat: u32,
+    mark: u32,
+) -> std::io::Result<(u32, u32, u32)> {
     let mut out = vec![0u8; packet.len() + 256];
-    // struct __sk_buff is 192 bytes; test runs accept it zeroed but for a few fields.
-    let ctx_in = [0u8; 192];
-    let mut ctx_out = [0u8; 192];
+    // Test runs accept the context zeroed but for a few fields, `mark` among them.
+    let mut ctx_in = [0u8; SK_BUFF_SIZE];
+    ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_le_bytes());
+    let mut ctx_out = [0u8; SK_BUFF_SIZE];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: packet.len() as u32,
@@ -319,7 +336,12 @@ pub fn test_run_repeat(
         ..Default::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    let mark = u32::from_le_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
+    let mark = u32::from_le_bytes([
+        ctx_out[SK_BUFF_MARK],
+        ctx_out[SK_BUFF_MARK + 1],
+        ctx_out[SK_BUFF_MARK + 2],
+        ctx_out[SK_BUFF_MARK + 3],
+    ]);
     Ok((attr.retval, mark, attr.duration))
 }
 

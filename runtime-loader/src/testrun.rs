@@ -207,8 +207,8 @@ impl Kernel {
         packet: &[u8],
         mark: u32,
     ) -> Result<Outcome, RunError> {
-        let (code, mark) =
-            test_run_marked(prog, packet, mark).map_err(kernel_err("BPF_PROG_TEST_RUN"))?;
+        let (code, mark, _) = sys::test_run_with_mark(prog, packet, 1, mark)
+            .map_err(kernel_err("BPF_PROG_TEST_RUN"))?;
         Ok(Outcome {
             code,
             mark,
@@ -248,77 +248,6 @@ impl Kernel {
         sys::RingBuf::new(self.map(gen::EVENTS_MAP), gen::EVENTS_BYTES as usize)
             .map_err(kernel_err("cannot map the events ring buffer"))
     }
-}
-
-/// The head of `union bpf_attr` for BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    pad: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-/// `sizeof(struct __sk_buff)`, and the offset of its `mark`.
-const SK_BUFF_SIZE: usize = 192;
-const SK_BUFF_MARK: usize = 8;
-
-/// BPF_PROG_TEST_RUN with `skb->mark` set on entry (the kernel copies `mark` from the context
-/// it is given, net/bpf/test_run.c `convert___skb_to_skb`); returns the program's return value
-/// and the mark it left. (`sys::test_run` passes a zero context; this is the same call with
-/// one field set.)
-fn test_run_marked(prog: &OwnedFd, packet: &[u8], mark: u32) -> std::io::Result<(u32, u32)> {
-    let mut out = vec![0u8; packet.len() + 256];
-    let mut ctx_in = [0u8; SK_BUFF_SIZE];
-    ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_le_bytes());
-    let mut ctx_out = [0u8; SK_BUFF_SIZE];
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: packet.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: packet.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ctx_size_in: SK_BUFF_SIZE as u32,
-        ctx_size_out: SK_BUFF_SIZE as u32,
-        ctx_in: ctx_in.as_ptr() as u64,
-        ctx_out: ctx_out.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr, zero-padded, whose pointers
-    // point at buffers that live until the call returns.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr as *mut libc::c_void,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mark = u32::from_le_bytes([
-        ctx_out[SK_BUFF_MARK],
-        ctx_out[SK_BUFF_MARK + 1],
-        ctx_out[SK_BUFF_MARK + 2],
-        ctx_out[SK_BUFF_MARK + 3],
-    ]);
-    Ok((attr.retval, mark))
 }
 
 /// An Ethernet frame carrying one packet of the flow: IPv4 or IPv6 after the addresses, the

@@ -192,6 +192,43 @@ impl Net {
         addr: &str,
         seen: Arc<std::sync::Mutex<Vec<String>>>,
     ) -> Result<(), String> {
+        self.accept_in(pod, addr, move |s| {
+            let seen = seen.clone();
+            // Keep-alive: each connection on its own thread.
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = std::io::BufReader::new(&s);
+                let mut out = &s;
+                while let Some((line, body)) = read_message(&mut reader) {
+                    let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                    seen.lock().unwrap().push(line.clone());
+                    let reply = if line.starts_with("POST /v1/request-landing ") {
+                        "Ship landed\n".to_string()
+                    } else {
+                        format!("Deathstar: {target} ({} bytes)\n", body.len())
+                    };
+                    if write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    )
+                    .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        })
+    }
+
+    /// Listens on `addr:80` in the pod's namespace (a thread that entered it) and hands each
+    /// accepted connection, blocking, to `handle` on that thread until the network is dropped.
+    fn accept_in(
+        &self,
+        pod: &str,
+        addr: &str,
+        handle: impl Fn(TcpStream) + Send + 'static,
+    ) -> Result<(), String> {
         let path = format!("/var/run/netns/{}", self.ns(pod));
         let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
         let stop = self.stop.clone();
@@ -213,31 +250,8 @@ impl Net {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((s, _)) => {
-                        let seen = seen.clone();
-                        std::thread::spawn(move || {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                            let mut reader = std::io::BufReader::new(&s);
-                            let mut out = &s;
-                            while let Some((line, body)) = read_message(&mut reader) {
-                                let target = line.split(' ').nth(1).unwrap_or("").to_string();
-                                seen.lock().unwrap().push(line.clone());
-                                let reply = if line.starts_with("POST /v1/request-landing ") {
-                                    "Ship landed\n".to_string()
-                                } else {
-                                    format!("Deathstar: {target} ({} bytes)\n", body.len())
-                                };
-                                if write!(
-                                    out,
-                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
-                                    reply.len()
-                                )
-                                .is_err()
-                                {
-                                    break;
-                                }
-                            }
-                        });
+                        let _ = s.set_nonblocking(false);
+                        handle(s);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -282,55 +296,30 @@ impl Net {
         )
     }
 
-    /// An HTTP server in the pod's namespace, on a thread that entered it.
+    /// An HTTP server in the pod's namespace: one request per connection, answered on the
+    /// accepting thread.
     pub fn serve(&self, pod: &str, addr: &str) -> Result<(), String> {
-        let path = format!("/var/run/netns/{}", self.ns(pod));
-        let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
-        let stop = self.stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let listener = enter(&path)
-                .and_then(|_| TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}")));
-            let listener = match listener {
-                Ok(l) => {
-                    let _ = tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            listener.set_nonblocking(true).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                        let mut buf = [0u8; 1024];
-                        let mut req = Vec::new();
-                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => req.extend(&buf[..n]),
-                            }
-                        }
-                        let body = if req.starts_with(b"POST /v1/request-landing ") {
-                            "Ship landed\n"
-                        } else {
-                            "Page not found\n"
-                        };
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        self.accept_in(pod, addr, |mut s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 1024];
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend(&buf[..n]),
                 }
             }
-        });
-        rx.recv().map_err(|e| e.to_string())?
+            let body = if req.starts_with(b"POST /v1/request-landing ") {
+                "Ship landed\n"
+            } else {
+                "Page not found\n"
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        })
     }
 
     /// Whether `pod` lands on the deathstar at `addr` within `timeout`.
