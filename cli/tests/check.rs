@@ -419,6 +419,11 @@ const WILD_ERRORS: &[(&str, &[&str], &str)] = &[
     ),
     // Genuine mistakes.
     (
+        "JJGadgets__Biohazard__kube_deploy_core__networking_cilium_netpols_kubevirt.yaml",
+        &["cnpc::kind-typo"],
+        "kind CiliumClusterWideNetworkPolicy: kinds are case-sensitive, the API server rejects it",
+    ),
+    (
         "JJGadgets__Biohazard__kube_deploy_core__networking_cilium_netpols_cluster-default-kube-dns.yaml",
         &["cnpc::l7-protocol"],
         "DNS rules on an ingress rule: Cilium's proxy sees only an endpoint's own lookups (egress)",

@@ -47,6 +47,7 @@ codes! {
     DuplicateKey = "duplicate-key", Error, "The same key appears twice in one mapping; only one of them would take effect.";
     WrongType = "wrong-type", Error, "A value of the wrong type.";
     MissingField = "missing-field", Error, "A required field is missing.";
+    KindTypo = "kind-typo", Error, "An object of a policy API group whose kind is a near miss of a policy kind; the API server rejects it and the policy never applies.";
     UnsupportedApiVersion = "api-version", Error, "A policy kind with an apiVersion cnpc does not know.";
     InvalidName = "invalid-name", Error, "An object name or namespace that Kubernetes would reject.";
     DuplicateName = "duplicate-name", Error, "Two policies of the same kind share a name in one namespace of one file; one would replace the other.";

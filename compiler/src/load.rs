@@ -241,6 +241,19 @@ impl PolicySet {
             return;
         }
         let Some(kind) = PolicyKind::from_kind(kind) else {
+            let api = node.get("apiVersion").and_then(Node::as_str).unwrap_or("");
+            if let Some(meant) = kind_typo(api, kind) {
+                cx.push(
+                    Diagnostic::new(
+                        Code::KindTypo,
+                        kind_node.map_or(node.span, |n| n.span),
+                        format!("`{kind}` is not a kind of {api}"),
+                    )
+                    .label("unknown kind")
+                    .help(format!("did you mean `{meant}`? Kinds are case-sensitive; the API server rejects this object, so the policy never applies")),
+                );
+                return;
+            }
             self.skipped
                 .push((file, kind.to_string(), kind_node.map(|n| n.span)));
             return;
@@ -249,6 +262,27 @@ impl PolicySet {
             self.policies.push(policy);
         }
     }
+}
+
+/// The policy kind `kind` was probably meant to be, for an object of a policy API group
+/// (`cilium.io/*`, `networking.k8s.io/*`): the same name in another case
+/// (`CiliumClusterWideNetworkPolicy`, seen in a real repository) or within two edits of it.
+/// The groups' other kinds (CiliumEgressGatewayPolicy, Ingress, ...) are further from every
+/// policy kind than that, so they stay skipped objects.
+fn kind_typo(api_version: &str, kind: &str) -> Option<&'static str> {
+    let group = api_version.split('/').next().unwrap_or("");
+    if group != "cilium.io" && group != "networking.k8s.io" {
+        return None;
+    }
+    let kind = kind.to_ascii_lowercase();
+    [
+        PolicyKind::CiliumNetworkPolicy,
+        PolicyKind::CiliumClusterwideNetworkPolicy,
+        PolicyKind::NetworkPolicy,
+    ]
+    .into_iter()
+    .map(PolicyKind::as_str)
+    .find(|k| strsim::levenshtein(&kind, &k.to_ascii_lowercase()) <= 2)
 }
 
 fn decode_policy(node: &Node, kind: PolicyKind, cx: &mut Cx) -> Option<Policy> {

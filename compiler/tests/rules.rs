@@ -242,3 +242,27 @@ fn json_and_lists_are_read() {
     assert_eq!(set.notes.len(), 1, "{:?}", set.notes);
     assert!(set.notes[0].message.contains("ConfigMap"));
 }
+
+/// A near miss of a policy kind in a policy API group is an error (the API server rejects the
+/// object, so the policy never applies); the groups' other kinds stay skipped objects.
+#[test]
+fn kind_typos_are_errors() {
+    let doc = |api: &str, kind: &str| {
+        format!("apiVersion: {api}\nkind: {kind}\nmetadata:\n  name: case\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n")
+    };
+    for (api, kind) in [
+        ("cilium.io/v2", "CiliumClusterWideNetworkPolicy"),
+        ("cilium.io/v2", "CiliumNetworkPolicys"),
+        ("networking.k8s.io/v1", "NetworkPolcy"),
+    ] {
+        assert_codes(kind, &doc(api, kind), &[Code::KindTypo]);
+    }
+    for (api, kind) in [
+        ("cilium.io/v2", "CiliumEgressGatewayPolicy"),
+        ("cilium.io/v2alpha1", "CiliumCIDRGroup"),
+        ("networking.k8s.io/v1", "Ingress"),
+        ("example.com/v1", "CiliumClusterWideNetworkPolicy"),
+    ] {
+        assert_codes(kind, &doc(api, kind), &[]);
+    }
+}
