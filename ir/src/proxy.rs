@@ -12,7 +12,7 @@ use crate::{
     DecisionTable, Direction, IpNet, L7Rules, NumericIdentity, Origin, Program, Protocol, Reserved,
     RuleRef, TableVerdict,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 /// The contract between the datapath, the loader and the proxies: ports and packet marks.
@@ -67,6 +67,66 @@ pub struct ProxyPolicy {
     pub tables: Vec<DecisionTable>,
     /// Every rule a `Proxy` verdict of `tables` names, by its [`RuleRef`].
     pub rules: BTreeMap<RuleRef, ProxyRule>,
+}
+
+/// The address lookups of a [`ProxyPolicy`], indexed once per generation: a proxy asks them
+/// for every request, and a node's ipcache holds every pod of the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct AddressIndex {
+    endpoints: HashMap<IpAddr, NumericIdentity>,
+    /// Host entries (/32, /128): always the longest prefix for their address.
+    hosts: HashMap<IpAddr, NumericIdentity>,
+    /// The other prefixes, shortest first (later entries win among equal lengths).
+    prefixes: Vec<(IpNet, NumericIdentity)>,
+}
+
+impl AddressIndex {
+    pub fn new(policy: &ProxyPolicy) -> AddressIndex {
+        let mut endpoints = HashMap::new();
+        for (ip, id) in &policy.endpoints {
+            endpoints.entry(*ip).or_insert(*id);
+        }
+        let is_host = |net: &IpNet| net.prefix_len() == net.max_prefix_len();
+        let hosts = policy
+            .ipcache
+            .iter()
+            .filter(|(net, _)| is_host(net))
+            .map(|(net, id)| (net.addr(), *id))
+            .collect();
+        let mut prefixes: Vec<(IpNet, NumericIdentity)> = policy
+            .ipcache
+            .iter()
+            .filter(|(net, _)| !is_host(net))
+            .copied()
+            .collect();
+        prefixes.sort_by_key(|(net, _)| net.prefix_len());
+        AddressIndex {
+            endpoints,
+            hosts,
+            prefixes,
+        }
+    }
+
+    /// The identity of the local endpoint at `ip`, if this node enforces on one there.
+    pub fn endpoint(&self, ip: IpAddr) -> Option<NumericIdentity> {
+        self.endpoints.get(&ip).copied()
+    }
+
+    /// The identity the datapath gives `ip`: the longest ipcache prefix holding it, else the
+    /// world (gen.rs: "a miss is the world"; the datapath, too, looks host entries up first).
+    pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
+        self.hosts
+            .get(&ip)
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .rev()
+                    .find(|(net, _)| net.contains(&ip))
+                    .map(|(_, id)| id)
+            })
+            .copied()
+            .unwrap_or(Reserved::World.numeric())
+    }
 }
 
 /// What applies to one proxied connection: allow everything, deny everything, or judge each
@@ -125,24 +185,6 @@ impl ProxyPolicy {
         }
     }
 
-    /// The identity of the local endpoint at `ip`, if this node enforces on one there.
-    pub fn endpoint(&self, ip: IpAddr) -> Option<NumericIdentity> {
-        self.endpoints
-            .iter()
-            .find(|(a, _)| *a == ip)
-            .map(|(_, id)| *id)
-    }
-
-    /// The identity the datapath gives `ip`: the longest ipcache prefix holding it, else the
-    /// world (gen.rs: "a miss is the world").
-    pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
-        self.ipcache
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map_or(Reserved::World.numeric(), |(_, id)| *id)
-    }
-
     /// What applies to a TCP/UDP connection between a local endpoint and a peer, as the
     /// datapath would decide its first packet. `None` when no table covers the subject: the
     /// proxy must then refuse (fail closed).
@@ -177,16 +219,24 @@ mod tests {
 
     #[test]
     fn identity_is_the_longest_prefix_and_a_miss_is_the_world() {
-        let p = ProxyPolicy {
+        let p = AddressIndex::new(&ProxyPolicy {
             ipcache: vec![
-                ("10.0.0.0/8".parse().unwrap(), NumericIdentity(16_777_217)),
                 ("10.0.1.5/32".parse().unwrap(), NumericIdentity(300)),
+                ("10.0.0.0/8".parse().unwrap(), NumericIdentity(16_777_217)),
+                ("10.9.0.0/16".parse().unwrap(), NumericIdentity(16_777_218)),
             ],
+            endpoints: vec![("10.0.1.5".parse().unwrap(), NumericIdentity(300))],
             ..ProxyPolicy::default()
-        };
+        });
         assert_eq!(p.identity_of("10.0.1.5".parse().unwrap()).0, 300);
-        assert_eq!(p.identity_of("10.9.1.5".parse().unwrap()).0, 16_777_217);
+        assert_eq!(p.identity_of("10.9.1.5".parse().unwrap()).0, 16_777_218);
+        assert_eq!(p.identity_of("10.8.1.5".parse().unwrap()).0, 16_777_217);
         assert_eq!(p.identity_of("192.0.2.1".parse().unwrap()).0, 2);
+        assert_eq!(
+            p.endpoint("10.0.1.5".parse().unwrap()),
+            Some(NumericIdentity(300))
+        );
+        assert_eq!(p.endpoint("10.0.1.6".parse().unwrap()), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! other side. `Allow` forwards everything, `Deny` and a missing table deny everything.
 
 use crate::ConnContext;
-use cnpc_ir::proxy::{ConnectionVerdict, ProxyPolicy};
+use cnpc_ir::proxy::{AddressIndex, ConnectionVerdict, ProxyPolicy};
 use cnpc_ir::{Direction, HttpRule, L7Rules, NumericIdentity, Origin, Protocol, Reserved, RuleRef};
 use http::{HeaderMap, HeaderName};
 use regex::Regex;
@@ -170,6 +170,7 @@ pub struct Parties {
 #[derive(Debug)]
 pub struct CompiledPolicy {
     policy: ProxyPolicy,
+    addresses: AddressIndex,
     /// Compiled per rule, so every set of rules a `Proxy` verdict names shares them.
     rules: BTreeMap<RuleRef, CompiledRule>,
 }
@@ -189,7 +190,11 @@ impl CompiledPolicy {
                 (*r, compiled)
             })
             .collect();
-        CompiledPolicy { policy, rules }
+        CompiledPolicy {
+            addresses: AddressIndex::new(&policy),
+            policy,
+            rules,
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -208,15 +213,15 @@ impl CompiledPolicy {
             Direction::Egress => (src, dst),
             Direction::Ingress => (dst, src),
         };
-        let subject = self.policy.endpoint(local);
+        let subject = self.addresses.endpoint(local);
         let peer = match (ctx.direction, ctx.source_identity) {
             (Direction::Ingress, Some(id)) => id,
-            _ => self.policy.identity_of(remote),
+            _ => self.addresses.identity_of(remote),
         };
         let source = match ctx.direction {
             // The source of an egress connection is the local endpoint; one this node does not
             // enforce on still has its ipcache identity.
-            Direction::Egress => subject.unwrap_or_else(|| self.policy.identity_of(src)),
+            Direction::Egress => subject.unwrap_or_else(|| self.addresses.identity_of(src)),
             Direction::Ingress => peer,
         };
         Parties {
