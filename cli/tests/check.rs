@@ -359,6 +359,28 @@ const CORPUS_ERRORS: &[(&str, &[&str])] = &[
     ("l7/http/http.yaml", &["cnpc::unknown-field"]),
 ];
 
+/// `cnpc check` on one corpus file, which must not crash: its JSON report and its error codes,
+/// sorted.
+fn check_corpus_file(f: &Path, name: &str) -> (Value, Vec<String>) {
+    let run = cnpc(&["check", f.to_str().unwrap(), "--format", "json"]);
+    assert!(
+        run.code == 0 || run.code == 1,
+        "{name}: exit {} (crash?)\n{}",
+        run.code,
+        run.stderr
+    );
+    let report = json(&run);
+    let mut errors: Vec<String> = report["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["severity"] == "error")
+        .map(|d| d["code"].as_str().unwrap().to_string())
+        .collect();
+    errors.sort();
+    (report, errors)
+}
+
 /// Errors cnpc reports in ../shared/corpus/wild (policies from public repositories, byte for
 /// byte), each a genuine defect for current Cilium. Every other file checks without an error.
 const WILD_ERRORS: &[(&str, &[&str], &str)] = &[
@@ -470,22 +492,7 @@ fn wild_corpus_reads_without_crash_and_errors_are_genuine() {
     let mut listed = 0;
     for f in &files {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
-        let run = cnpc(&["check", f.to_str().unwrap(), "--format", "json"]);
-        assert!(
-            run.code == 0 || run.code == 1,
-            "{name}: exit {} (crash?)\n{}",
-            run.code,
-            run.stderr
-        );
-        let report = json(&run);
-        let mut errors: Vec<&str> = report["diagnostics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["severity"] == "error")
-            .map(|d| d["code"].as_str().unwrap())
-            .collect();
-        errors.sort();
+        let (report, errors) = check_corpus_file(f, &name);
         let expected = WILD_ERRORS
             .iter()
             .find(|(p, _, _)| *p == name)
@@ -531,22 +538,7 @@ fn corpus_reads_without_crash_and_errors_are_genuine() {
             .unwrap()
             .to_string_lossy()
             .replace('\\', "/");
-        let run = cnpc(&["check", f.to_str().unwrap(), "--format", "json"]);
-        assert!(
-            run.code == 0 || run.code == 1,
-            "{rel}: exit {} (crash?)\n{}",
-            run.code,
-            run.stderr
-        );
-        let report = json(&run);
-        let mut errors: Vec<&str> = report["diagnostics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["severity"] == "error")
-            .map(|d| d["code"].as_str().unwrap())
-            .collect();
-        errors.sort();
+        let (report, errors) = check_corpus_file(f, &rel);
         let expected = CORPUS_ERRORS
             .iter()
             .find(|(p, _)| *p == rel)
