@@ -358,6 +358,19 @@ fn ip_proto(p: Protocol) -> i32 {
 }
 
 /// Bounds check: `if base + end_off > DATA_END goto fail`.
+/// Checks the IPv4 header after the Ethernet header (the fixed header inside the packet,
+/// version 4, IHL at least 5) and leaves its length in bytes in `len`; `tmp` is clobbered.
+fn ipv4_header_len(a: &mut Asm, len: Reg, tmp: Reg, drop: Label) {
+    need(a, DATA, 34, drop);
+    a.load(Size::B, len, DATA, 14);
+    a.mov(tmp, Src::Reg(len))
+        .alu(AluOp::And, tmp, Src::Imm(0xf0))
+        .jump_if(Cond::Ne, tmp, Src::Imm(0x40), drop);
+    a.alu(AluOp::And, len, Src::Imm(0x0f))
+        .jump_if(Cond::Lt, len, Src::Imm(5), drop);
+    a.alu(AluOp::Lsh, len, Src::Imm(2));
+}
+
 fn need(a: &mut Asm, base: Reg, end_off: i32, fail: Label) {
     a.mov(R2, Src::Reg(base))
         .alu(AluOp::Add, R2, Src::Imm(end_off))
@@ -521,14 +534,7 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
 
     // IPv4: R4 = L4 header offset from DATA.
     a.bind(ipv4);
-    need(&mut a, DATA, 34, drop);
-    a.load(Size::B, R3, DATA, 14);
-    a.mov(R4, Src::Reg(R3))
-        .alu(AluOp::And, R4, Src::Imm(0xf0))
-        .jump_if(Cond::Ne, R4, Src::Imm(0x40), drop);
-    a.alu(AluOp::And, R3, Src::Imm(0x0f))
-        .jump_if(Cond::Lt, R3, Src::Imm(5), drop);
-    a.alu(AluOp::Lsh, R3, Src::Imm(2));
+    ipv4_header_len(&mut a, R3, R4, drop);
     a.load(Size::B, PROTO, DATA, 23);
     // Fragment offset (13 bits after the flags): non-zero means no L4 header here.
     a.load(Size::H, R4, DATA, 20)
@@ -1106,15 +1112,8 @@ pub fn proxy_device_program() -> Program {
     a.goto(drop);
 
     a.bind(v4);
-    need(&mut a, DATA, 34, drop);
-    a.load(Size::B, R1, DATA, 14);
-    a.mov(R3, Src::Reg(R1))
-        .alu(AluOp::And, R3, Src::Imm(0xf0))
-        .jump_if(Cond::Ne, R3, Src::Imm(0x40), drop);
-    a.alu(AluOp::And, R1, Src::Imm(0x0f))
-        .jump_if(Cond::Lt, R1, Src::Imm(5), drop);
-    a.alu(AluOp::Lsh, R1, Src::Imm(2))
-        .alu(AluOp::Add, R1, Src::Imm(14));
+    ipv4_header_len(&mut a, R1, R3, drop);
+    a.alu(AluOp::Add, R1, Src::Imm(14));
     a.load(Size::B, R3, DATA, 23)
         .jump_if(Cond::Ne, R3, Src::Imm(6), drop);
     a.load(Size::H, R3, DATA, 20)
