@@ -446,7 +446,9 @@ impl Loader {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-                self.proxy_policy = Some(g.proxy.clone());
+                // Kept as the generation built it, to compare the next one with.
+                proxy.generation = g.proxy.generation;
+                self.proxy_policy = Some(proxy);
                 let waited = Instant::now();
                 report.proxy_acknowledged = crate::l7::await_acknowledgement(
                     path,
