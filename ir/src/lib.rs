@@ -43,6 +43,26 @@ entity_impl!(EndpointRef, "ep");
 #[serde(transparent)]
 pub struct NumericIdentity(pub u32);
 
+/// First identity of addresses learned from DNS (`cnpc_ir::FqdnIdentity`): local scope like
+/// the CIDR identities, which count up from `1 << 24`, in a range of its own so the numbers a
+/// running loader hands out never collide with the CIDR identities a recompile renumbers.
+pub const FIRST_FQDN_IDENTITY: u32 = 0x0180_0000;
+
+/// The identity of addresses learned from DNS answers. Cilium labels such an address with the
+/// `fqdn:` selectors matching the names it was learned for, beside the `cidr:` labels of its
+/// prefixes (pkg/ipcache metadata), so toFQDNs and CIDR rules both select it: here, the
+/// selectors and the longest CIDR prefix of the policies holding the address (whether a CIDR
+/// rule matches depends only on that prefix, as for CIDR identities).
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct FqdnIdentity {
+    pub numeric: NumericIdentity,
+    /// Sorted, without repeats, never empty.
+    pub selectors: Vec<DnsMatcher>,
+    pub cidr: Option<IpNet>,
+}
+
 /// Reserved identities with Cilium's numbers (pkg/identity/numericidentity.go).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reserved {

@@ -34,6 +34,12 @@ use std::net::IpAddr;
 ///   cluster identities below 65,536). A destination endpoint's ingress program takes the
 ///   source identity from that mark instead of the ipcache (which would say "host"), and passes
 ///   traffic its own ingress proxy already judged.
+///
+/// DNS (issue 10) uses the egress port too: UDP on [`EGRESS_PROXY_PORT`] is the DNS proxy
+/// (the only L7 protocol cnpc proxies over UDP), and a TCP connection the egress listener
+/// accepts is DNS or HTTP by the L7 rules of its table row (Cilium, too, refuses HTTP and DNS
+/// rules on one port). The datapath therefore needs no per-row proxy kind. The UDP listener is
+/// transparent with `IP_RECVORIGDSTADDR`: the original destination comes with each datagram.
 pub mod contract {
     pub const EGRESS_PROXY_PORT: u16 = 15001;
     pub const INGRESS_PROXY_PORT: u16 = 15002;
@@ -67,6 +73,52 @@ pub struct ProxyPolicy {
     pub tables: Vec<DecisionTable>,
     /// Every rule a `Proxy` verdict of `tables` names, by its [`RuleRef`].
     pub rules: BTreeMap<RuleRef, ProxyRule>,
+    /// Every toFQDNs selector of the generation: the DNS proxy asks the loader to learn the
+    /// addresses of a name only when one of these matches it.
+    #[serde(default)]
+    pub fqdn_selectors: Vec<crate::DnsMatcher>,
+    /// Addresses learned from DNS answers and their FQDN identities, as in the datapath's
+    /// `fqdn` map when the loader wrote this file. The datapath looks them up after the host
+    /// entries (endpoints, nodes) and before the prefixes; [`AddressIndex`] does the same.
+    #[serde(default)]
+    pub learned: Vec<(IpAddr, NumericIdentity)>,
+}
+
+/// The DNS proxy's request to the loader (one JSON object per line on the loader's learning
+/// socket, `fqdn.sock` in its state directory): the addresses an allowed answer gave for
+/// `name` (its A/AAAA records, reached from the question through the answer's CNAME chain).
+/// The proxy holds the answer until the reply comes (or its bound passes), so the pod's first
+/// packet to an address finds it in the datapath.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnRequest {
+    /// Echoed in the reply.
+    pub id: u64,
+    /// The question's name, lower case, without the trailing dot.
+    pub name: String,
+    /// The endpoint that asked (for events and, later, per-endpoint caches).
+    pub source: IpAddr,
+    pub addresses: Vec<LearnedAddress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedAddress {
+    pub ip: IpAddr,
+    /// The record's TTL in seconds (the loader applies its minimum).
+    pub ttl: u32,
+}
+
+/// The loader's answer to a [`LearnRequest`]: `ok` once the datapath holds the addresses;
+/// `identities` are what it gave them (an address that is an endpoint or node keeps that
+/// identity and is not listed).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnReply {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(default)]
+    pub identities: Vec<(IpAddr, NumericIdentity)>,
+    /// Why not, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The address lookups of a [`ProxyPolicy`], indexed once per generation: a proxy asks them
@@ -74,6 +126,8 @@ pub struct ProxyPolicy {
 #[derive(Clone, Debug, Default)]
 pub struct AddressIndex {
     endpoints: HashMap<IpAddr, NumericIdentity>,
+    /// Addresses learned from DNS ([`ProxyPolicy::learned`]).
+    learned: HashMap<IpAddr, NumericIdentity>,
     /// Host entries (/32, /128): always the longest prefix for their address.
     hosts: HashMap<IpAddr, NumericIdentity>,
     /// The other prefixes, shortest first (later entries win among equal lengths).
@@ -102,6 +156,7 @@ impl AddressIndex {
         prefixes.sort_by_key(|(net, _)| net.prefix_len());
         AddressIndex {
             endpoints,
+            learned: policy.learned.iter().copied().collect(),
             hosts,
             prefixes,
         }
@@ -112,11 +167,17 @@ impl AddressIndex {
         self.endpoints.get(&ip).copied()
     }
 
-    /// The identity the datapath gives `ip`: the longest ipcache prefix holding it, else the
-    /// world (gen.rs: "a miss is the world"; the datapath, too, looks host entries up first).
+    /// Records an address the loader learned after this index was built (a [`LearnReply`]).
+    pub fn learn(&mut self, ip: IpAddr, identity: NumericIdentity) {
+        self.learned.insert(ip, identity);
+    }
+
+    /// The identity the datapath gives `ip`: a host entry, else a learned address, else the
+    /// longest ipcache prefix holding it, else the world (gen.rs: "a miss is the world").
     pub fn identity_of(&self, ip: IpAddr) -> NumericIdentity {
         self.hosts
             .get(&ip)
+            .or_else(|| self.learned.get(&ip))
             .or_else(|| {
                 self.prefixes
                     .iter()
@@ -127,6 +188,22 @@ impl AddressIndex {
             .copied()
             .unwrap_or(Reserved::World.numeric())
     }
+}
+
+/// Every toFQDNs selector of `program`'s rules, sorted, without repeats.
+pub fn fqdn_selectors(program: &Program) -> Vec<crate::DnsMatcher> {
+    let mut out: Vec<crate::DnsMatcher> = program
+        .rules
+        .values()
+        .flat_map(|r| &r.peers)
+        .filter_map(|p| match p {
+            crate::Peer::Fqdn(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// What applies to one proxied connection: allow everything, deny everything, or judge each
@@ -182,6 +259,8 @@ impl ProxyPolicy {
             ipcache: ipcache.to_vec(),
             tables: tables.to_vec(),
             rules,
+            fqdn_selectors: fqdn_selectors(program),
+            learned: Vec::new(),
         }
     }
 
