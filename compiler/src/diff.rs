@@ -61,11 +61,11 @@ fn representative(
     universe: &[PeerIdentity],
     p: &PeerIdentity,
 ) -> Option<(String, Party)> {
-    if let Some(net) = p.cidr {
+    if let (Some(net), true) = (p.cidr, p.fqdn.is_empty()) {
         let lpm = |ip: IpAddr| {
             universe
                 .iter()
-                .filter(|q| q.cidr.is_some_and(|c| c.contains(&ip)))
+                .filter(|q| q.fqdn.is_empty() && q.cidr.is_some_and(|c| c.contains(&ip)))
                 .max_by_key(|q| q.cidr.map(|c| c.prefix_len()))
                 .map(|q| q.numeric)
         };
@@ -78,7 +78,11 @@ fn representative(
             world_party(program, format!("{net}"), ip, None),
         ));
     }
-    if let Some(m) = &p.fqdn {
+    if let Some(m) = p
+        .fqdn
+        .first()
+        .filter(|_| p.fqdn.len() == 1 && p.cidr.is_none())
+    {
         let name = match m {
             DnsMatcher::Name(n) => n.clone(),
             DnsMatcher::Pattern(pat) if pat == "*" => "any.example".to_string(),

@@ -304,14 +304,21 @@ fn peer_name(program: &Program, universe: &[PeerIdentity], n: cnpc_ir::NumericId
     let Some(p) = universe.iter().find(|p| p.numeric == n) else {
         return "?".into();
     };
+    if !p.fqdn.is_empty() {
+        let names: Vec<String> = p
+            .fqdn
+            .iter()
+            .map(|m| match m {
+                cnpc_ir::DnsMatcher::Name(s) | cnpc_ir::DnsMatcher::Pattern(s) => {
+                    format!("fqdn:{s}")
+                }
+            })
+            .chain(p.cidr.map(|c| format!("cidr:{c}")))
+            .collect();
+        return names.join(",");
+    }
     if let Some(c) = p.cidr {
         return format!("cidr:{c}");
-    }
-    if let Some(m) = &p.fqdn {
-        return match m {
-            cnpc_ir::DnsMatcher::Name(s) => format!("fqdn:{s}"),
-            cnpc_ir::DnsMatcher::Pattern(s) => format!("fqdn:{s}"),
-        };
     }
     p.labels.to_strings().join(",")
 }

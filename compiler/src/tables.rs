@@ -5,8 +5,12 @@
 //! The peer universe: every reserved and cluster identity; one CIDR identity (local scope, from
 //! 1<<24) per distinct prefix named by a CIDR rule, since under longest-prefix lookup whether a
 //! CIDR rule (with its excepts) matches an address depends only on the longest of those
-//! prefixes that contains it; and one FQDN identity per DNS matcher (Cilium gives addresses
-//! learned from DNS identities labelled by the selectors that match their names).
+//! prefixes that contains it; and FQDN identities for addresses learned from DNS
+//! ([`FqdnIdentity`]: the toFQDNs selectors matching the names an address was learned for, and
+//! the longest of those prefixes holding it, as Cilium labels such an address with both its
+//! `fqdn:` and `cidr:` labels). Without a node's learned state (`cnpc compile`, `tables`,
+//! `diff`) there is one per selector, alone and outside every prefix
+//! ([`default_fqdn_identities`]); a loader passes the ones its learned addresses need.
 //!
 //! Named ports resolve per identity: against the subject's endpoints on ingress and the peer's
 //! endpoints on egress (the union over endpoints of that identity).
@@ -14,6 +18,7 @@
 use crate::eval::{DirVerdict, Party};
 use cnpc_ir::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 /// First local-scope identity (pkg/identity: LocalIdentityFlag).
 pub const FIRST_LOCAL_IDENTITY: u32 = 1 << 24;
@@ -24,9 +29,11 @@ pub struct PeerIdentity {
     pub numeric: NumericIdentity,
     pub labels: LabelSet,
     /// For CIDR identities, the prefix; an address belongs to the longest one containing it.
+    /// For FQDN identities, the longest policy prefix holding their addresses, if any.
     pub cidr: Option<IpNet>,
-    /// For FQDN identities, the matcher.
-    pub fqdn: Option<DnsMatcher>,
+    /// For FQDN identities, the selectors matching their names (never empty); empty for every
+    /// other identity.
+    pub fqdn: Vec<DnsMatcher>,
     pub named_ports: Vec<(String, Protocol, u16)>,
 }
 
@@ -38,6 +45,80 @@ pub fn peer_universe(program: &Program) -> Vec<PeerIdentity> {
 /// The peer identities of `program`'s cluster together with the CIDR and FQDN peers named by
 /// any of `rule_sources` (for comparing two policy versions over one cluster).
 pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<PeerIdentity> {
+    let fqdn = default_fqdn_identities(rule_sources);
+    peer_universe_with(program, rule_sources, &fqdn)
+}
+
+/// Every toFQDNs selector of `programs`, sorted, without repeats.
+pub fn fqdn_selectors(programs: &[&Program]) -> Vec<DnsMatcher> {
+    let mut out: Vec<DnsMatcher> = programs
+        .iter()
+        .flat_map(|p| cnpc_ir::proxy::fqdn_selectors(p))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One FQDN identity per selector, alone and outside every CIDR prefix, numbered from
+/// [`FIRST_FQDN_IDENTITY`] in selector order: the universe when no node has learned anything.
+pub fn default_fqdn_identities(programs: &[&Program]) -> Vec<FqdnIdentity> {
+    fqdn_selectors(programs)
+        .into_iter()
+        .zip(FIRST_FQDN_IDENTITY..)
+        .map(|(m, n)| FqdnIdentity {
+            numeric: NumericIdentity(n),
+            selectors: vec![m],
+            cidr: None,
+        })
+        .collect()
+}
+
+/// The CIDR prefixes the rules of `rule_sources` name (with their excepts): the prefixes of
+/// the CIDR identities, and the ones an FQDN identity's `cidr` is chosen from.
+pub fn cidr_prefixes(rule_sources: &[&Program]) -> BTreeSet<IpNet> {
+    let mut prefixes = BTreeSet::new();
+    for rule in rule_sources.iter().flat_map(|p| p.rules.values()) {
+        for p in &rule.peers {
+            if let Peer::Cidr { net, except } = p {
+                prefixes.insert(*net);
+                prefixes.extend(except.iter().map(|e| e.trunc()));
+            }
+        }
+    }
+    prefixes
+}
+
+/// The FQDN identity key of an address learned for `names`: the `selectors` matching any of
+/// them, and the longest of `prefixes` holding `ip`. `None` when no selector matches.
+pub fn fqdn_key<'n>(
+    selectors: &[DnsMatcher],
+    prefixes: &BTreeSet<IpNet>,
+    names: impl IntoIterator<Item = &'n str> + Clone,
+    ip: IpAddr,
+) -> Option<(Vec<DnsMatcher>, Option<IpNet>)> {
+    let matching: Vec<DnsMatcher> = selectors
+        .iter()
+        .filter(|m| names.clone().into_iter().any(|n| m.matches(n)))
+        .cloned()
+        .collect();
+    if matching.is_empty() {
+        return None;
+    }
+    let cidr = prefixes
+        .iter()
+        .filter(|net| net.contains(&ip))
+        .max_by_key(|net| net.prefix_len())
+        .copied();
+    Some((matching, cidr))
+}
+
+/// [`peer_universe_of`] with the given FQDN identities instead of the default ones.
+pub fn peer_universe_with(
+    program: &Program,
+    rule_sources: &[&Program],
+    fqdn: &[FqdnIdentity],
+) -> Vec<PeerIdentity> {
     let mut out = Vec::new();
     for (r, id) in program.identities.iter() {
         let mut named_ports: Vec<(String, Protocol, u16)> = program
@@ -52,26 +133,11 @@ pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<Pee
             numeric: id.numeric,
             labels: id.labels.clone(),
             cidr: None,
-            fqdn: None,
+            fqdn: Vec::new(),
             named_ports,
         });
     }
-    let mut prefixes = BTreeSet::new();
-    let mut matchers = BTreeSet::new();
-    for rule in rule_sources.iter().flat_map(|p| p.rules.values()) {
-        for p in &rule.peers {
-            match p {
-                Peer::Cidr { net, except } => {
-                    prefixes.insert(*net);
-                    prefixes.extend(except.iter().map(|e| e.trunc()));
-                }
-                Peer::Fqdn(m) => {
-                    matchers.insert(m.clone());
-                }
-                _ => {}
-            }
-        }
-    }
+    let prefixes = cidr_prefixes(rule_sources);
     let mut next = FIRST_LOCAL_IDENTITY;
     let world = |extra: (&str, &str)| {
         let mut l = LabelSet::default();
@@ -84,23 +150,30 @@ pub fn peer_universe_of(program: &Program, rule_sources: &[&Program]) -> Vec<Pee
             numeric: NumericIdentity(next),
             labels: world(("cidr", &net.to_string())),
             cidr: Some(net),
-            fqdn: None,
+            fqdn: Vec::new(),
             named_ports: Vec::new(),
         });
         next += 1;
     }
-    for m in matchers {
-        let text = match &m {
-            DnsMatcher::Name(n) | DnsMatcher::Pattern(n) => n.clone(),
-        };
+    for f in fqdn {
+        let mut labels = LabelSet::default();
+        labels.insert("reserved", "world", "");
+        for m in &f.selectors {
+            let text = match m {
+                DnsMatcher::Name(n) | DnsMatcher::Pattern(n) => n.as_str(),
+            };
+            labels.insert("fqdn", text, "");
+        }
+        if let Some(net) = f.cidr {
+            labels.insert("cidr", &net.to_string(), "");
+        }
         out.push(PeerIdentity {
-            numeric: NumericIdentity(next),
-            labels: world(("fqdn", &text)),
-            cidr: None,
-            fqdn: Some(m),
+            numeric: f.numeric,
+            labels,
+            cidr: f.cidr,
+            fqdn: f.selectors.clone(),
             named_ports: Vec::new(),
         });
-        next += 1;
     }
     out.sort_by_key(|p| p.numeric);
     out
@@ -132,6 +205,7 @@ pub fn ipcache_entries(
     out.extend(
         universe
             .iter()
+            .filter(|p| p.fqdn.is_empty())
             .filter_map(|p| Some((p.cidr?, p.numeric)))
             .filter(|(net, _)| !addresses.contains(net)),
     );
@@ -144,20 +218,36 @@ pub fn ipcache_entries(
 pub fn peer_of(universe: &[PeerIdentity], party: &Party) -> Option<NumericIdentity> {
     if party.world {
         if let Some(name) = &party.fqdn {
-            // Only a name matched by exactly one matcher has a single identity here.
-            let mut hits = universe
-                .iter()
-                .filter(|p| p.fqdn.as_ref().is_some_and(|m| m.matches(name)));
-            return match (hits.next(), hits.next()) {
-                (Some(p), None) => Some(p.numeric),
-                (None, _) => Some(Reserved::World.numeric()),
-                _ => None,
+            // The identity the node gives an address learned for this name: the selectors
+            // matching it, with the prefix holding the address (when one is given).
+            let selectors: Vec<DnsMatcher> = {
+                let mut all: Vec<DnsMatcher> = universe
+                    .iter()
+                    .flat_map(|p| p.fqdn.iter().cloned())
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
             };
+            let prefixes: BTreeSet<IpNet> = universe
+                .iter()
+                .filter(|p| p.fqdn.is_empty())
+                .filter_map(|p| p.cidr)
+                .collect();
+            let unspecified = IpAddr::from([0u8, 0, 0, 0]);
+            let ip = party.ip.unwrap_or(unspecified);
+            if let Some((matching, cidr)) = fqdn_key(&selectors, &prefixes, [name.as_str()], ip) {
+                let cidr = if party.ip.is_some() { cidr } else { None };
+                return universe
+                    .iter()
+                    .find(|p| p.fqdn == matching && p.cidr == cidr)
+                    .map(|p| p.numeric);
+            }
         }
         if let Some(ip) = party.ip {
             let best = universe
                 .iter()
-                .filter(|p| p.cidr.is_some_and(|c| c.contains(&ip)))
+                .filter(|p| p.fqdn.is_empty() && p.cidr.is_some_and(|c| c.contains(&ip)))
                 .max_by_key(|p| p.cidr.map(|c| c.prefix_len()));
             return Some(best.map_or(Reserved::World.numeric(), |p| p.numeric));
         }
@@ -175,7 +265,7 @@ fn peer_matches(peer: &Peer, p: &PeerIdentity) -> bool {
         Peer::Cidr { net, except } => p
             .cidr
             .is_some_and(|c| net.contains(&c) && !except.iter().any(|e| e.contains(&c))),
-        Peer::Fqdn(m) => p.fqdn.as_ref() == Some(m),
+        Peer::Fqdn(m) => p.fqdn.contains(m),
     }
 }
 
@@ -534,8 +624,18 @@ struct TableInputs {
 }
 
 impl TableCompiler {
-    pub fn new<'p>(program: &'p Program) -> TableCompiler {
-        let universe = peer_universe(program);
+    pub fn new(program: &Program) -> TableCompiler {
+        TableCompiler::with_universe(program, peer_universe(program))
+    }
+
+    /// A compiler over `program` whose FQDN identities are `fqdn` (a node's learned
+    /// addresses need, see [`FqdnIdentity`]) instead of the default one per selector.
+    pub fn with_fqdn(program: &Program, fqdn: &[FqdnIdentity]) -> TableCompiler {
+        let universe = peer_universe_with(program, &[program], fqdn);
+        TableCompiler::with_universe(program, universe)
+    }
+
+    fn with_universe<'p>(program: &'p Program, universe: Vec<PeerIdentity>) -> TableCompiler {
         let n = universe.len();
         let index = LabelIndex::new(universe.iter().map(|p| &p.labels).collect());
         // Many rules name the same selector (an entity, a namespace): match each once.
@@ -883,7 +983,7 @@ impl TableSet {
                     numeric: new_numeric,
                     labels: id.labels.clone(),
                     cidr: None,
-                    fqdn: None,
+                    fqdn: Vec::new(),
                     named_ports: named(&self.program, new),
                 };
                 let i = self.peers.universe.len() as u32;
