@@ -9,7 +9,7 @@ use cnpc_compiler::eval::{self, Flow, HttpRequest};
 use cnpc_compiler::{check, lower, report, Cluster, PolicySet};
 use cnpc_ir::Protocol;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -73,6 +73,10 @@ enum Command {
         engine: Engine,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
         output: TraceFormat,
+        /// Where `fqdn:NAME` peers without an address find the addresses a node learned:
+        /// a loader's `fqdn.json` (default: /run/cnpc/fqdn.json).
+        #[arg(long, value_name = "FILE")]
+        fqdn_cache: Option<PathBuf>,
     },
     /// Show which (source, destination, port) verdicts a policy change flips.
     Diff {
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             engine,
             output,
             identities,
+            fqdn_cache,
         } => {
             let request = http.map(|v| HttpRequest {
                 method: v[0].clone(),
@@ -216,6 +221,7 @@ fn main() -> ExitCode {
                 engine,
                 output,
                 identities,
+                fqdn_cache,
             };
             run_trace(args)
         }
@@ -356,6 +362,7 @@ fn fail(e: impl Into<miette::Report>) -> ExitCode {
 
 struct TraceArgs {
     identities: Option<PathBuf>,
+    fqdn_cache: Option<PathBuf>,
     paths: Vec<PathBuf>,
     cluster: Vec<PathBuf>,
     from: String,
@@ -378,6 +385,33 @@ fn parse_dport(s: &str) -> Option<(u16, Protocol)> {
     Some((port.parse().ok()?, Protocol::parse(proto)?))
 }
 
+/// `fqdn:NAME` (no address) becomes `fqdn:NAME=ADDRESS` with the lowest address a node
+/// learned for NAME and has not let expire (a loader's `fqdn.json`); other peers are kept.
+fn learned_peer(spec: &str, cache: Option<&Path>) -> Result<String, String> {
+    let Some(name) = spec.strip_prefix("fqdn:").filter(|n| !n.contains('=')) else {
+        return Ok(spec.to_string());
+    };
+    let path = cache.unwrap_or(Path::new("/run/cnpc/fqdn.json"));
+    if !path.exists() {
+        return Err(format!(
+            "--from/--to `{spec}`: no learned addresses at {} (a node's loader writes them to \
+             fqdn.json in its state directory): pass --fqdn-cache FILE or write \
+             fqdn:{name}=ADDRESS",
+            path.display()
+        ));
+    }
+    let state = cnpc_runtime_loader::fqdn::FqdnState::load(path, 0).map_err(|e| e.to_string())?;
+    let now = cnpc_runtime_loader::fqdn::now();
+    match state.addresses_of(name, now).first() {
+        Some(ip) => Ok(format!("fqdn:{name}={ip}")),
+        None => Err(format!(
+            "--from/--to `{spec}`: {} holds no unexpired address for {name}: write \
+             fqdn:{name}=ADDRESS",
+            path.display()
+        )),
+    }
+}
+
 fn run_trace(a: TraceArgs) -> ExitCode {
     let Some((port, protocol)) = parse_dport(&a.dport) else {
         return usage(&format!(
@@ -390,8 +424,15 @@ fn run_trace(a: TraceArgs) -> ExitCode {
         Err(code) => return code,
     };
     let cluster = report.cluster.as_ref().expect("loaded by load_checked");
+    let (from, to) = match (
+        learned_peer(&a.from, a.fqdn_cache.as_deref()),
+        learned_peer(&a.to, a.fqdn_cache.as_deref()),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return usage(&e),
+    };
     let party = |spec: &str| eval::parse_peer(&program, cluster, spec);
-    let (src, dst) = match (party(&a.from), party(&a.to)) {
+    let (src, dst) = match (party(&from), party(&to)) {
         (Ok(s), Ok(d)) => (s, d),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };

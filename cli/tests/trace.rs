@@ -552,3 +552,76 @@ fn bpf_engine_takes_node_addresses_for_host_and_remote_node() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `fqdn:NAME` without an address takes what a node learned (issue 10, item 4): the loader's
+/// `fqdn.json`, written here through the loader's own code; an unknown name is a usage error.
+#[test]
+fn fqdn_peers_take_the_addresses_a_node_learned() {
+    use cnpc_ir::proxy::{LearnRequest, LearnedAddress};
+    use cnpc_runtime_loader::fqdn::{self, FqdnState, FqdnView};
+    let dir = std::env::temp_dir().join(format!("cnpc-trace-fqdn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("fqdn.json");
+    let mut state = FqdnState::new(0);
+    let learn = |state: &mut FqdnState, name: &str, ip: &str| {
+        let req = LearnRequest {
+            id: 1,
+            name: name.into(),
+            source: "10.0.1.40".parse().unwrap(),
+            addresses: vec![LearnedAddress {
+                ip: ip.parse().unwrap(),
+                ttl: 3600,
+            }],
+        };
+        state.learn(&req, &FqdnView::default(), fqdn::now());
+    };
+    learn(&mut state, "api.github.com", "140.82.112.5");
+    learn(&mut state, "support.github.com", "140.82.112.6");
+    state.save(&cache).unwrap();
+    let cache = cache.to_str().unwrap();
+    let to = |name: &str| {
+        trace(
+            "policies/dns/match-name",
+            &[
+                "--from",
+                "pod:default/mediabot",
+                "--to",
+                &format!("fqdn:{name}"),
+                "--dport",
+                "443",
+                "--fqdn-cache",
+                cache,
+            ],
+        )
+    };
+    let (code, v) = to("api.github.com");
+    assert_eq!((code, &v["verdict"]), (0, &Value::from("allowed")), "{v:#}");
+    let (code, v) = to("support.github.com");
+    assert_eq!((code, &v["verdict"]), (0, &Value::from("denied")), "{v:#}");
+    // Never learned: exit 2 with a message naming the file and the way out.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cnpc"))
+        .args([
+            "trace",
+            "policies/dns/match-name",
+            "--cluster",
+            "policies/cluster.yaml",
+        ])
+        .args([
+            "--from",
+            "pod:default/mediabot",
+            "--to",
+            "fqdn:nowhere.example",
+        ])
+        .args(["--dport", "443", "--fqdn-cache", cache])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("fqdn:nowhere.example=ADDRESS") && stderr.contains(cache),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,6 +7,9 @@
 //!                          whose programs are identical share one file
 //! DIR/maps/ipcache.bin     the ipcache's prefixes: records of key (24 bytes) then value (4 bytes)
 //! DIR/maps/ipcache_hosts.bin  its host addresses: key (20 bytes) then value (4 bytes)
+//! DIR/maps/fqdn.bin        addresses learned from DNS: empty at compile time (the loader fills
+//!                          the node's shared map at run time), listed so every map the
+//!                          programs read has an entry and an image
 //! DIR/maps/<name>.bin      images of the maps large tables are decided with (`cls_*`, `rul_*`)
 //! ```
 //!
@@ -20,6 +23,7 @@ use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Program};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,13 @@ pub fn ipcache_key(net: IpNet) -> [u8; 24] {
         }
     }
     k
+}
+
+/// The key of an address in the host map ([`gen::HOSTS_MAP`]) and in the map of addresses
+/// learned from DNS ([`gen::FQDN_MAP`]): `u32 family (4 or 6), u8[16] address` (IPv4 in the
+/// first four bytes), the ipcache key without its prefix length.
+pub fn fqdn_key(ip: IpAddr) -> Vec<u8> {
+    ipcache_key(IpNet::from(ip))[4..].to_vec()
 }
 
 fn map_type_name(t: u32) -> &'static str {
@@ -108,7 +119,9 @@ pub fn ipcache_images(
     for (n, id) in ipcache {
         let key = ipcache_key(*n);
         let value = id.0.to_le_bytes().to_vec();
-        if n.prefix_len() == n.max_prefix_len() {
+        // Endpoints and nodes only: a CIDR rule's /32 (a local-scope identity) goes to the
+        // trie, after the learned addresses (gen::HOSTS_MAP).
+        if n.prefix_len() == n.max_prefix_len() && id.0 < cnpc_ir::FIRST_LOCAL_IDENTITY {
             hosts.push((key[4..].to_vec(), value));
         } else {
             prefixes.push((key.to_vec(), value));
@@ -217,6 +230,12 @@ pub fn render(
             Some(("maps/ipcache_hosts.bin".into(), hosts.len())),
         ),
         map_entry(
+            shared_def(gen::FQDN_MAP),
+            "u32 family (4 or 6), u8[16] address",
+            "u32 FQDN identity",
+            Some(("maps/fqdn.bin".into(), 0)),
+        ),
+        map_entry(
             shared_def(gen::CT_MAP),
             "u8[16] local address, u8[16] peer address, be16 local port, be16 peer port, u8 protocol, u8 family, u16 zero",
             "u32 opened by (1 the endpoint, 2 a peer), u32 flags (1 proxied)",
@@ -237,6 +256,7 @@ pub fn render(
     ];
     files.insert("maps/ipcache.bin".into(), image_bytes(&entries));
     files.insert("maps/ipcache_hosts.bin".into(), image_bytes(&hosts));
+    files.insert("maps/fqdn.bin".into(), Vec::new());
     for (name, m) in &own_maps {
         let path = format!("maps/{name}.bin");
         map_entries.push(map_entry(

@@ -767,6 +767,49 @@ mod tests {
         assert!(e.iter().any(|e| e.contains("takes a socket")), "{e:?}");
     }
 
+    /// The egress handoff's shape (gen.rs, `sock_assign`): one set of arguments, then
+    /// `bpf_sk_lookup_udp` or `bpf_sk_lookup_tcp` by protocol, joined before the null check.
+    /// The two lookups' references are one from the join on: released once, on every path.
+    #[test]
+    fn either_lookup_joins_into_one_reference() {
+        let program = |release: bool| {
+            let mut a = Asm::new();
+            let tcp = a.label();
+            let found = a.label();
+            let none = a.label();
+            a.mov(R6, Src::Reg(R1)).mov(R9, Src::Imm(17));
+            a.store(Size::DW, R10, -16, Src::Imm(0))
+                .store(Size::W, R10, -8, Src::Imm(0));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(-16))
+                .mov(R3, Src::Imm(12))
+                .mov(R4, Src::Imm(-1))
+                .mov(R5, Src::Imm(0));
+            a.jump_if(Cond::Ne, R9, Src::Imm(17), tcp);
+            a.call(SK_LOOKUP_UDP).goto(found);
+            a.bind(tcp);
+            a.call(SK_LOOKUP_TCP);
+            a.bind(found);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+            a.mov(R7, Src::Reg(R0));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R7))
+                .mov(R3, Src::Imm(0))
+                .call(SK_ASSIGN);
+            if release {
+                a.mov(R1, Src::Reg(R7)).call(SK_RELEASE);
+            }
+            a.bind(none);
+            a.ret(0);
+            a
+        };
+        assert_eq!(errors(program(true)), Vec::<String>::new());
+        let e = errors(program(false));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("not released on some path"), "{e:?}");
+    }
+
     #[test]
     fn unbound_labels_are_an_error() {
         let mut a = Asm::new();

@@ -2,8 +2,14 @@
 //!
 //! The program parses Ethernet, IPv4 (any header length) or IPv6 (skipping hop-by-hop, routing,
 //! destination-options and fragment headers, up to [`MAX_EXT_HEADERS`]), and the L4 header; finds
-//! the peer's identity in the ipcache (the [`HOSTS_MAP`] hash, then the `ipcache` LPM trie; a
-//! miss is the world); decides with the table;
+//! the peer's identity: the [`HOSTS_MAP`] hash (endpoints, nodes, /32 and /128 CIDRs), then the
+//! [`FQDN_MAP`] hash (addresses learned from DNS, shared by every generation), then the
+//! `ipcache` LPM trie (prefixes); a miss is the world. Host entries come first so that an
+//! endpoint or node keeps its identity when a name also resolves to it (in Cilium, too, the
+//! ipcache entries FQDN learning writes have the `generated` source, which every other source
+//! overwrites: pkg/source/source.go `AllowOverwrite`); learned addresses come before the
+//! prefixes because their identity already carries the longest CIDR prefix holding them
+//! (`cnpc_ir::FqdnIdentity`). It decides with the table;
 //! and consults the `ct` map so replies of tracked connections pass. Behaviours fixed here, each
 //! tested in the kernel:
 //! - frames that are not IP pass (ARP must work; policy is about IP peers);
@@ -39,6 +45,17 @@
 //!   skipped), then the egress proxy's listener (`bpf_sk_lookup_tcp` with destination port
 //!   [`contract::EGRESS_PROXY_PORT`]; a wildcard listener matches any address), assigns it and
 //!   releases the reference.
+//! - **UDP at egress** (DNS) is handed over the same way to the DNS proxy's UDP socket, as
+//!   Cilium's `assign_socket_udp` (bpf/lib/proxy.h) does: `bpf_sk_lookup_udp` with the packet's
+//!   addresses and destination port [`contract::EGRESS_PROXY_PORT`] (an unconnected socket
+//!   bound to the wildcard address on that port matches), `bpf_sk_assign`, `bpf_sk_release`.
+//!   There is no lookup of the packet's own tuple first: the proxy takes every datagram on that
+//!   one socket, and reads each one's original destination with IP_RECVORIGDSTADDR; the own
+//!   tuple could instead find a node socket on the original port (a DNS server of the node) and
+//!   hand the pod's query to it. The flow is recorded with [`CT_FLAG_PROXIED`] as a TCP
+//!   connection is, so its later datagrams keep going to the proxy, and the answer, which the
+//!   proxy sends from the original destination's address and port, passes the pod's ingress
+//!   program as a reply. UDP at ingress is not proxied (DNS rules exist only on egress).
 //! - **Ingress** programs run at tc egress of the veth, where `bpf_sk_assign` is refused
 //!   (-EOPNOTSUPP). A Proxy verdict sets the mark, or'ed with the peer's identity when it fits
 //!   [`contract::MARK_IDENTITY_MASK`] (0 otherwise: the ingress proxy reads the source identity
@@ -47,10 +64,10 @@
 //!   loader's proxy device, named by the [`PROXY_CONFIG_MAP`] map; there
 //!   [`proxy_device_program`] assigns it to the listener on [`contract::INGRESS_PROXY_PORT`].
 //! - **Fail closed**: no proxy socket, a failed assignment, or no proxy device (ifindex 0)
-//!   drops the packet and emits a drop event (verdict 1, the Proxy row). Only TCP is proxied
-//!   today (HTTP); a Proxy verdict on UDP, SCTP or anything else drops without a handoff (the
-//!   proxy tail marks where a UDP handoff for DNS will branch off). The mark is set either way:
-//!   it says the table proxies the packet.
+//!   drops the packet and emits a drop event (verdict 1, the Proxy row). TCP is proxied in
+//!   both directions and UDP at egress; a Proxy verdict on UDP at ingress, SCTP or anything
+//!   else drops without a handoff. The mark is set either way: it says the table proxies the
+//!   packet.
 //! - **Conntrack**: a connection is recorded only once the proxy has its first packet, with
 //!   [`CT_FLAG_PROXIED`] in the value's flags word. A packet in the opening direction whose
 //!   entry has the flag goes to the proxy whatever the table says now (every tracked program
@@ -117,12 +134,33 @@ pub const WORLD: i32 = 2;
 pub const IPCACHE_KEY_SIZE: u32 = 24;
 pub const IPCACHE_VALUE_SIZE: u32 = 4;
 pub const IPCACHE_MAP: &str = "ipcache";
-/// Host addresses (/32 and /128), the most common ipcache entries, live in a hash map beside
-/// the LPM trie: an exact lookup costs a fraction of a trie walk, and a host entry is always
-/// the longest prefix for its address, so looking there first changes no answer. Key: the
-/// ipcache key without its prefix length (`u32 family, u8[16] address`); value `u32 identity`.
+/// Host addresses (/32 and /128) of endpoints and nodes, the most common ipcache entries, live
+/// in a hash map beside the LPM trie: an exact lookup costs a fraction of a trie walk, and a
+/// host entry is always the longest prefix for its address, so looking there first changes no
+/// answer. A CIDR rule's /32 stays in the trie (its identity is local scope), so an address a
+/// DNS answer taught ([`FQDN_MAP`], looked up in between) gets its FQDN identity, which carries
+/// that prefix too. Key: the ipcache key without its prefix length (`u32 family, u8[16]
+/// address`); value `u32 identity`.
 pub const HOSTS_MAP: &str = "ipcache_hosts";
 pub const HOSTS_KEY_SIZE: u32 = 20;
+/// Addresses learned from DNS answers and their FQDN identities (numbers from
+/// `cnpc_ir::FIRST_FQDN_IDENTITY` up): a hash map with the [`HOSTS_MAP`] key layout (`u32
+/// family, u8[16] address`) and value `u32 identity`. Unlike the ipcache maps, which belong to
+/// a generation, it is shared by every generation, as `ct` is: the loader writes an address
+/// when the DNS proxy learns it and the identity stays the same across generations, so a
+/// generation switch neither forgets learned addresses nor waits for DNS to repeat them.
+/// Looked up after the host entries (an endpoint or node keeps its own identity even when a
+/// name resolves to it) and before the prefixes (an address learned for a name is selected by
+/// its toFQDNs rules, and its identity carries its longest CIDR prefix too).
+///
+/// A value with [`FQDN_ZOMBIE`] set is an address whose names' TTLs ended while connections
+/// to it remain (Cilium's zombies, pkg/fqdn/namemanager): its identity still decides packets of
+/// connections in `ct`, but a packet that would open a new connection is dropped.
+pub const FQDN_MAP: &str = "fqdn";
+/// Entries of the [`FQDN_MAP`]: learned addresses a node holds at once.
+pub const FQDN_MAX_ENTRIES: u32 = 65_536;
+/// The zombie bit of an [`FQDN_MAP`] value (identities are below 2^31).
+pub const FQDN_ZOMBIE: u32 = 1 << 31;
 
 /// The conntrack map: LRU hash, key `u8[16] local address, u8[16] peer address, be16 local
 /// port, be16 peer port, u8 protocol, u8 family (4 or 6), u16 zero`; value `u32 opened by`
@@ -192,6 +230,7 @@ const MAP_UPDATE_ELEM: i32 = 2;
 const REDIRECT: i32 = 23;
 const SKB_CHANGE_TYPE: i32 = 32;
 const SK_LOOKUP_TCP: i32 = 84;
+const SK_LOOKUP_UDP: i32 = 85;
 const SK_RELEASE: i32 = 86;
 const SKC_LOOKUP_TCP: i32 = 99;
 const SK_ASSIGN: i32 = 124;
@@ -230,6 +269,7 @@ const RET: i16 = -108; // u32: the return code on the event path
 const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
 const TUPLE: i16 = -160; // struct bpf_sock_tuple of a socket lookup, 36 bytes
 const HANDOFF_NEW: i16 = -164; // u32: the handoff opens a connection (1) or continues one (0)
+const ZOMBIE: i16 = -168; // u32: the peer is a zombie address (1): no new connections
 
 /// How a program decides, chosen by the table's size; `cnpc verify` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -303,6 +343,14 @@ pub fn shared_maps(ipcache_entries: usize) -> Vec<MapDef> {
             key_size: HOSTS_KEY_SIZE,
             value_size: IPCACHE_VALUE_SIZE,
             max_entries: (ipcache_entries as u32).saturating_mul(2).max(65_536),
+            flags: 0,
+        },
+        MapDef {
+            name: FQDN_MAP.into(),
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: HOSTS_KEY_SIZE,
+            value_size: IPCACHE_VALUE_SIZE,
+            max_entries: FQDN_MAX_ENTRIES,
             flags: 0,
         },
         MapDef {
@@ -694,6 +742,11 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
     a.bind(found);
     a.load(Size::W, R1, R0, 0);
     a.bind(decide);
+    // Only an fqdn map value carries FQDN_ZOMBIE; the tails read it where a connection opens.
+    a.mov(R2, Src::Reg(R1))
+        .alu(AluOp::Rsh, R2, Src::Imm(31))
+        .store(Size::W, R10, ZOMBIE, Src::Reg(R2));
+    a.alu(AluOp::And, R1, Src::Imm(!FQDN_ZOMBIE as i32));
     a.store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
     // R1 = identity, R2 = port, PROTO = protocol.
     a.load(Size::W, R2, R10, PORT);
@@ -713,10 +766,15 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
     }
 }
 
-/// Looks up the address of the ipcache key at KEY: the host map, then the prefixes; jumps to
-/// `found` with r0 at the identity, falls through on a miss.
+/// Looks up the address of the ipcache key at KEY: the host map, then the addresses learned
+/// from DNS, then the prefixes; jumps to `found` with r0 at the identity, falls through on a
+/// miss.
 fn identity_lookup(a: &mut Asm, found: Label) {
-    for (map, key) in [(HOSTS_MAP, KEY + 4), (IPCACHE_MAP, KEY)] {
+    for (map, key) in [
+        (HOSTS_MAP, KEY + 4),
+        (FQDN_MAP, KEY + 4),
+        (IPCACHE_MAP, KEY),
+    ] {
         a.ld_map(R1, map);
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(key)));
@@ -817,10 +875,17 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
         // The mark says the table proxies the packet, whatever becomes of it (as Cilium marks
         // before it looks for the proxy's socket).
         proxy_mark(a, egress);
-        // Only TCP is proxied today (HTTP). DNS over UDP will branch off here to a UDP handoff
-        // (`bpf_sk_lookup_udp` on the DNS proxy's port); until then UDP, SCTP and anything
-        // else a Proxy row covers is dropped, never passed unjudged.
-        a.jump_if(Cond::Ne, PROTO, Src::Imm(6), refused);
+        // TCP (HTTP, DNS over TCP) is handed over in both directions, UDP (DNS) at egress
+        // only: DNS rules exist only on egress, and no ingress proxy takes UDP. Anything else
+        // a Proxy row covers (SCTP, UDP at ingress) is dropped, never passed unjudged.
+        if egress {
+            let handed = a.label();
+            a.jump_if(Cond::Eq, PROTO, Src::Imm(6), handed);
+            a.jump_if(Cond::Ne, PROTO, Src::Imm(17), refused);
+            a.bind(handed);
+        } else {
+            a.jump_if(Cond::Ne, PROTO, Src::Imm(6), refused);
+        }
         if track {
             let new = a.label();
             ct_lookup(a);
@@ -836,6 +901,9 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
             a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(0));
             a.goto(handoff);
             a.bind(new);
+            // Nothing new opens to a zombie peer, through the proxy either.
+            a.load(Size::W, R1, R10, ZOMBIE)
+                .jump_if(Cond::Ne, R1, Src::Imm(0), refused);
             a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(1));
         }
         a.goto(handoff);
@@ -848,6 +916,10 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
         a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(0));
         if track {
             let create = a.label();
+            let zombie = a.label();
+            let refuse = a.label();
+            a.load(Size::W, R1, R10, ZOMBIE)
+                .jump_if(Cond::Ne, R1, Src::Imm(0), zombie);
             untracked(a, ok);
             ct_lookup(a);
             a.jump_if(Cond::Eq, R0, Src::Imm(0), create);
@@ -855,6 +927,16 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
             a.bind(create);
             ct_create(a, opened_here, 0);
             a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
+            a.goto(emit);
+            // A zombie peer: connections in `ct` go on, nothing new opens (ICMP included,
+            // which is never tracked).
+            a.bind(zombie);
+            ct_lookup(a);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), refuse);
+            established(a, ok);
+            a.bind(refuse);
+            a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(1));
+            a.store(Size::W, R10, RET, Src::Imm(TC_ACT_SHOT));
             a.goto(emit);
         } else {
             a.goto(ok);
@@ -985,7 +1067,8 @@ fn proxy_mark(a: &mut Asm, egress: bool) {
 
 /// The egress handoff (tc ingress of the endpoint's veth, where `bpf_sk_assign` is allowed):
 /// the packet's tuple from the conntrack key (local side first is the packet's source here),
-/// then [`sock_assign`] to the egress proxy; RET = TC_ACT_OK, or `refused`.
+/// then [`sock_assign`] to the egress proxy, TCP or UDP by the packet's protocol; RET =
+/// TC_ACT_OK, or `refused`.
 fn egress_handoff(a: &mut Asm, refused: Label) {
     let v6 = a.label();
     let built = a.label();
@@ -1004,7 +1087,7 @@ fn egress_handoff(a: &mut Asm, refused: Label) {
     }
     a.mov(R7, Src::Imm(TUPLE_V6));
     a.bind(built);
-    sock_assign(a, contract::EGRESS_PROXY_PORT, refused);
+    sock_assign(a, contract::EGRESS_PROXY_PORT, true, refused);
     a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
 }
 
@@ -1035,21 +1118,36 @@ fn ingress_handoff(a: &mut Asm, refused: Label) {
 /// socket is found or the assignment fails. Expects the tuple at TUPLE, its size in r7 and the
 /// context in r6; uses r7 and r8, clobbers r0-r5. Every socket reference is released on every
 /// path (the kernel refuses the program otherwise).
-fn sock_assign(a: &mut Asm, port: u16, fail: Label) {
+///
+/// With `udp`, a UDP packet (PROTO 17) goes to the proxy's UDP socket on `port` instead
+/// (`bpf_sk_lookup_udp`, as Cilium's `assign_socket_udp`): an unconnected socket bound to the
+/// wildcard address on that port matches whatever the packet's addresses, and the DNS proxy
+/// reads each datagram's original destination with IP_RECVORIGDSTADDR. Unlike TCP there is no
+/// lookup of the packet's own tuple first: the proxy receives every datagram on that one
+/// socket, and the own tuple could find a socket of the node on the original port (a DNS
+/// server bound to the wildcard address on port 53, say) and hand the pod's query to it,
+/// past the proxy.
+fn sock_assign(a: &mut Asm, port: u16, udp: bool, fail: Label) {
     let listener = a.label();
     let release = a.label();
     let assign = a.label();
     let v6_port = a.label();
     let lookup = a.label();
-    let call_lookup = |a: &mut Asm, helper: i32| {
+    let lookup_args = |a: &mut Asm| {
         a.mov(R1, Src::Reg(CTX));
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(TUPLE)));
         a.mov(R3, Src::Reg(R7))
             .mov(R4, Src::Imm(BPF_F_CURRENT_NETNS))
             .mov(R5, Src::Imm(0));
+    };
+    let call_lookup = |a: &mut Asm, helper: i32| {
+        lookup_args(a);
         a.call(helper);
     };
+    if udp {
+        a.jump_if(Cond::Eq, PROTO, Src::Imm(17), listener);
+    }
     call_lookup(a, SKC_LOOKUP_TCP);
     a.jump_if(Cond::Eq, R0, Src::Imm(0), listener);
     a.mov(R8, Src::Reg(R0));
@@ -1068,7 +1166,21 @@ fn sock_assign(a: &mut Asm, port: u16, fail: Label) {
     a.bind(v6_port);
     a.store(Size::H, R10, TUPLE + 34, Src::Imm(dport));
     a.bind(lookup);
-    call_lookup(a, SK_LOOKUP_TCP);
+    if udp {
+        let tcp = a.label();
+        let found = a.label();
+        // One set of arguments for either lookup: only the helper differs.
+        lookup_args(a);
+        a.jump_if(Cond::Ne, PROTO, Src::Imm(17), tcp);
+        a.call(SK_LOOKUP_UDP);
+        a.goto(found);
+        a.bind(tcp);
+        a.call(SK_LOOKUP_TCP);
+        // Either socket is one reference from here on (released below on every path).
+        a.bind(found);
+    } else {
+        call_lookup(a, SK_LOOKUP_TCP);
+    }
     a.jump_if(Cond::Eq, R0, Src::Imm(0), fail);
     a.mov(R8, Src::Reg(R0));
     a.bind(assign);
@@ -1145,7 +1257,7 @@ pub fn proxy_device_program() -> Program {
     a.mov(R1, Src::Reg(CTX)).mov(R2, Src::Imm(PACKET_HOST));
     a.call(SKB_CHANGE_TYPE);
     a.jump_if(Cond::Ne, R0, Src::Imm(0), drop);
-    sock_assign(&mut a, contract::INGRESS_PROXY_PORT, drop);
+    sock_assign(&mut a, contract::INGRESS_PROXY_PORT, false, drop);
     a.ret(TC_ACT_OK);
     a.bind(drop);
     a.ret(TC_ACT_SHOT);

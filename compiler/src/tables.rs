@@ -20,8 +20,7 @@ use cnpc_ir::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-/// First local-scope identity (pkg/identity: LocalIdentityFlag).
-pub const FIRST_LOCAL_IDENTITY: u32 = 1 << 24;
+pub use cnpc_ir::FIRST_LOCAL_IDENTITY;
 
 /// A possible peer of a flow, as tables see it.
 #[derive(Clone, Debug)]
@@ -138,26 +137,24 @@ pub fn peer_universe_with(
         });
     }
     let prefixes = cidr_prefixes(rule_sources);
-    let mut next = FIRST_LOCAL_IDENTITY;
-    let world = |extra: (&str, &str)| {
+    let world = || {
         let mut l = LabelSet::default();
         l.insert("reserved", "world", "");
-        l.insert(extra.0, extra.1, "");
         l
     };
-    for net in prefixes {
+    for (next, net) in (FIRST_LOCAL_IDENTITY..).zip(prefixes) {
+        let mut labels = world();
+        labels.insert("cidr", &net.to_string(), "");
         out.push(PeerIdentity {
             numeric: NumericIdentity(next),
-            labels: world(("cidr", &net.to_string())),
+            labels,
             cidr: Some(net),
             fqdn: Vec::new(),
             named_ports: Vec::new(),
         });
-        next += 1;
     }
     for f in fqdn {
-        let mut labels = LabelSet::default();
-        labels.insert("reserved", "world", "");
+        let mut labels = world();
         for m in &f.selectors {
             let text = match m {
                 DnsMatcher::Name(n) | DnsMatcher::Pattern(n) => n.as_str(),

@@ -43,6 +43,10 @@ entity_impl!(EndpointRef, "ep");
 #[serde(transparent)]
 pub struct NumericIdentity(pub u32);
 
+/// First local-scope identity (pkg/identity: LocalIdentityFlag): CIDR and FQDN identities,
+/// which only this node's ipcache gives out.
+pub const FIRST_LOCAL_IDENTITY: u32 = 1 << 24;
+
 /// First identity of addresses learned from DNS (`cnpc_ir::FqdnIdentity`): local scope like
 /// the CIDR identities, which count up from `1 << 24`, in a range of its own so the numbers a
 /// running loader hands out never collide with the CIDR identities a recompile renumbers.
@@ -311,8 +315,8 @@ pub enum DnsMatcher {
 
 impl DnsMatcher {
     /// Cilium's semantics (pkg/fqdn/matchpattern): names compare case-insensitively with the
-    /// trailing dot ignored; in a pattern `*` stands for any run of DNS characters within one
-    /// label, and a lone `*` matches every name.
+    /// trailing dot ignored; in a pattern `*` stands for any run of the DNS characters
+    /// `[-a-zA-Z0-9_]` (so never crosses a label), and a lone `*` matches every name.
     pub fn matches(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         match self {
@@ -331,12 +335,14 @@ impl DnsMatcher {
     }
 }
 
-/// `*` matches any bytes except `.`; everything else literally.
+/// `*` matches any run of `[-a-z0-9_]` (names are lower-cased first); everything else
+/// literally.
 fn glob_within_labels(p: &[u8], s: &[u8]) -> bool {
+    let dns_char = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
     match p.split_first() {
         None => s.is_empty(),
         Some((b'*', rest)) => (0..=s.len())
-            .take_while(|&i| i == 0 || s[i - 1] != b'.')
+            .take_while(|&i| i == 0 || dns_char(s[i - 1]))
             .any(|i| glob_within_labels(rest, &s[i..])),
         Some((c, rest)) => s.first() == Some(c) && glob_within_labels(rest, &s[1..]),
     }
@@ -484,6 +490,10 @@ mod tests {
         assert!(DnsMatcher::pattern("*").matches("anything.example.com"));
         assert!(DnsMatcher::name("api.github.com.").matches("API.github.com"));
         assert!(!DnsMatcher::name("api.github.com").matches("x.api.github.com"));
+        // `*` takes only DNS characters (matchpattern: `[-a-zA-Z0-9_]*`), not any byte.
+        assert!(!p.matches("a b.cilium.io"));
+        assert!(!p.matches("a\\046.cilium.io"));
+        assert!(p.matches("a_b-1.cilium.io"));
     }
 }
 

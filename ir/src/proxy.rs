@@ -128,7 +128,8 @@ pub struct AddressIndex {
     endpoints: HashMap<IpAddr, NumericIdentity>,
     /// Addresses learned from DNS ([`ProxyPolicy::learned`]).
     learned: HashMap<IpAddr, NumericIdentity>,
-    /// Host entries (/32, /128): always the longest prefix for their address.
+    /// Host entries (/32, /128) of endpoints and nodes: always the longest prefix for their
+    /// address.
     hosts: HashMap<IpAddr, NumericIdentity>,
     /// The other prefixes, shortest first (later entries win among equal lengths).
     prefixes: Vec<(IpNet, NumericIdentity)>,
@@ -140,17 +141,21 @@ impl AddressIndex {
         for (ip, id) in &policy.endpoints {
             endpoints.entry(*ip).or_insert(*id);
         }
-        let is_host = |net: &IpNet| net.prefix_len() == net.max_prefix_len();
+        // As the datapath's host map: endpoints and nodes; a CIDR rule's /32 (local scope)
+        // is a prefix, looked up after the learned addresses.
+        let is_host = |net: &IpNet, id: &NumericIdentity| {
+            net.prefix_len() == net.max_prefix_len() && id.0 < crate::FIRST_LOCAL_IDENTITY
+        };
         let hosts = policy
             .ipcache
             .iter()
-            .filter(|(net, _)| is_host(net))
+            .filter(|(net, id)| is_host(net, id))
             .map(|(net, id)| (net.addr(), *id))
             .collect();
         let mut prefixes: Vec<(IpNet, NumericIdentity)> = policy
             .ipcache
             .iter()
-            .filter(|(net, _)| !is_host(net))
+            .filter(|(net, id)| !is_host(net, id))
             .copied()
             .collect();
         prefixes.sort_by_key(|(net, _)| net.prefix_len());

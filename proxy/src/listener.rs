@@ -163,7 +163,7 @@ pub async fn accept_loop(listener: TcpListener, direction: Direction, proxy: Pro
         }
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            if let Err(e) = proxy.serve_connection(stream, ctx).await {
+            if let Err(e) = proxy.serve_tcp(stream, ctx).await {
                 tracing::debug!(error = %e, source = %ctx.source, "connection ended");
             }
         });

@@ -30,6 +30,7 @@ use http::{HeaderMap, HeaderName};
 use regex::Regex;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 /// One regex field of an HTTP rule.
 #[derive(Debug)]
@@ -170,7 +171,10 @@ pub struct Parties {
 #[derive(Debug)]
 pub struct CompiledPolicy {
     policy: ProxyPolicy,
-    addresses: AddressIndex,
+    /// Behind a lock because the DNS proxy adds the addresses the loader learned while this
+    /// generation is in force ([`CompiledPolicy::learn`]); every request only reads it, and a
+    /// write is one hash insert, so readers hardly ever wait.
+    addresses: RwLock<AddressIndex>,
     /// Compiled per rule, so every set of rules a `Proxy` verdict names shares them.
     rules: BTreeMap<RuleRef, CompiledRule>,
 }
@@ -191,7 +195,7 @@ impl CompiledPolicy {
             })
             .collect();
         CompiledPolicy {
-            addresses: AddressIndex::new(&policy),
+            addresses: RwLock::new(AddressIndex::new(&policy)),
             policy,
             rules,
         }
@@ -205,23 +209,42 @@ impl CompiledPolicy {
         &self.policy
     }
 
+    /// The address lookups. A poisoned lock is used as is: a writer only ever inserts one
+    /// entry, so the index is consistent whatever happened to it.
+    pub fn addresses(&self) -> RwLockReadGuard<'_, AddressIndex> {
+        self.addresses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records an address the loader learned from a DNS answer (its [`cnpc_ir::proxy::LearnReply`]),
+    /// so requests to it judged by this generation see its FQDN identity, as the datapath
+    /// does once the loader wrote it. The loader puts it in the next generation's `learned`.
+    pub fn learn(&self, ip: IpAddr, identity: NumericIdentity) {
+        self.addresses
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .learn(ip, identity);
+    }
+
     /// The subject, peer and source identities of a connection.
     pub fn parties(&self, ctx: &ConnContext) -> Parties {
+        let addresses = self.addresses();
         let src = ctx.source.ip().to_canonical();
         let dst = ctx.original_dst.ip().to_canonical();
         let (local, remote): (IpAddr, IpAddr) = match ctx.direction {
             Direction::Egress => (src, dst),
             Direction::Ingress => (dst, src),
         };
-        let subject = self.addresses.endpoint(local);
+        let subject = addresses.endpoint(local);
         let peer = match (ctx.direction, ctx.source_identity) {
             (Direction::Ingress, Some(id)) => id,
-            _ => self.addresses.identity_of(remote),
+            _ => addresses.identity_of(remote),
         };
         let source = match ctx.direction {
             // The source of an egress connection is the local endpoint; one this node does not
             // enforce on still has its ipcache identity.
-            Direction::Egress => subject.unwrap_or_else(|| self.addresses.identity_of(src)),
+            Direction::Egress => subject.unwrap_or_else(|| addresses.identity_of(src)),
             Direction::Ingress => peer,
         };
         Parties {
@@ -373,6 +396,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            ..ProxyPolicy::default()
         })
     }
 

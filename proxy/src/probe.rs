@@ -169,6 +169,7 @@ mod tests {
                 }],
             }],
             rules,
+            ..ProxyPolicy::default()
         }
     }
 

@@ -2,6 +2,7 @@
 //! ipcache, and the endpoints to enforce on. Compiling is the compiler's work; this module only
 //! runs it the way `cnpc compile` does and keeps what the loader needs.
 
+use crate::fqdn::FqdnState;
 use crate::node::{interface_for, Route};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
@@ -32,6 +33,8 @@ pub struct Generation {
     pub endpoints: Vec<EndpointInfo>,
     /// What the L7 proxies need to judge requests under this generation.
     pub proxy: ProxyPolicy,
+    /// The FQDN identities its tables know and the `fqdn` map it wants.
+    pub fqdn: crate::fqdn::FqdnView,
     /// The identity numbers used, to pass to the next compile so numbers stay put.
     pub allocation: Allocation,
     /// Time spent reading and checking the inputs, lowering, and building tables.
@@ -62,21 +65,25 @@ pub fn compile(
     cluster: &Path,
     previous: &Allocation,
     routes: Option<&[Route]>,
+    fqdn: Option<&mut FqdnState>,
 ) -> Result<Generation, CompileError> {
     let start = Instant::now();
     let mut set = PolicySet::load(policies)?;
     let snapshot = Cluster::load(&[cluster], &mut set.sources)?;
-    build(set, snapshot, previous, routes, start)
+    build(set, snapshot, previous, routes, start, fqdn)
 }
 
 /// Checks, lowers and builds tables for a loaded policy set and cluster snapshot (from files,
-/// or from the API server's objects in Kubernetes mode); `start` is when loading began.
+/// or from the API server's objects in Kubernetes mode); `start` is when loading began. With
+/// `fqdn` (a loader's learned addresses) the tables know the FQDN identities those addresses
+/// need; without, one per toFQDNs selector.
 pub fn build(
     set: PolicySet,
     snapshot: Cluster,
     previous: &Allocation,
     routes: Option<&[Route]>,
     start: Instant,
+    fqdn: Option<&mut FqdnState>,
 ) -> Result<Generation, CompileError> {
     // Lints only warn; enforcement needs the errors alone.
     let checked = check_errors(set, Some(snapshot));
@@ -115,7 +122,18 @@ pub fn build(
     // which is where the peak would otherwise be.
     drop(checked);
     let lower_time = start.elapsed() - check_time;
-    let compiler = TableCompiler::new(&program);
+    // Endpoint and node addresses keep their identities: never learned from DNS.
+    let excluded = program
+        .endpoints
+        .values()
+        .flat_map(|e| e.ips.iter().copied())
+        .chain(crate::node::local_addresses())
+        .collect();
+    let mut learned = FqdnState::new(0);
+    let (fqdn_identities, fqdn) =
+        fqdn.unwrap_or(&mut learned)
+            .prepare(&program, excluded, crate::fqdn::now());
+    let compiler = TableCompiler::with_fqdn(&program, &fqdn_identities);
     let tables = match routes {
         None => compiler.all(&program),
         Some(routes) => {
@@ -135,7 +153,13 @@ pub fn build(
     if routes.is_some() {
         crate::node::mark_host(&mut ipcache, &crate::node::local_addresses());
     }
-    let proxy = ProxyPolicy::build(&program, &tables, &ipcache);
+    let mut proxy = ProxyPolicy::build(&program, &tables, &ipcache);
+    proxy.learned = fqdn
+        .map
+        .iter()
+        .filter(|(_, v)| *v & crate::fqdn::ZOMBIE == 0)
+        .map(|(ip, v)| (*ip, NumericIdentity(*v)))
+        .collect();
     let endpoints = program
         .endpoints
         .values()
@@ -154,6 +178,7 @@ pub fn build(
         ipcache,
         endpoints,
         proxy,
+        fqdn,
         allocation: lower::allocation_of(&program),
         check_time,
         lower_time,

@@ -238,7 +238,7 @@ pub fn desired(
         Path::new("kubernetes/cluster"),
         &serde_json::to_string_pretty(&list).expect("JSON values serialise"),
     );
-    generation::build(set, cluster, previous, routes, start)
+    generation::build(set, cluster, previous, routes, start, None)
 }
 
 /// This node's result for each policy object: (kind, key, ok, message).

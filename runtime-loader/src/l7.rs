@@ -223,6 +223,8 @@ pub struct ProxySupervisor {
     bin: PathBuf,
     policy: PathBuf,
     log: Option<PathBuf>,
+    /// The loader's learning socket, passed to the proxy (`--learn-socket`).
+    learn_socket: Option<PathBuf>,
     child: Option<Child>,
     /// When the next start may happen (backoff after an exit).
     next_start: Instant,
@@ -241,6 +243,8 @@ const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub struct L7Counts {
     /// `[direction][verdict]`: ingress, egress × allowed, denied.
     counts: [[AtomicU64; 2]; 2],
+    /// DNS queries the proxy judged: allowed, refused.
+    dns: [AtomicU64; 2],
 }
 
 impl L7Counts {
@@ -248,6 +252,19 @@ impl L7Counts {
         let d = usize::from(e.direction == cnpc_ir::Direction::Egress);
         let v = usize::from(e.verdict == cnpc_proxy::Verdict::Denied);
         self.counts[d][v].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_dns(&self, e: &cnpc_proxy::events::DnsEvent) {
+        let v = usize::from(e.verdict == cnpc_proxy::Verdict::Denied);
+        self.dns[v].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// DNS queries allowed and refused.
+    pub fn dns(&self) -> [(&'static str, u64); 2] {
+        [
+            ("allowed", self.dns[0].load(Ordering::Relaxed)),
+            ("denied", self.dns[1].load(Ordering::Relaxed)),
+        ]
     }
 
     /// (direction, verdict, count) for every combination.
@@ -274,6 +291,7 @@ impl ProxySupervisor {
             bin,
             policy,
             log,
+            learn_socket: None,
             child: None,
             next_start: Instant::now(),
             backoff: Duration::from_millis(100),
@@ -281,6 +299,12 @@ impl ProxySupervisor {
             counts: Arc::default(),
             listeners_up: None,
         }
+    }
+
+    /// Tells the proxy where the loader learns DNS answers' addresses.
+    pub fn with_learn_socket(mut self, path: PathBuf) -> ProxySupervisor {
+        self.learn_socket = Some(path);
+        self
     }
 
     /// Starts the proxy if it is not running and its backoff has passed; reaps it if it exited.
@@ -331,6 +355,9 @@ impl ProxySupervisor {
                 }
             });
         }
+        if let Some(socket) = &self.learn_socket {
+            cmd.arg("--learn-socket").arg(socket);
+        }
         let child = cmd
             .arg("--policy")
             .arg(&self.policy)
@@ -356,8 +383,10 @@ impl ProxySupervisor {
             std::thread::spawn(move || {
                 use std::io::{BufRead, Write};
                 for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Ok(e) = serde_json::from_str::<cnpc_proxy::L7Event>(&line) {
-                        counts.count(&e);
+                    match cnpc_proxy::events::ProxyEvent::parse_line(&line) {
+                        Some(cnpc_proxy::events::ProxyEvent::Http(e)) => counts.count(&e),
+                        Some(cnpc_proxy::events::ProxyEvent::Dns(e)) => counts.count_dns(&e),
+                        None => {}
                     }
                     if let Some(f) = &mut log {
                         let _ = writeln!(f, "{line}");

@@ -13,6 +13,7 @@
 //! it creates, and needs only a handful of commands (map and program creation, pinning, TCX
 //! links and their in-place update).
 
+pub mod fqdn;
 pub mod generation;
 pub mod k8s;
 pub mod l7;

@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! ct, events                       shared by every generation: connections survive swaps
+//! fqdn                             addresses learned from DNS and their FQDN identities, shared
+//!                                  by every generation (gen::FQDN_MAP): learned addresses
+//!                                  survive swaps and restarts
 //! proxy_config                     the proxy device's ifindex, for ingress programs' handoff
 //! links/<direction>_<interface>    one TCX link per endpoint hook, pinned so enforcement
 //!                                  outlives the loader
@@ -172,6 +175,7 @@ pub struct Loader {
     ct: OwnedFd,
     events: OwnedFd,
     proxy_config: OwnedFd,
+    fqdn: OwnedFd,
     state: State,
     links: BTreeMap<String, Attachment>,
     /// The proxy policy last written (without its generation number).
@@ -229,6 +233,7 @@ impl Loader {
             &cfg.pin_dir.join(gen::PROXY_CONFIG_MAP),
             &def(gen::PROXY_CONFIG_MAP),
         )?;
+        let fqdn = pinned_map(&cfg.pin_dir.join(gen::FQDN_MAP), &def(gen::FQDN_MAP))?;
         let state = match std::fs::read_to_string(&cfg.state_file) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| LoaderError::State {
                 path: cfg.state_file.clone(),
@@ -270,6 +275,7 @@ impl Loader {
             ct,
             events,
             proxy_config,
+            fqdn,
             state,
             links,
             proxy_policy: None,
@@ -283,6 +289,19 @@ impl Loader {
     /// The pinned events ring buffer.
     pub fn events(&self) -> &OwnedFd {
         &self.events
+    }
+
+    /// The pinned conntrack map (the loader reads which peers still have connections).
+    pub fn ct_map(&self) -> &OwnedFd {
+        &self.ct
+    }
+
+    /// The map of addresses learned from DNS (gen::FQDN_MAP, pinned at `pin_dir/fqdn`), shared
+    /// by every generation: key `artifacts::fqdn_key(ip)` (the host map's key), value the FQDN
+    /// identity as a little-endian u32 (`sys::map_update`, `sys::map_delete`,
+    /// `sys::map_entries`). Programs read it after the host entries and before the prefixes.
+    pub fn fqdn_map(&self) -> &OwnedFd {
+        &self.fqdn
     }
 
     /// Hooks adopted from a previous run (pinned links found at open).
@@ -392,12 +411,14 @@ impl Loader {
                     }
                     let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
                     let proxy_config = self.proxy_config.as_raw_fd();
+                    let fqdn = self.fqdn.as_raw_fd();
                     let program = generated
                         .program
                         .with_map_fds(|name| match name {
                             gen::CT_MAP => Some(ct),
                             gen::EVENTS_MAP => Some(events),
                             gen::PROXY_CONFIG_MAP => Some(proxy_config),
+                            gen::FQDN_MAP => Some(fqdn),
                             _ => maps.get(name).map(|fd| fd.as_raw_fd()),
                         })
                         .ok_or_else(|| LoaderError::Rejected {

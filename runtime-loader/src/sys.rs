@@ -3,7 +3,9 @@
 //! Pinning objects in bpffs, TCX links (create, update in place: the atomic swap) and object
 //! info. Kernel facts from include/uapi/linux/bpf.h.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+pub use cnpc_codegen_bpf::artifacts::fqdn_key;
 
 const BPF_MAP_CREATE: i64 = 0;
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
@@ -180,13 +182,13 @@ pub fn create_filled(
 
 /// The value under `key`, if any.
 pub fn map_lookup(
-    map: &OwnedFd,
+    map: impl AsFd,
     key: &[u8],
     value_size: usize,
 ) -> std::io::Result<Option<Vec<u8>>> {
     let mut value = vec![0u8; value_size];
     let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.as_fd().as_raw_fd() as u32,
         key: key.as_ptr() as u64,
         value: value.as_mut_ptr() as u64,
         ..Default::default()
@@ -199,9 +201,9 @@ pub fn map_lookup(
 }
 
 /// Deletes `key`; whether it was there.
-pub fn map_delete(map: &OwnedFd, key: &[u8]) -> std::io::Result<bool> {
+pub fn map_delete(map: impl AsFd, key: &[u8]) -> std::io::Result<bool> {
     let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.as_fd().as_raw_fd() as u32,
         key: key.as_ptr() as u64,
         ..Default::default()
     };
@@ -212,29 +214,58 @@ pub fn map_delete(map: &OwnedFd, key: &[u8]) -> std::io::Result<bool> {
     }
 }
 
-/// Every key of a hash map.
-pub fn map_keys(map: &OwnedFd, key_size: usize) -> std::io::Result<Vec<Vec<u8>>> {
+/// Every key of a hash map (BPF_MAP_GET_NEXT_KEY from a null key on). When the key the walk
+/// stands on is deleted meanwhile, the kernel starts over from the first key
+/// (kernel/bpf/hashtab.c, `htab_map_get_next_key`); keys seen before are then skipped, so
+/// each is returned once.
+pub fn map_keys(map: impl AsFd, key_size: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    let map = map.as_fd();
     let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut at: Option<Vec<u8>> = None;
     loop {
         let mut next = vec![0u8; key_size];
         let mut attr = MapElemAttr {
             map_fd: map.as_raw_fd() as u32,
             // A null key asks for the first.
-            key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+            key: at.as_ref().map_or(0, |k| k.as_ptr() as u64),
             value: next.as_mut_ptr() as u64,
             ..Default::default()
         };
         match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(_) => keys.push(next),
+            Ok(_) => {
+                if seen.insert(next.clone()) {
+                    keys.push(next.clone());
+                }
+                at = Some(next);
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
             Err(e) => return Err(e),
         }
     }
 }
 
-pub fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+/// Every (key, value) of a hash map: its keys ([`map_keys`]), then each one's value; a key
+/// deleted in between is left out.
+pub fn map_entries(
+    map: impl AsFd,
+    key_size: usize,
+    value_size: usize,
+) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let map = map.as_fd();
+    let mut out = Vec::new();
+    for key in map_keys(map, key_size)? {
+        if let Some(value) = map_lookup(map, &key, value_size)? {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `value` under `key` (created or replaced: BPF_ANY).
+pub fn map_update(map: impl AsFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
     let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
+        map_fd: map.as_fd().as_raw_fd() as u32,
         key: key.as_ptr() as u64,
         value: value.as_ptr() as u64,
         ..Default::default()

@@ -17,7 +17,8 @@ pub enum RunError {
     Checker(String),
 }
 
-/// The shared maps in the kernel (ipcache, ct, events), the maps of loaded programs, and
+/// The shared maps in the kernel (ipcache, fqdn, ct, events, proxy_config), the maps of loaded
+/// programs, and
 /// programs loaded against them.
 pub struct Kernel {
     maps: BTreeMap<String, OwnedFd>,
@@ -63,7 +64,7 @@ impl Outcome {
     }
 
     /// The table proxies the packet: it carries TO_PROXY_MARK (with no proxy socket or device,
-    /// or for a protocol not proxied yet, the program drops it with the mark).
+    /// or for a protocol not proxied there, the program drops it with the mark).
     pub fn proxied(&self) -> bool {
         self.mark & cnpc_ir::proxy::contract::MARK_MAGIC_MASK == gen::TO_PROXY_MARK as u32
     }
@@ -122,6 +123,18 @@ impl Kernel {
         };
         sys::map_update(self.map(map), key, &id.0.to_le_bytes())
             .map_err(kernel_err("cannot fill the ipcache"))
+    }
+
+    /// Records an address learned from DNS with its FQDN identity in the `fqdn` map
+    /// (gen::FQDN_MAP), as the loader does for the DNS proxy: programs look it up after the
+    /// host entries and before the prefixes.
+    pub fn insert_fqdn(&self, ip: IpAddr, id: NumericIdentity) -> Result<(), RunError> {
+        sys::map_update(
+            self.map(gen::FQDN_MAP),
+            &artifacts::fqdn_key(ip),
+            &id.0.to_le_bytes(),
+        )
+        .map_err(kernel_err("cannot fill the fqdn map"))
     }
 
     /// Generates, checks and loads the program of `table`, tracking connections as

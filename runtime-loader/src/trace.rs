@@ -99,13 +99,21 @@ pub fn bpf_verdict(program: &Program, flow: &Flow) -> Result<Verdict, TraceError
     let mut entries = ipcache_entries(program, &universe);
     let src = address(program, &flow.src, &flow.dst, &mut entries)?;
     let dst = address(program, &flow.dst, &flow.src, &mut entries)?;
+    // An address learned from DNS carries its names' identity in the node's `fqdn` map, where
+    // the loader writes what the DNS proxy learns: the programs find it there, after the host
+    // entries and before the prefixes, as on a node.
+    let mut learned = Vec::new();
     for party in [&flow.src, &flow.dst] {
-        // An address learned from DNS carries its names' identity, as the DNS proxy records it.
         if let (Some(_), Some(ip), Some(id)) = (&party.fqdn, party.ip, peer_of(&universe, party)) {
-            entries.push((IpNet::from(ip), id));
+            learned.push((ip, id));
         }
     }
     let mut kernel = Kernel::new(&entries).map_err(|e| TraceError::Kernel(e.to_string()))?;
+    for (ip, id) in &learned {
+        kernel
+            .insert_fqdn(*ip, *id)
+            .map_err(|e| TraceError::Kernel(e.to_string()))?;
+    }
     let packet = craft(src, dst, flow.protocol, flow.port);
     let mut decide = |party: &Party, dir: Direction| -> Result<Decision, TraceError> {
         let Some(e) = party
@@ -139,7 +147,10 @@ pub fn bpf_verdict(program: &Program, flow: &Flow) -> Result<Verdict, TraceError
         } else {
             match (&flow.http, flow.protocol) {
                 (Some(req), Protocol::Tcp) => {
-                    let policy = ProxyPolicy::build(program, &tables, &entries);
+                    let policy = ProxyPolicy {
+                        learned: learned.clone(),
+                        ..ProxyPolicy::build(program, &tables, &entries)
+                    };
                     let ctx = ConnContext {
                         direction: dir,
                         source: SocketAddr::new(src, 40000),

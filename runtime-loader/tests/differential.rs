@@ -34,11 +34,11 @@ const LEARNED: [(&str, &str); 2] = [
 const PROXY_DEVICE: u32 = 1;
 
 /// The return code and mark a packet gets. Proxied packets carry the mark and fail closed when
-/// no proxy takes them: the egress programs find no proxy socket in a test run (nothing listens
-/// on the proxy port, and `bpf_sk_assign` needs tc ingress), so they drop; the ingress programs
-/// redirect TCP to the proxy device. Only TCP is proxied: other protocols are dropped (with
-/// the mark, which says the table proxies them). On the ingress path the mark carries the
-/// source's identity when it fits 16 bits.
+/// no proxy takes them: the egress programs hand TCP and UDP over, but find no proxy socket in
+/// a test run (nothing listens on the proxy port, and `bpf_sk_assign` needs tc ingress), so
+/// they drop; the ingress programs redirect TCP to the proxy device. Other protocols (and UDP
+/// at ingress) are not proxied: dropped with the mark, which says the table proxies them. On
+/// the ingress path the mark carries the source's identity when it fits 16 bits.
 fn expected(d: &Decision, dir: Direction, proto: Protocol, src: Option<u32>) -> (u32, u32) {
     let mark = match dir {
         Direction::Egress => TO_PROXY_MARK as u32,
@@ -114,15 +114,7 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
     );
     let universe = peer_universe(&program);
     let compiler = TableCompiler::new(&program);
-    let mut entries = cnpc_compiler::tables::ipcache_entries(&program, &universe);
-    // An address learned from a DNS answer carries the identity of the names' selectors, as
-    // Cilium's DNS proxy records it.
-    for (name, ip) in LEARNED {
-        let party = parse_peer(&program, &cluster, &format!("fqdn:{name}={ip}")).unwrap();
-        if let Some(id) = cnpc_compiler::tables::peer_of(&universe, &party) {
-            entries.push((cnpc_ir::IpNet::from(ip.parse::<IpAddr>().unwrap()), id));
-        }
-    }
+    let entries = cnpc_compiler::tables::ipcache_entries(&program, &universe);
     let mut kernel = match Kernel::new(&entries) {
         Ok(k) => k,
         Err(e) => {
@@ -130,6 +122,16 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
             return None;
         }
     };
+    // An address learned from a DNS answer carries the identity of the names' selectors, in the
+    // node's `fqdn` map, where the loader writes what the DNS proxy learns.
+    for (name, ip) in LEARNED {
+        let party = parse_peer(&program, &cluster, &format!("fqdn:{name}={ip}")).unwrap();
+        if let Some(id) = cnpc_compiler::tables::peer_of(&universe, &party) {
+            kernel
+                .insert_fqdn(ip.parse::<IpAddr>().unwrap(), id)
+                .expect("the fqdn map");
+        }
+    }
     kernel.set_proxy_device(PROXY_DEVICE).expect("proxy_config");
     let mut programs = BTreeMap::new();
     let mut insns = 0;

@@ -465,9 +465,12 @@ fn verify_loads_the_map_images_of_large_tables() {
 mod proxy {
     //! Proxy verdicts in the kernel (cnpc_codegen_bpf::gen, "L7 proxies"): endpoint 400 at
     //! 10.0.0.2 / fd00::2, peer 300 at 10.0.0.1 / fd00::1, the node at 10.0.0.9 (host). Both
-    //! directions proxy TCP 80, allow TCP 81 and deny the rest; egress also proxies UDP 53.
-    //! Nothing listens on the proxy ports in a test run, so the egress handoff finds no socket:
-    //! the tests that depend on that run in a network namespace of their own.
+    //! directions proxy TCP 80 and UDP 53, allow TCP 81 and deny the rest (UDP is handed over
+    //! at egress only). Nothing listens on the proxy ports in a test run, so the egress handoff
+    //! finds no socket: the tests that depend on that run in a network namespace of their own.
+    //! A test run cannot assign a socket (see `sk_assign_is_refused_in_a_test_run`): the
+    //! handoff's success path is tested in network namespaces (`udp_handoff` below; TCP in
+    //! tests/l7.rs).
     use super::sys;
     use cnpc_codegen_bpf::gen::{
         self, event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS, CT_OPENED_BY_INGRESS, TC_ACT_OK,
@@ -500,13 +503,11 @@ mod proxy {
             ports: PortRange::single(port),
             verdict,
         };
-        let mut rows = vec![
+        let rows = vec![
             row(Protocol::Tcp, 80, port_80),
             row(Protocol::Tcp, 81, TableVerdict::Allow),
+            row(Protocol::Udp, 53, proxy()),
         ];
-        if direction == Direction::Egress {
-            rows.push(row(Protocol::Udp, 53, proxy()));
-        }
         DecisionTable {
             subject: NumericIdentity(SUBJECT),
             direction,
@@ -651,8 +652,9 @@ mod proxy {
                 assert_eq!(
                     code_mark(out),
                     (SHOT, MARK),
-                    "UDP is not proxied yet: dropped, no handoff tried"
+                    "no DNS proxy socket: UDP fails closed too"
                 );
+                assert!(kernel.connections().unwrap().is_empty(), "no flow");
                 assert_eq!(events(&mut ring), [(PEER, 2, 1, 1)]);
                 let out = kernel
                     .run_keep(&egress, &craft_ports(me, peer, Protocol::Tcp, 40000, 81))
@@ -780,6 +782,15 @@ mod proxy {
                 "the table denies UDP 80"
             );
             kernel.forget_connections().unwrap();
+            ring.drain();
+            let dns = craft_ports(peer, me, Protocol::Udp, 5555, 53);
+            assert_eq!(
+                code_mark(kernel.run_keep(&ingress, &dns).unwrap()),
+                (SHOT, MARK | PEER),
+                "UDP is not proxied at ingress: dropped, not redirected"
+            );
+            assert!(kernel.connections().unwrap().is_empty());
+            assert_eq!(events(&mut ring), [(PEER, 2, 1, 0)]);
         }
         // A peer whose identity does not fit the mark's 16 identity bits (a CIDR identity, say)
         // is marked with 0 there.
@@ -980,6 +991,85 @@ mod proxy {
         });
     }
 
+    /// The UDP lookup of the egress handoff (`bpf_sk_lookup_udp`, the packet's addresses with
+    /// the proxy's port) finds an unconnected socket bound to the wildcard address on that
+    /// port, whatever the packet's addresses, in both families; with no such socket it finds
+    /// nothing. As for TCP, the assignment itself is refused in a test run.
+    #[test]
+    fn the_udp_lookup_finds_the_dns_proxy_socket() {
+        use cnpc_codegen_bpf::insn::*;
+        use cnpc_codegen_bpf::Asm;
+        const NOT_FOUND: i32 = 1000;
+        let port = contract::EGRESS_PROXY_PORT;
+        // The tuple of a pod's query from `src`:40000 to `dst`, with the proxy's port.
+        let probe = |src: IpAddr, dst: IpAddr| {
+            let mut tuple = Vec::new();
+            for a in [src, dst] {
+                match a {
+                    IpAddr::V4(v) => tuple.extend(v.octets()),
+                    IpAddr::V6(v) => tuple.extend(v.octets()),
+                }
+            }
+            tuple.extend(40000u16.to_be_bytes());
+            tuple.extend(port.to_be_bytes());
+            let mut a = Asm::new();
+            let none = a.label();
+            a.mov(R6, Src::Reg(R1));
+            for (i, w) in tuple.chunks(4).enumerate() {
+                let w = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                a.store(Size::W, R10, -40 + 4 * i as i16, Src::Imm(w));
+            }
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(-40))
+                .mov(R3, Src::Imm(tuple.len() as i32))
+                .mov(R4, Src::Imm(-1))
+                .mov(R5, Src::Imm(0))
+                .call(85); // bpf_sk_lookup_udp
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), none);
+            a.mov(R7, Src::Reg(R0));
+            a.mov(R1, Src::Reg(R6))
+                .mov(R2, Src::Reg(R7))
+                .mov(R3, Src::Imm(0))
+                .call(124); // bpf_sk_assign
+            a.mov(R8, Src::Reg(R0));
+            a.mov(R1, Src::Reg(R7)).call(86); // bpf_sk_release
+            a.mov(R0, Src::Reg(R8)).exit();
+            a.bind(none);
+            a.ret(NOT_FOUND);
+            let prog = a.finish().unwrap();
+            cnpc_codegen_bpf::check::check(&prog).expect("cnpc's checker");
+            prog
+        };
+        in_fresh_netns(|| {
+            let cases = [("10.0.0.2", "10.0.0.1"), ("fd00::2", "fd00::1")];
+            for bound in [false, true] {
+                let sockets = bound.then(|| {
+                    (
+                        super::udp_handoff::udp_socket("0.0.0.0:15001".parse().unwrap(), &[]),
+                        super::udp_handoff::udp_socket("[::]:15001".parse().unwrap(), &[]),
+                    )
+                });
+                for (src, dst) in cases {
+                    let (src, dst) = (ip(src), ip(dst));
+                    let prog = probe(src, dst);
+                    let fd = match sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &prog.bytes()) {
+                        Ok(fd) => fd,
+                        Err(e) if e.contains("Operation not permitted") => {
+                            return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                        }
+                        Err(e) => panic!("the kernel verifier rejected the probe: {e}"),
+                    };
+                    let packet = craft_ports(src, dst, Protocol::Udp, 40000, 53);
+                    let (ret, _) = sys::test_run(&fd, &packet).expect("BPF_PROG_TEST_RUN");
+                    let want = if bound { -libc::EOPNOTSUPP } else { NOT_FOUND };
+                    assert_eq!(ret as i32, want, "{src} -> {dst}, socket bound: {bound}");
+                }
+                drop(sockets);
+            }
+        });
+    }
+
     /// A socket reference leaked, or a socket used before its null check: cnpc's checker and the
     /// kernel verifier both refuse the program.
     #[test]
@@ -1025,6 +1115,783 @@ mod proxy {
                 }
                 Err(e) => assert!(e.contains(theirs), "{e}"),
             }
+        }
+    }
+}
+
+mod fqdn {
+    //! The peer identity lookup (cnpc_codegen_bpf::gen, first paragraph): the host entries,
+    //! then the addresses learned from DNS (the shared `fqdn` map), then the prefixes; a miss
+    //! is the world. Read from the peer identity of the drop events of a table that denies
+    //! everything it sees here.
+    use super::sys;
+    use cnpc_codegen_bpf::gen::{self, event};
+    use cnpc_ir::*;
+    use cnpc_runtime_loader::testrun::{craft_ports, Kernel};
+    use std::net::IpAddr;
+
+    const SUBJECT: u32 = 400;
+    const POD: u32 = 300;
+    /// A CIDR identity (local scope) of the prefixes 10.0.0.0/24 and fd00::/64.
+    const CIDR: u32 = 16_777_217;
+    const FQDN: u32 = FIRST_FQDN_IDENTITY;
+    const OTHER_FQDN: u32 = FIRST_FQDN_IDENTITY + 1;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn hosts_then_learned_addresses_then_prefixes_then_the_world() {
+        let entries = [
+            ("10.0.0.1/32", POD),
+            ("fd00::1/128", POD),
+            ("10.0.0.2/32", SUBJECT),
+            ("fd00::2/128", SUBJECT),
+            ("10.0.0.0/24", CIDR),
+            ("fd00::/64", CIDR),
+        ]
+        .map(|(net, id)| (net.parse().unwrap(), NumericIdentity(id)));
+        let mut kernel = match Kernel::new(&entries) {
+            Ok(k) => k,
+            Err(e) => return sys::skip_or_fail(&format!("cannot create the maps: {e}")),
+        };
+        // A name resolved to the pod: the pod keeps its identity. Other learned addresses get
+        // their FQDN identity over the prefix holding them.
+        for (addr, id) in [
+            ("10.0.0.1", OTHER_FQDN),
+            ("fd00::1", OTHER_FQDN),
+            ("10.0.0.5", FQDN),
+            ("fd00::5", FQDN),
+            ("192.0.2.5", FQDN),
+            ("2001:db8::5", FQDN),
+        ] {
+            kernel.insert_fqdn(ip(addr), NumericIdentity(id)).unwrap();
+        }
+        // Denies everything but TCP 80 from an identity no one has.
+        let table = DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(7)],
+            }],
+            rows: vec![TableRow {
+                class: 0,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(80),
+                verdict: TableVerdict::Allow,
+            }],
+        };
+        let mut ring = kernel.events().unwrap();
+        for strategy in [gen::Strategy::Branches, gen::Strategy::Maps] {
+            let prog = match kernel.load_generated(&gen::build(&table, true, strategy)) {
+                Ok(fd) => fd,
+                Err(e) if e.to_string().contains("Operation not permitted") => {
+                    return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                }
+                Err(e) => panic!("rejected: {e}"),
+            };
+            for (peer, me, want) in [
+                ("10.0.0.1", "10.0.0.2", POD),
+                ("fd00::1", "fd00::2", POD),
+                ("10.0.0.5", "10.0.0.2", FQDN),
+                ("fd00::5", "fd00::2", FQDN),
+                ("10.0.0.6", "10.0.0.2", CIDR),
+                ("fd00::6", "fd00::2", CIDR),
+                ("192.0.2.5", "10.0.0.2", FQDN),
+                ("2001:db8::5", "fd00::2", FQDN),
+                ("192.0.2.6", "10.0.0.2", gen::WORLD as u32),
+                ("2001:db8::6", "fd00::2", gen::WORLD as u32),
+            ] {
+                ring.drain();
+                let packet = craft_ports(ip(peer), ip(me), Protocol::Tcp, 40000, 81);
+                let out = kernel.run(&prog, &packet).unwrap();
+                assert_eq!(out.code, gen::TC_ACT_SHOT as u32);
+                let got: Vec<(u32, u32)> = ring
+                    .drain()
+                    .iter()
+                    .map(|e| {
+                        let at =
+                            |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+                        (at(event::SUBJECT), at(event::PEER))
+                    })
+                    .collect();
+                assert_eq!(got, [(SUBJECT, want)], "{peer} ({strategy:?})");
+            }
+        }
+    }
+    /// Zombies (gen::FQDN_ZOMBIE): an address whose names expired while a connection to it
+    /// remains keeps its identity for that connection's packets, and nothing new opens to it;
+    /// without the bit the same packet opens a connection. Cilium keeps such addresses in the
+    /// ipcache while conntrack uses them (pkg/fqdn/namemanager, zombies).
+    #[test]
+    fn a_zombie_address_keeps_its_connections_and_refuses_new_ones() {
+        let me = ip("10.0.0.2");
+        let entries =
+            [("10.0.0.2/32", SUBJECT)].map(|(n, id)| (n.parse().unwrap(), NumericIdentity(id)));
+        let mut kernel = match Kernel::new(&entries) {
+            Ok(k) => k,
+            Err(e) => return sys::skip_or_fail(&format!("cannot create the maps: {e}")),
+        };
+        let table = DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction: Direction::Egress,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(FQDN)],
+            }],
+            rows: vec![TableRow {
+                class: 0,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(443),
+                verdict: TableVerdict::Allow,
+            }],
+        };
+        for strategy in [gen::Strategy::Branches, gen::Strategy::Maps] {
+            let prog = match kernel.load_generated(&gen::build(&table, true, strategy)) {
+                Ok(fd) => fd,
+                Err(e) if e.to_string().contains("Operation not permitted") => {
+                    return sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"))
+                }
+                Err(e) => panic!("rejected: {e}"),
+            };
+            let (live, dead) = (ip("192.0.2.5"), ip("192.0.2.6"));
+            kernel.insert_fqdn(live, NumericIdentity(FQDN)).unwrap();
+            kernel
+                .insert_fqdn(dead, NumericIdentity(FQDN | gen::FQDN_ZOMBIE))
+                .unwrap();
+            let syn = |to: IpAddr, sport: u16| craft_ports(me, to, Protocol::Tcp, sport, 443);
+            // A live address opens a connection; a zombie opens none.
+            let out = kernel.run_keep(&prog, &syn(live, 40001)).unwrap();
+            assert_eq!(out.code, gen::TC_ACT_OK as u32, "{strategy:?}");
+            let out = kernel.run_keep(&prog, &syn(dead, 40002)).unwrap();
+            assert_eq!(
+                out.code,
+                gen::TC_ACT_SHOT as u32,
+                "new to a zombie ({strategy:?})"
+            );
+            assert_eq!(kernel.connections().unwrap().len(), 1);
+            // The live one's names expire: its open connection goes on, a new one is refused.
+            kernel
+                .insert_fqdn(live, NumericIdentity(FQDN | gen::FQDN_ZOMBIE))
+                .unwrap();
+            let out = kernel.run_keep(&prog, &syn(live, 40001)).unwrap();
+            assert_eq!(
+                out.code,
+                gen::TC_ACT_OK as u32,
+                "established ({strategy:?})"
+            );
+            let out = kernel.run_keep(&prog, &syn(live, 40003)).unwrap();
+            assert_eq!(
+                out.code,
+                gen::TC_ACT_SHOT as u32,
+                "new after expiry ({strategy:?})"
+            );
+            kernel.forget_connections().unwrap();
+        }
+    }
+
+    /// The loader creates the `fqdn` map at `pin_dir/fqdn` and, like `ct`, reuses the pinned
+    /// map when it opens again (a restart keeps the learned addresses); the map helpers write,
+    /// list and delete its entries.
+    #[test]
+    fn the_loader_pins_the_fqdn_map_and_reuses_it() {
+        use cnpc_runtime_loader::loader::{Config, Loader};
+        if let Err(e) = sys::bpffs_for_tests(std::path::Path::new("/sys/fs/bpf")) {
+            return sys::skip_or_fail(&e);
+        }
+        let id = std::process::id();
+        let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/cnpc-fqdn-test-{id}"));
+        let tmp = std::env::temp_dir().join(format!("cnpc-fqdn-test-{id}"));
+        let cfg = Config {
+            pin_dir: pin_dir.clone(),
+            state_file: tmp.join("state.json"),
+            ..Config::default()
+        };
+        let result = std::panic::catch_unwind(|| {
+            let loader = match Loader::open(cfg.clone()) {
+                Ok(l) => l,
+                Err(e) => return sys::skip_or_fail(&format!("cannot open the loader: {e}")),
+            };
+            let (a, b) = (ip("192.0.2.5"), ip("2001:db8::5"));
+            for (addr, n) in [(a, FQDN), (b, OTHER_FQDN)] {
+                sys::map_update(loader.fqdn_map(), &sys::fqdn_key(addr), &n.to_le_bytes()).unwrap();
+            }
+            drop(loader);
+            assert!(pin_dir.join(gen::FQDN_MAP).exists());
+            let loader = Loader::open(cfg.clone()).expect("opened again");
+            let map = loader.fqdn_map();
+            let mut got = sys::map_entries(map, gen::HOSTS_KEY_SIZE as usize, 4).unwrap();
+            got.sort();
+            let mut want = vec![
+                (sys::fqdn_key(a), FQDN.to_le_bytes().to_vec()),
+                (sys::fqdn_key(b), OTHER_FQDN.to_le_bytes().to_vec()),
+            ];
+            want.sort();
+            assert_eq!(got, want, "the learned addresses survive the restart");
+            assert_eq!(
+                sys::fqdn_key(a),
+                cnpc_codegen_bpf::artifacts::ipcache_key("192.0.2.5/32".parse().unwrap())[4..],
+                "the host map's key"
+            );
+            assert!(sys::map_delete(map, &sys::fqdn_key(a)).unwrap());
+            assert!(!sys::map_delete(map, &sys::fqdn_key(a)).unwrap());
+            assert_eq!(sys::map_entries(map, 20, 4).unwrap().len(), 1);
+        });
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+pub mod udp_handoff {
+    //! The egress handoff of UDP (DNS) to the DNS proxy's socket, for real: a pod namespace
+    //! joined to a node namespace by a veth pair, the pod's egress program at tc ingress of the
+    //! host side and its ingress program at tc egress (TCX links), the proxy route of the
+    //! contract (`fwmark TO_PROXY_MARK lookup PROXY_ROUTE_TABLE`, `local default dev lo`) in the
+    //! node, and a UDP socket on the egress proxy port there, as the DNS proxy has. A query
+    //! the table proxies reaches that socket with its original destination
+    //! (IP_RECVORIGDSTADDR), the flow is recorded as proxied, and the answer the "proxy" sends
+    //! from the original destination (a transparent socket) passes the pod's ingress program
+    //! as a reply, although its table denies it. Without the socket, the query is dropped and
+    //! reported. IPv4 and IPv6.
+    use super::sys;
+    use cnpc_codegen_bpf::gen::{event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS};
+    use cnpc_ir::proxy::contract;
+    use cnpc_ir::*;
+    use cnpc_runtime_loader::testrun::Kernel;
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::process::Command;
+    use std::time::Duration;
+
+    const SUBJECT: u32 = 400;
+    const PEER: u32 = 300;
+    /// The host side of the pod's veth pair, in the node namespace.
+    const HOST_IF: &str = "hv0";
+    const HOST_MAC: &str = "02:00:00:00:00:01";
+    const POD_MAC: &str = "02:00:00:00:00:02";
+
+    /// `sockaddr_in` or `sockaddr_in6` for `a`.
+    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+        let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: v.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+                unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: v.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: as above, for sockaddr_in6.
+                unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (st, len as libc::socklen_t)
+    }
+
+    /// The address at `p`, a `sockaddr_in` or `sockaddr_in6` (possibly unaligned).
+    ///
+    /// # Safety
+    /// `p` points at a socket address of the family it names.
+    unsafe fn socket_addr(p: *const u8) -> Option<SocketAddr> {
+        let family = std::ptr::read_unaligned(p as *const libc::sa_family_t);
+        match i32::from(family) {
+            libc::AF_INET => {
+                let sin = std::ptr::read_unaligned(p as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+                Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+            }
+            libc::AF_INET6 => {
+                let sin6 = std::ptr::read_unaligned(p as *const libc::sockaddr_in6);
+                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
+            }
+            _ => None,
+        }
+    }
+
+    /// A UDP socket bound to `bind` in the calling thread's network namespace, IPv6 ones
+    /// v6-only, with the (level, option) flags `opts` set to 1 before the bind.
+    pub fn udp_socket(bind: SocketAddr, opts: &[(i32, i32)]) -> UdpSocket {
+        let family = if bind.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2); the result is checked and owned below.
+        let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut all = opts.to_vec();
+        if bind.is_ipv6() {
+            all.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+        }
+        for (level, opt) in all {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt reads an int that lives for the call.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    level,
+                    opt,
+                    &one as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "setsockopt({level}, {opt}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let (st, len) = sockaddr(bind);
+        // SAFETY: `st` holds a socket address of `len` bytes.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &st as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        assert_eq!(r, 0, "bind {bind}: {}", std::io::Error::last_os_error());
+        UdpSocket::from(fd)
+    }
+
+    /// One datagram, its source and its original destination (IP_ORIGDSTADDR or
+    /// IPV6_ORIGDSTADDR), or `None` when nothing comes within the socket's read timeout.
+    fn recv_with_original_destination(
+        s: &UdpSocket,
+    ) -> Option<(Vec<u8>, SocketAddr, Option<SocketAddr>)> {
+        let mut buf = [0u8; 512];
+        // SAFETY: plain data, zero is valid.
+        let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 64];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: plain data, zero is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &mut from as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: every buffer `msg` names lives for the call, with its length.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return None;
+        }
+        let mut original = None;
+        // SAFETY: walking the control messages the kernel wrote, with the libc macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+                if (level == libc::SOL_IP && kind == libc::IP_ORIGDSTADDR)
+                    || (level == libc::SOL_IPV6 && kind == libc::IPV6_ORIGDSTADDR)
+                {
+                    original = socket_addr(libc::CMSG_DATA(c));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        // SAFETY: the kernel wrote the source address there.
+        let source = unsafe { socket_addr(&from as *const _ as *const u8) }?;
+        Some((buf[..n as usize].to_vec(), source, original))
+    }
+
+    /// Runs `f` on a thread that entered the network namespace `ns` (`ip netns` name).
+    fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("the namespace");
+                // SAFETY: setns(CLONE_NEWNET) changes only this thread's network namespace.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the namespace's thread")
+        })
+    }
+
+    /// The two namespaces, removed on drop.
+    struct Net {
+        node: String,
+        pod: String,
+    }
+
+    impl Drop for Net {
+        fn drop(&mut self) {
+            for ns in [&self.node, &self.pod] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    fn ip_cmd(args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// The pod (10.0.1.20, fd00:1::20) behind the host-side veth [`HOST_IF`] in the node, with static
+    /// neighbours (no ARP or neighbour discovery through the programs), the node's routes to
+    /// the pod, and the proxy route of the contract.
+    fn network() -> Result<Net, String> {
+        let id = std::process::id() % 100_000;
+        let net = Net {
+            node: format!("cnpcu{id}-node"),
+            pod: format!("cnpcu{id}-pod"),
+        };
+        let (node, pod) = (net.node.as_str(), net.pod.as_str());
+        ip_cmd(&["netns", "add", node])?;
+        ip_cmd(&["netns", "add", pod])?;
+        let mark = format!(
+            "{:#x}/{:#x}",
+            contract::TO_PROXY_MARK,
+            contract::MARK_MAGIC_MASK
+        );
+        let table = contract::PROXY_ROUTE_TABLE.to_string();
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["-n", node, "link", "set", "lo", "up"],
+            vec!["-n", pod, "link", "set", "lo", "up"],
+            vec![
+                "-n", node, "link", "add", "name", HOST_IF, "address", HOST_MAC, "type", "veth",
+                "peer", "name", "eth0", "address", POD_MAC, "netns", pod,
+            ],
+            vec!["-n", node, "addr", "add", "169.254.1.1/32", "dev", HOST_IF],
+            vec![
+                "-n",
+                node,
+                "addr",
+                "add",
+                "fd00:1::1/128",
+                "dev",
+                HOST_IF,
+                "nodad",
+            ],
+            vec!["-n", node, "link", "set", HOST_IF, "up"],
+            vec!["-n", node, "route", "add", "10.0.1.20/32", "dev", HOST_IF],
+            vec![
+                "-n",
+                node,
+                "-6",
+                "route",
+                "add",
+                "fd00:1::20/128",
+                "dev",
+                HOST_IF,
+            ],
+            vec![
+                "-n",
+                node,
+                "neigh",
+                "replace",
+                "10.0.1.20",
+                "lladdr",
+                POD_MAC,
+                "dev",
+                HOST_IF,
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "-n",
+                node,
+                "neigh",
+                "replace",
+                "fd00:1::20",
+                "lladdr",
+                POD_MAC,
+                "dev",
+                HOST_IF,
+                "nud",
+                "permanent",
+            ],
+            vec!["-n", pod, "addr", "add", "10.0.1.20/32", "dev", "eth0"],
+            vec![
+                "-n",
+                pod,
+                "addr",
+                "add",
+                "fd00:1::20/128",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+            vec!["-n", pod, "link", "set", "eth0", "up"],
+            vec![
+                "-n",
+                pod,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+            vec![
+                "-n",
+                pod,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+            vec!["-n", pod, "-6", "route", "add", "fd00:1::1", "dev", "eth0"],
+            vec![
+                "-n",
+                pod,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:1::1",
+                "dev",
+                "eth0",
+            ],
+            vec![
+                "-n",
+                pod,
+                "neigh",
+                "replace",
+                "169.254.1.1",
+                "lladdr",
+                HOST_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "-n",
+                pod,
+                "neigh",
+                "replace",
+                "fd00:1::1",
+                "lladdr",
+                HOST_MAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "-n", node, "-4", "rule", "add", "fwmark", &mark, "lookup", &table,
+            ],
+            vec![
+                "-n", node, "-6", "rule", "add", "fwmark", &mark, "lookup", &table,
+            ],
+            vec![
+                "-n", node, "-4", "route", "add", "local", "default", "dev", "lo", "table", &table,
+            ],
+            vec![
+                "-n", node, "-6", "route", "add", "local", "default", "dev", "lo", "table", &table,
+            ],
+        ];
+        for step in steps {
+            ip_cmd(&step)?;
+        }
+        Ok(net)
+    }
+
+    fn table(direction: Direction) -> DecisionTable {
+        DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: vec![NumericIdentity(PEER)],
+            }],
+            rows: match direction {
+                Direction::Egress => vec![TableRow {
+                    class: 0,
+                    protocol: Protocol::Udp,
+                    ports: PortRange::single(53),
+                    verdict: TableVerdict::Proxy(Vec::new()),
+                }],
+                // Nothing: the answer passes only as the reply of the proxied flow.
+                Direction::Ingress => Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn udp_to_the_dns_proxy_socket_and_its_answer_back() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return sys::skip_or_fail("network namespaces need root");
+        }
+        let net = match network() {
+            Ok(n) => n,
+            Err(e) => return sys::skip_or_fail(&format!("cannot build the test network: {e}")),
+        };
+        let entries = [
+            ("10.0.1.20/32", SUBJECT),
+            ("fd00:1::20/128", SUBJECT),
+            ("10.0.0.1/32", PEER),
+            ("fd00::1/128", PEER),
+        ]
+        .map(|(n, id)| (n.parse().unwrap(), NumericIdentity(id)));
+        let mut kernel = Kernel::new(&entries).expect("the maps");
+        let egress = kernel
+            .load(&table(Direction::Egress), true)
+            .expect("egress");
+        let ingress = kernel
+            .load(&table(Direction::Ingress), true)
+            .expect("ingress");
+        let links = in_ns(&net.node, || {
+            let h = sys::ifindex(HOST_IF).expect("the host-side veth");
+            (
+                sys::tcx_attach(&egress, h, sys::BPF_TCX_INGRESS),
+                sys::tcx_attach(&ingress, h, sys::BPF_TCX_EGRESS),
+            )
+        });
+        let _links = match links {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => {
+                return sys::skip_or_fail(&format!(
+                    "cannot attach with TCX: {:?} {:?}",
+                    a.err(),
+                    b.err()
+                ))
+            }
+        };
+        let mut ring = kernel.events().unwrap();
+        let timeout = Some(Duration::from_secs(2));
+        for (pod, server, any) in [
+            ("10.0.1.20", "10.0.0.1", "0.0.0.0"),
+            ("fd00:1::20", "fd00::1", "::"),
+        ] {
+            let (pod, server): (IpAddr, IpAddr) = (pod.parse().unwrap(), server.parse().unwrap());
+            let v4 = pod.is_ipv4();
+            let recv_orig = if v4 {
+                (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+            } else {
+                (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+            };
+            let transparent = if v4 {
+                (libc::SOL_IP, libc::IP_TRANSPARENT)
+            } else {
+                (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+            };
+            let proxy_addr = SocketAddr::new(any.parse().unwrap(), contract::EGRESS_PROXY_PORT);
+            let proxy = in_ns(&net.node, || udp_socket(proxy_addr, &[recv_orig]));
+            proxy.set_read_timeout(timeout).unwrap();
+            let client = in_ns(&net.pod, || udp_socket(SocketAddr::new(pod, 40053), &[]));
+            client.set_read_timeout(timeout).unwrap();
+            ring.drain();
+
+            let dns = SocketAddr::new(server, 53);
+            client.send_to(b"query", dns).unwrap();
+            let (data, from, original) =
+                recv_with_original_destination(&proxy).expect("the query reaches the proxy");
+            assert_eq!(data, b"query");
+            assert_eq!(from, SocketAddr::new(pod, 40053));
+            assert_eq!(
+                original,
+                Some(dns),
+                "IP_RECVORIGDSTADDR: the original destination"
+            );
+            let flows = kernel.connections().unwrap();
+            assert_eq!(flows.len(), 1, "{flows:?}");
+            let mut value = CT_OPENED_BY_EGRESS.to_le_bytes().to_vec();
+            value.extend(CT_FLAG_PROXIED.to_le_bytes());
+            assert_eq!(flows[0].1, value, "recorded as proxied, opened by the pod");
+            // (The pod's own ICMPv6, neighbour and listener reports, are denied and reported
+            // too: only UDP counts here.)
+            let udp = |ring: &mut sys::RingBuf| -> Vec<(u32, u32, u8, u8)> {
+                ring.drain()
+                    .iter()
+                    .filter(|e| e[event::PROTOCOL] == 17)
+                    .map(|e| {
+                        let at =
+                            |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+                        (
+                            at(event::PEER),
+                            at(event::ROW),
+                            e[event::VERDICT],
+                            e[event::DIRECTION],
+                        )
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                udp(&mut ring),
+                [(PEER, 0, 2, 1)],
+                "one event: a proxied flow"
+            );
+
+            // The proxy answers from the original destination.
+            let answer = in_ns(&net.node, || udp_socket(dns, &[transparent]));
+            answer.send_to(b"answer", from).unwrap();
+            let mut buf = [0u8; 64];
+            let (n, src) = client
+                .recv_from(&mut buf)
+                .expect("the answer passes the pod's ingress program as a reply");
+            assert_eq!((&buf[..n], src), (&b"answer"[..], dns));
+
+            // The next query of the flow goes to the proxy too.
+            client.send_to(b"again", dns).unwrap();
+            let (data, _, _) = recv_with_original_destination(&proxy).expect("the second query");
+            assert_eq!(data, b"again");
+
+            // Without the proxy's socket: dropped, and reported.
+            drop(proxy);
+            ring.drain();
+            let other = in_ns(&net.pod, || udp_socket(SocketAddr::new(pod, 40054), &[]));
+            other.send_to(b"query", dns).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                udp(&mut ring),
+                [(PEER, 0, 1, 1)],
+                "a drop event naming the Proxy row"
+            );
+            assert_eq!(kernel.connections().unwrap().len(), 1, "no new flow");
+            kernel.forget_connections().unwrap();
         }
     }
 }

@@ -19,9 +19,10 @@ use proptest::test_runner::{Config, TestRunner};
 use std::collections::BTreeMap;
 
 /// (passed, redirected, proxied). Proxied packets fail closed when no proxy takes them: in a
-/// test run the egress programs find no proxy socket and drop; the ingress programs redirect
-/// TCP to the proxy device (`proxy_config` names one here). Only TCP is proxied today: other
-/// protocols are dropped (with the mark, which says the table proxies them).
+/// test run the egress programs (which hand TCP and UDP over) find no proxy socket, or cannot
+/// assign one, and drop; the ingress programs redirect TCP to the proxy device (`proxy_config`
+/// names one here). Other protocols, and UDP at ingress, are not proxied: dropped with the
+/// mark, which says the table proxies them.
 fn expected(d: &Decision, dir: Direction, protocol: Protocol) -> (bool, bool, bool) {
     match (d.verdict, &d.l7) {
         (DirVerdict::Denied, _) => (false, false, false),

@@ -2,6 +2,8 @@
 //! loopback with an explicit connection context, a keep-alive client, and a small policy.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use bytes::Bytes;
 use cnpc_ir::proxy::{ProxyPolicy, ProxyRule};
 use cnpc_ir::{
@@ -232,6 +234,7 @@ pub fn policy(generation: u64, http: Vec<HttpRule>) -> ProxyPolicy {
         )]
         .into_iter()
         .collect(),
+        ..ProxyPolicy::default()
     }
 }
 

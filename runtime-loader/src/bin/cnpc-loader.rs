@@ -14,7 +14,7 @@
 use clap::Parser;
 use cnpc_runtime_loader::generation::{self, Generation};
 use cnpc_runtime_loader::loader::{AttachMode, Config, Loader};
-use cnpc_runtime_loader::{l7, node, sys};
+use cnpc_runtime_loader::{fqdn, l7, node, sys};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -71,6 +71,18 @@ struct Args {
     /// Run without the L7 stage: no proxy, no proxy routes. Proxied flows are then dropped.
     #[arg(long)]
     no_l7: bool,
+    /// Least time an address learned from DNS stays, whatever its record's TTL (seconds;
+    /// Cilium's --tofqdns-min-ttl).
+    #[arg(long, default_value_t = 0)]
+    fqdn_min_ttl: u32,
+}
+
+/// What wakes the daemon loop.
+enum Wake {
+    /// A watched input file changed.
+    Files,
+    /// The DNS proxy asks to learn an answer's addresses.
+    Learn(fqdn::Pending),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -104,6 +116,16 @@ struct Metrics {
     l7: std::sync::OnceLock<Arc<l7::L7Counts>>,
     /// Verdict events read from the programs' ring buffer: allowed, denied, proxied.
     verdicts: [AtomicU64; 3],
+    /// DNS learning: requests, addresses written to the datapath, requests that needed a new
+    /// generation, those answered after the proxy's hold had passed, addresses expired.
+    fqdn_requests: AtomicU64,
+    fqdn_written: AtomicU64,
+    fqdn_generations: AtomicU64,
+    fqdn_late: AtomicU64,
+    fqdn_expired: AtomicU64,
+    /// Addresses learned (live) and zombies, now.
+    fqdn_live: AtomicU64,
+    fqdn_zombies: AtomicU64,
 }
 
 impl Metrics {
@@ -168,6 +190,56 @@ impl Metrics {
             vec![(String::new(), g(&self.proxy_restarts) as f64)],
         );
         metric(
+            "cnpc_dns_queries_total",
+            "counter",
+            "DNS queries the DNS proxy judged, by verdict (denied ones got REFUSED).",
+            self.l7.get().map_or_else(Vec::new, |c| {
+                c.dns()
+                    .into_iter()
+                    .map(|(v, n)| (format!("{{verdict=\"{v}\"}}"), n as f64))
+                    .collect()
+            }),
+        );
+        metric(
+            "cnpc_fqdn_learn_requests_total",
+            "counter",
+            "DNS answers the DNS proxy asked the loader to learn.",
+            vec![(String::new(), g(&self.fqdn_requests) as f64)],
+        );
+        metric(
+            "cnpc_fqdn_addresses_written_total",
+            "counter",
+            "fqdn map entries written (addresses learned or changed).",
+            vec![(String::new(), g(&self.fqdn_written) as f64)],
+        );
+        metric(
+            "cnpc_fqdn_generations_total",
+            "counter",
+            "Generations compiled because an answer needed a new FQDN identity.",
+            vec![(String::new(), g(&self.fqdn_generations) as f64)],
+        );
+        metric(
+            "cnpc_fqdn_hold_exceeded_total",
+            "counter",
+            "Answers the loader enforced after the DNS proxy's hold (100 ms) had passed.",
+            vec![(String::new(), g(&self.fqdn_late) as f64)],
+        );
+        metric(
+            "cnpc_fqdn_addresses_expired_total",
+            "counter",
+            "Learned addresses whose TTL ended.",
+            vec![(String::new(), g(&self.fqdn_expired) as f64)],
+        );
+        metric(
+            "cnpc_fqdn_addresses",
+            "gauge",
+            "Addresses learned from DNS, live and zombie (expired, kept for connections).",
+            vec![
+                ("{state=\"live\"}".into(), g(&self.fqdn_live) as f64),
+                ("{state=\"zombie\"}".into(), g(&self.fqdn_zombies) as f64),
+            ],
+        );
+        metric(
             "cnpc_l7_requests_total",
             "counter",
             "HTTP requests the L7 proxy judged, by direction and verdict.",
@@ -230,6 +302,8 @@ struct Runner {
     proxy: Option<l7::ProxySupervisor>,
     allocation: cnpc_compiler::lower::Allocation,
     metrics: Arc<Metrics>,
+    /// Addresses learned from DNS (see `fqdn::Learning`).
+    learning: fqdn::Learning,
 }
 
 impl Runner {
@@ -241,6 +315,70 @@ impl Runner {
         self.args.cluster.clone().unwrap_or_default()
     }
 
+    fn fqdn_path(&self) -> PathBuf {
+        self.args.state_dir.join("fqdn.json")
+    }
+
+    /// Counts what the learning side did, and saves what it learned when something is new
+    /// (a loader killed right after an answer still knows the address when it comes back).
+    fn learned(&mut self, r: fqdn::LearningReport) {
+        let m = &self.metrics;
+        m.fqdn_written
+            .fetch_add(r.written as u64, Ordering::Relaxed);
+        m.fqdn_late.fetch_add(r.late as u64, Ordering::Relaxed);
+        m.fqdn_expired
+            .fetch_add(r.expired as u64, Ordering::Relaxed);
+        let (live, zombies) = self.learning.state.counts();
+        m.fqdn_live.store(live as u64, Ordering::Relaxed);
+        m.fqdn_zombies.store(zombies as u64, Ordering::Relaxed);
+        if self.learning.state.has_new() {
+            self.save_learned();
+        }
+    }
+
+    fn save_learned(&mut self) {
+        let path = self.fqdn_path();
+        if let Err(e) = self.learning.state.save(&path) {
+            warn!(error = %e, "cannot save the learned addresses");
+        }
+    }
+
+    /// A learning request from the DNS proxy. One whose identity no enforcing generation has
+    /// compiles a new one at once (no debounce: the proxy holds the answer meanwhile).
+    fn learn(&mut self, p: fqdn::Pending) {
+        use std::os::fd::AsFd;
+        self.metrics.fqdn_requests.fetch_add(1, Ordering::Relaxed);
+        let r = self
+            .learning
+            .handle(self.loader.fqdn_map().as_fd(), p, Instant::now());
+        self.learned(r);
+        if r.needs_generation {
+            self.metrics
+                .fqdn_generations
+                .fetch_add(1, Ordering::Relaxed);
+            self.reconcile(false);
+        }
+    }
+
+    /// Ends expired names (zombies stay while conntrack has their connections) and saves the
+    /// state; a map that needs an identity the enforcing generation lacks compiles a new one.
+    fn expire_fqdn(&mut self) {
+        use std::os::fd::AsFd;
+        let r = self
+            .learning
+            .tick(self.loader.fqdn_map().as_fd(), self.loader.ct_map().as_fd());
+        match r {
+            Ok(r) => {
+                self.learned(r);
+                if r.needs_generation {
+                    self.reconcile(false);
+                }
+            }
+            Err(e) => warn!(error = %e, "expiring learned addresses failed; retried in a second"),
+        }
+        self.save_learned();
+    }
+
     /// Compiles the files and applies; returns whether a good generation now enforces.
     fn reconcile(&mut self, force: bool) -> bool {
         let start = Instant::now();
@@ -250,10 +388,11 @@ impl Runner {
             &self.cluster(),
             &self.allocation,
             Some(&routes),
+            Some(&mut self.learning.state),
         )
         .map_err(|e| e.to_string());
         let endpoints = || {
-            generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]))
+            generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]), None)
                 .map(|g| g.endpoints)
                 .map_err(|e| e.to_string())
         };
@@ -262,7 +401,11 @@ impl Runner {
         } else {
             Ok(Vec::new())
         };
-        self.apply(result, &routes, force, start, endpoints)
+        let ok = self.apply(result, &routes, force, start, endpoints);
+        if !ok {
+            self.learning.generation_failed();
+        }
+        ok
     }
 
     /// Applies a compile result: a generation, or an error that leaves the last good
@@ -288,6 +431,15 @@ impl Runner {
         };
         match self.loader.apply(&g, routes, force) {
             Ok(r) => {
+                // The programs know the generation's FQDN identities now: the map may name them.
+                use std::os::fd::AsFd;
+                match self
+                    .learning
+                    .generation_applied(self.loader.fqdn_map().as_fd(), g.fqdn.clone())
+                {
+                    Ok(r) => self.learned(r),
+                    Err(e) => error!(error = %e, "cannot write learned addresses to the fqdn map"),
+                }
                 let elapsed = start.elapsed();
                 self.allocation = g.allocation.clone();
                 if let Ok(text) = serde_json::to_string_pretty(&self.allocation) {
@@ -488,17 +640,24 @@ fn main() -> ExitCode {
         });
         bin.map(|bin| {
             l7::ProxySupervisor::new(bin, proxy_policy, Some(args.state_dir.join("proxy.log")))
+                .with_learn_socket(args.state_dir.join("fqdn.sock"))
         })
     };
     if let Some(p) = &proxy {
         let _ = metrics.l7.set(p.counts());
     }
+    let fqdn_state = fqdn::FqdnState::load(&args.state_dir.join("fqdn.json"), args.fqdn_min_ttl)
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "learned addresses not read; starting without them");
+            fqdn::FqdnState::new(args.fqdn_min_ttl)
+        });
     let mut runner = Runner {
         args,
         loader,
         proxy,
         allocation,
         metrics,
+        learning: fqdn::Learning::new(fqdn_state),
     };
     if runner.args.kubernetes {
         return kubernetes(runner);
@@ -508,6 +667,28 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t);
     }
     let (tx, rx) = mpsc::channel();
+    // The DNS proxy's learning requests join the same loop, so they are answered at once.
+    if runner.proxy.is_some() {
+        let (learn_tx, learn_rx) = mpsc::channel();
+        let socket = runner.args.state_dir.join("fqdn.sock");
+        match fqdn::serve(&socket, learn_tx) {
+            Ok(()) => {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for p in learn_rx {
+                        if tx.send(Wake::Learn(p)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => error!(
+                path = %socket.display(),
+                error = %e,
+                "cannot serve the learning socket: addresses from DNS are not learned"
+            ),
+        }
+    }
     let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     let cluster = absolute(&runner.cluster());
     let policies: Vec<PathBuf> = runner.args.policies.iter().map(absolute).collect();
@@ -521,7 +702,7 @@ fn main() -> ExitCode {
                 .iter()
                 .any(|p| *p == cluster_file || inputs.iter().any(|i| p.starts_with(i)));
         if relevant {
-            let _ = tx.send(());
+            let _ = tx.send(Wake::Files);
         }
     }) {
         Ok(w) => w,
@@ -561,9 +742,11 @@ fn main() -> ExitCode {
     }
     let debounce = Duration::from_millis(runner.args.debounce_ms);
     let mut dirty: Option<Instant> = None;
+    let mut last_expiry = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(()) => dirty = Some(Instant::now()),
+            Ok(Wake::Files) => dirty = Some(Instant::now()),
+            Ok(Wake::Learn(p)) => runner.learn(p),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return ExitCode::from(2),
         }
@@ -573,6 +756,10 @@ fn main() -> ExitCode {
         if dirty.is_some_and(|t| t.elapsed() >= debounce) {
             dirty = None;
             runner.reconcile(false);
+        }
+        if last_expiry.elapsed() >= Duration::from_secs(1) {
+            last_expiry = Instant::now();
+            runner.expire_fqdn();
         }
         runner.supervise_proxy();
     }

@@ -40,6 +40,8 @@ pub struct Net {
     pub cluster: PathBuf,
     /// Extra loader arguments.
     pub loader_args: Vec<String>,
+    /// Namespaces made beyond the demo's pods ([`Net::add_pod`], [`Net::add_world`]).
+    extra: Vec<String>,
 }
 
 impl Net {
@@ -80,6 +82,7 @@ impl Net {
             stop: Arc::new(AtomicBool::new(false)),
             loader: None,
             loader_args: Vec::new(),
+            extra: Vec::new(),
         };
         let node = net.ns("node");
         net.ip(&["netns", "add", &node])?;
@@ -125,9 +128,32 @@ impl Net {
 
     /// The node and the demo's pod namespaces, joined by veth pairs; no server, no policy.
     pub fn pods() -> Result<Net, String> {
-        let net = Net::node()?;
-        let node = net.ns("node");
+        let mut net = Net::node()?;
         for (pod, suffix, addr) in PODS {
+            net.join(pod, suffix, &[addr])?;
+        }
+        Ok(net)
+    }
+
+    /// One more pod namespace (beyond the demo's), joined to the node like theirs.
+    pub fn add_pod(&mut self, pod: &str, suffix: &str, addr: &str) -> Result<(), String> {
+        self.extra.push(self.ns(pod));
+        self.join(pod, suffix, &[addr])
+    }
+
+    /// A namespace standing for the world outside the cluster: `addrs` (host addresses) are
+    /// its own, routed to it from the node.
+    pub fn add_world(&mut self, addrs: &[&str]) -> Result<(), String> {
+        self.extra.push(self.ns("world"));
+        self.join("world", "wd", addrs)
+    }
+
+    /// A namespace `pod` holding `addrs`, joined to the node by a veth pair whose host side
+    /// is `<prefix><suffix>`, with routes both ways.
+    fn join(&mut self, pod: &str, suffix: &str, addrs: &[&str]) -> Result<(), String> {
+        let net = &*self;
+        let node = net.ns("node");
+        {
             let ns = net.ns(pod);
             let host = format!("{}{suffix}", net.prefix);
             net.ip(&["netns", "add", &ns])?;
@@ -137,26 +163,30 @@ impl Net {
             ])?;
             net.ip(&["-n", &node, "link", "set", &host, "up"])?;
             net.ip(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", &host])?;
-            net.ip(&[
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{addr}/32"),
-                "dev",
-                &host,
-            ])?;
+            for addr in addrs {
+                net.ip(&[
+                    "-n",
+                    &node,
+                    "route",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    &host,
+                ])?;
+            }
             net.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             net.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            net.ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/32"),
-                "dev",
-                "eth0",
-            ])?;
+            for addr in addrs {
+                net.ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
             net.ip(&[
                 "-n",
                 &ns,
@@ -180,7 +210,7 @@ impl Net {
                 "eth0",
             ])?;
         }
-        Ok(net)
+        Ok(())
     }
 
     /// A keep-alive HTTP/1.1 server on port 80 in the pod's namespace that records the request
@@ -462,6 +492,80 @@ pub fn read_message(r: &mut impl std::io::BufRead) -> Option<(String, Vec<u8>)> 
     Some((first, body))
 }
 
+impl Net {
+    /// Runs `f` on a new thread inside `pod`'s namespace; returns what it returns.
+    pub fn in_ns<T: Send + 'static>(
+        &self,
+        pod: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.ns(pod));
+        std::thread::spawn(move || {
+            enter(&path).expect("setns");
+            f()
+        })
+    }
+
+    /// A TCP echo server on `addr:port` in `pod`'s namespace (one thread per connection).
+    pub fn serve_echo(&self, pod: &str, addr: &str, port: u16) -> Result<(), String> {
+        let addr: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.in_ns(pod, move || {
+            let listener = match TcpListener::bind(addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("bind {addr}: {e}")));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            listener.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 512];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv().map_err(|e| e.to_string())?
+    }
+
+    /// A TCP connection from `pod` to `addr:port`, or `None` within `timeout`.
+    pub fn connect_to(
+        &self,
+        pod: &str,
+        addr: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Option<TcpStream> {
+        let addr: SocketAddr = format!("{addr}:{port}").parse().unwrap();
+        self.in_ns(pod, move || {
+            let s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+            s.set_read_timeout(Some(timeout)).ok()?;
+            Some(s)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+/// Whether `s` echoes a line back.
+pub fn echoes(mut s: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    s.write_all(b"ping\n").is_ok() && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"ping\n")
+}
+
 pub fn enter(path: &str) -> Result<(), String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
     // SAFETY: setns on a namespace file this thread keeps open for the call.
@@ -479,9 +583,10 @@ impl Drop for Net {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for (pod, _, _) in PODS {
-            if Path::new(&format!("/var/run/netns/{}", self.ns(pod))).exists() {
-                let _ = self.ip(&["netns", "del", &self.ns(pod)]);
+        let extra = std::mem::take(&mut self.extra);
+        for ns in PODS.iter().map(|(pod, _, _)| self.ns(pod)).chain(extra) {
+            if Path::new(&format!("/var/run/netns/{ns}")).exists() {
+                let _ = self.ip(&["netns", "del", &ns]);
             }
         }
         let _ = self.ip(&["netns", "del", &self.ns("node")]);
