@@ -155,7 +155,9 @@ pub const HOSTS_KEY_SIZE: u32 = 20;
 ///
 /// A value with [`FQDN_ZOMBIE`] set is an address whose names' TTLs ended while connections
 /// to it remain (Cilium's zombies, pkg/fqdn/namemanager): its identity still decides packets of
-/// connections in `ct`, but a packet that would open a new connection is dropped.
+/// connections in `ct`; any other packet is decided as if the address had never been learned
+/// (its prefix or the world), so toFQDNs rules open nothing new to it and every other rule
+/// decides it as before.
 pub const FQDN_MAP: &str = "fqdn";
 /// Entries of the [`FQDN_MAP`]: learned addresses a node holds at once.
 pub const FQDN_MAX_ENTRIES: u32 = 65_536;
@@ -269,7 +271,7 @@ const RET: i16 = -108; // u32: the return code on the event path
 const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
 const TUPLE: i16 = -160; // struct bpf_sock_tuple of a socket lookup, 36 bytes
 const HANDOFF_NEW: i16 = -164; // u32: the handoff opens a connection (1) or continues one (0)
-const ZOMBIE: i16 = -168; // u32: the peer is a zombie address (1): no new connections
+const ZOMBIE: i16 = -168; // u32: a zombie's fqdn map value, while identity_lookup uses it
 
 /// How a program decides, chosen by the table's size; `cnpc verify` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -737,15 +739,12 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
         a.goto(decide);
         a.bind(ipcache);
     }
-    identity_lookup(&mut a, found);
+    identity_lookup(&mut a, found, decide);
     a.mov(R1, Src::Imm(WORLD)).goto(decide);
     a.bind(found);
     a.load(Size::W, R1, R0, 0);
     a.bind(decide);
-    // Only an fqdn map value carries FQDN_ZOMBIE; the tails read it where a connection opens.
-    a.mov(R2, Src::Reg(R1))
-        .alu(AluOp::Rsh, R2, Src::Imm(31))
-        .store(Size::W, R10, ZOMBIE, Src::Reg(R2));
+    // A zombie's value (identity_lookup) carries FQDN_ZOMBIE.
     a.alu(AluOp::And, R1, Src::Imm(!FQDN_ZOMBIE as i32));
     a.store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
     // R1 = identity, R2 = port, PROTO = protocol.
@@ -768,19 +767,37 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
 
 /// Looks up the address of the ipcache key at KEY: the host map, then the addresses learned
 /// from DNS, then the prefixes; jumps to `found` with r0 at the identity, falls through on a
-/// miss.
-fn identity_lookup(a: &mut Asm, found: Label) {
-    for (map, key) in [
-        (HOSTS_MAP, KEY + 4),
-        (FQDN_MAP, KEY + 4),
-        (IPCACHE_MAP, KEY),
-    ] {
+/// miss. A learned address marked [`FQDN_ZOMBIE`] counts only for a packet of a connection
+/// `ct` has (the CT key is built by then); any other packet goes on to the prefixes, as if the
+/// address had never been learned: its names expired, so toFQDNs rules no longer open
+/// connections to it, while CIDR and entity rules still decide it as before it was learned.
+/// A zombie that counts jumps to `known` with r1 = its value, bit included (the caller masks
+/// it off).
+fn identity_lookup(a: &mut Asm, found: Label, known: Label) {
+    let lookup = |a: &mut Asm, map: &str, key: i16| {
         a.ld_map(R1, map);
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(key)));
         a.call(MAP_LOOKUP_ELEM);
-        a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
-    }
+    };
+    lookup(a, HOSTS_MAP, KEY + 4);
+    a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
+    let prefixes = a.label();
+    let zombie = a.label();
+    lookup(a, FQDN_MAP, KEY + 4);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), prefixes);
+    a.load(Size::W, R1, R0, 0);
+    a.jump_if(Cond::Set, R1, Src::Imm(FQDN_ZOMBIE as i32), zombie);
+    a.goto(found);
+    a.bind(zombie);
+    a.store(Size::W, R10, ZOMBIE, Src::Reg(R1));
+    lookup(a, CT_MAP, CT);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), prefixes);
+    a.load(Size::W, R1, R10, ZOMBIE);
+    a.goto(known);
+    a.bind(prefixes);
+    lookup(a, IPCACHE_MAP, KEY);
+    a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
 }
 
 /// What happens after the decision: the conntrack check, the handoff to a proxy, events, the
@@ -901,9 +918,6 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
             a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(0));
             a.goto(handoff);
             a.bind(new);
-            // Nothing new opens to a zombie peer, through the proxy either.
-            a.load(Size::W, R1, R10, ZOMBIE)
-                .jump_if(Cond::Ne, R1, Src::Imm(0), refused);
             a.store(Size::W, R10, HANDOFF_NEW, Src::Imm(1));
         }
         a.goto(handoff);
@@ -916,10 +930,6 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
         a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(0));
         if track {
             let create = a.label();
-            let zombie = a.label();
-            let refuse = a.label();
-            a.load(Size::W, R1, R10, ZOMBIE)
-                .jump_if(Cond::Ne, R1, Src::Imm(0), zombie);
             untracked(a, ok);
             ct_lookup(a);
             a.jump_if(Cond::Eq, R0, Src::Imm(0), create);
@@ -927,16 +937,6 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
             a.bind(create);
             ct_create(a, opened_here, 0);
             a.store(Size::W, R10, RET, Src::Imm(TC_ACT_OK));
-            a.goto(emit);
-            // A zombie peer: connections in `ct` go on, nothing new opens (ICMP included,
-            // which is never tracked).
-            a.bind(zombie);
-            ct_lookup(a);
-            a.jump_if(Cond::Eq, R0, Src::Imm(0), refuse);
-            established(a, ok);
-            a.bind(refuse);
-            a.store(Size::B, R10, EVT + event::VERDICT as i16, Src::Imm(1));
-            a.store(Size::W, R10, RET, Src::Imm(TC_ACT_SHOT));
             a.goto(emit);
         } else {
             a.goto(ok);
@@ -1016,7 +1016,7 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
             .store(Size::W, R10, KEY + 8 + 4 * w, Src::Reg(R1));
     }
     let known = a.label();
-    identity_lookup(a, known);
+    identity_lookup(a, known, subject);
     a.mov(R1, Src::Imm(0)).goto(subject);
     a.bind(known);
     a.load(Size::W, R1, R0, 0);

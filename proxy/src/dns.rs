@@ -140,18 +140,24 @@ pub fn match_answer(bytes: &[u8], id: u16, question: &Query) -> Option<UpstreamA
 pub const MAX_CNAME_CHAIN: usize = 16;
 
 /// The A/AAAA addresses (with TTLs) of the answer section that belong to `qname` or a name its
-/// CNAME chain reaches; records for other names are ignored.
+/// CNAME chain reaches; records for other names are ignored. An address lives no longer than
+/// the chain that leads to it: its TTL is capped by the lowest CNAME TTL on the way, as Cilium
+/// takes the lowest TTL of the answer's records (pkg/fqdn/dnsproxy, `ExtractMsgDetails`).
 pub fn chain_addresses(message: &Message, qname: &Name) -> Vec<LearnedAddress> {
     let mut names: Vec<&Name> = vec![qname];
+    let mut chain_ttl = u32::MAX;
     for _ in 0..MAX_CNAME_CHAIN {
         let next = message.answers.iter().find_map(|r| match &r.data {
             RData::CNAME(target) if names.contains(&&r.name) && !names.contains(&&target.0) => {
-                Some(&target.0)
+                Some((&target.0, r.ttl))
             }
             _ => None,
         });
         match next {
-            Some(n) => names.push(n),
+            Some((n, ttl)) => {
+                names.push(n);
+                chain_ttl = chain_ttl.min(ttl);
+            }
             None => break,
         }
     }
@@ -165,10 +171,11 @@ pub fn chain_addresses(message: &Message, qname: &Name) -> Vec<LearnedAddress> {
             RData::AAAA(a) => std::net::IpAddr::V6(a.0),
             _ => continue,
         };
+        let ttl = r.ttl.min(chain_ttl);
         match out.iter_mut().find(|l| l.ip == ip) {
             // The same address twice: keep the longer TTL.
-            Some(l) => l.ttl = l.ttl.max(r.ttl),
-            None => out.push(LearnedAddress { ip, ttl: r.ttl }),
+            Some(l) => l.ttl = l.ttl.max(ttl),
+            None => out.push(LearnedAddress { ip, ttl }),
         }
     }
     out
@@ -322,6 +329,26 @@ mod tests {
         assert_eq!(chain_addresses(&a.message, &q).len(), 2);
         assert!(match_answer(&bytes, 8, &Query::query(q.clone(), RecordType::A)).is_none());
         assert!(match_answer(&bytes, 7, &Query::query(q, RecordType::AAAA)).is_none());
+    }
+
+    #[test]
+    fn an_address_lives_no_longer_than_its_cname_chain() {
+        let q = name("www.example.com.");
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(q.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            name("www.example.com."),
+            5,
+            RData::CNAME(CNAME(name("edge.cdn.net."))),
+        ));
+        m.add_answer(Record::from_rdata(
+            name("edge.cdn.net."),
+            3600,
+            RData::A(A("192.0.2.1".parse().expect("literal"))),
+        ));
+        let got = chain_addresses(&m, &q);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].ttl, 5, "the CNAME's 5 s, not the address's hour");
     }
 
     #[test]

@@ -65,24 +65,45 @@ impl Default for Ports {
     }
 }
 
+/// A socket of the family of `addr`, made transparent when asked (IP_TRANSPARENT /
+/// IPV6_TRANSPARENT: it may take packets for, or send from, addresses that are not the node's),
+/// with the error of each step naming `addr`.
+pub(crate) fn proxy_socket(
+    addr: SocketAddr,
+    ty: Type,
+    protocol: Protocol,
+    transparent: bool,
+) -> Result<Socket, ListenError> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))
+        .map_err(|source| ListenError::Socket { addr, source })?;
+    if transparent {
+        let t = if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)
+        } else {
+            socket.set_ip_transparent_v6(true)
+        };
+        t.map_err(|source| ListenError::Transparent { addr, source })?;
+    }
+    Ok(socket)
+}
+
+/// The error of setting `option` on a socket for `addr`.
+pub(crate) fn option_error(
+    addr: SocketAddr,
+    option: &'static str,
+) -> impl Fn(std::io::Error) -> ListenError {
+    move |source| ListenError::Option {
+        addr,
+        option,
+        source,
+    }
+}
+
 /// A transparent listening socket on `addr` (see the module doc). Must be called within a
 /// tokio runtime.
 pub fn transparent_listener(addr: SocketAddr) -> Result<TcpListener, ListenError> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|source| ListenError::Socket { addr, source })?;
-    let option = |option: &'static str| {
-        move |source: std::io::Error| ListenError::Option {
-            addr,
-            option,
-            source,
-        }
-    };
-    let transparent = if addr.is_ipv4() {
-        socket.set_ip_transparent_v4(true)
-    } else {
-        socket.set_ip_transparent_v6(true)
-    };
-    transparent.map_err(|source| ListenError::Transparent { addr, source })?;
+    let socket = proxy_socket(addr, Type::STREAM, Protocol::TCP, true)?;
+    let option = |option: &'static str| option_error(addr, option);
     if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(option("IPV6_V6ONLY"))?;
     }

@@ -28,14 +28,14 @@
 
 use crate::dns_proxy::{handle_query, Outcome, Transport, Upstream};
 use crate::events::Counters;
-use crate::listener::ListenError;
+use crate::listener::{option_error, proxy_socket, ListenError};
 use crate::{ConnContext, Proxy};
 use cnpc_ir::Direction;
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
     SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
-use socket2::{Domain, Socket, Type};
+use socket2::{Socket, Type};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -47,27 +47,8 @@ use tokio::net::UdpSocket;
 /// A DNS listening socket: transparent for the datapath, or plain (tests). Both ask for the
 /// original destination of each datagram. Must be called within a tokio runtime.
 pub fn dns_socket(addr: SocketAddr, transparent: bool) -> Result<UdpSocket, ListenError> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(|source| ListenError::Socket { addr, source })?;
-    let option = |option: &'static str| {
-        move |source: std::io::Error| ListenError::Option {
-            addr,
-            option,
-            source,
-        }
-    };
-    if transparent {
-        let t = if addr.is_ipv4() {
-            socket.set_ip_transparent_v4(true)
-        } else {
-            socket.set_ip_transparent_v6(true)
-        };
-        t.map_err(|source| ListenError::Transparent { addr, source })?;
-    }
+    let socket = proxy_socket(addr, Type::DGRAM, socket2::Protocol::UDP, transparent)?;
+    let option = |option: &'static str| option_error(addr, option);
     if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(option("IPV6_V6ONLY"))?;
         setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)
@@ -272,25 +253,8 @@ impl SpoofSender {
 
 fn raw_socket(bind: SocketAddr) -> Result<AsyncFd<Socket>, ListenError> {
     let addr = bind;
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::RAW,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(|source| ListenError::Socket { addr, source })?;
-    let option = |option: &'static str| {
-        move |source: std::io::Error| ListenError::Option {
-            addr,
-            option,
-            source,
-        }
-    };
-    let t = if addr.is_ipv4() {
-        socket.set_ip_transparent_v4(true)
-    } else {
-        socket.set_ip_transparent_v6(true)
-    };
-    t.map_err(|source| ListenError::Transparent { addr, source })?;
+    let socket = proxy_socket(addr, Type::RAW, socket2::Protocol::UDP, true)?;
+    let option = |option: &'static str| option_error(addr, option);
     if addr.is_ipv6() {
         // The kernel fills in the UDP checksum (offset 6 of the UDP header), over the pseudo
         // header with the source address actually used; IPv6 forbids a zero checksum.

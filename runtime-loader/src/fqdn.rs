@@ -40,6 +40,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// remain: those connections keep their identity, new ones are dropped (gen::FQDN_ZOMBIE).
 pub const ZOMBIE: u32 = cnpc_codegen_bpf::gen::FQDN_ZOMBIE;
 
+/// Most addresses kept per name (Cilium's --tofqdns-endpoint-max-ip-per-hostname default).
+pub const MAX_ADDRESSES_PER_NAME: usize = 1000;
+
 /// An FQDN identity's key: the selectors (sorted) and the CIDR prefix.
 pub type FqdnKey = (Vec<DnsMatcher>, Option<IpNet>);
 
@@ -81,6 +84,9 @@ pub struct FqdnState {
     pub in_map: BTreeSet<FqdnKey>,
     #[serde(skip)]
     dirty: bool,
+    /// address → the names it was learned for (an index of `names`, rebuilt at load).
+    #[serde(skip)]
+    by_address: BTreeMap<IpAddr, BTreeSet<String>>,
     /// A name or address is new since the last save: worth saving at once, so a loader killed
     /// right after an answer still knows the address when it comes back (a later expiry only
     /// waits for the next periodic save).
@@ -100,6 +106,10 @@ pub struct FqdnView {
     pub excluded: HashSet<IpAddr>,
     /// The `fqdn` map this generation wants: address → value (identity, maybe [`ZOMBIE`]).
     pub map: BTreeMap<IpAddr, u32>,
+    /// Whether `map` is the node's learned state (the loader writes it with the generation),
+    /// rather than empty for want of one (a generation compiled without learned addresses
+    /// leaves the pinned map alone).
+    pub managed: bool,
 }
 
 /// The outcome of a [`LearnRequest`].
@@ -155,8 +165,25 @@ impl FqdnState {
             source,
         })?;
         s.min_ttl = min_ttl;
-        s.next = s.next.max(FIRST_FQDN_IDENTITY);
+        // Never below a number handed out already, whatever `next` says.
+        let top = s.allocation.values().map(|(_, n)| n + 1).max().unwrap_or(0);
+        s.next = s.next.max(FIRST_FQDN_IDENTITY).max(top);
+        for (name, addrs) in &s.names {
+            for ip in addrs.keys() {
+                s.by_address.entry(*ip).or_default().insert(name.clone());
+            }
+        }
         Ok(s)
+    }
+
+    /// Hands out numbers above `identity` only: the pinned `fqdn` map may hold numbers a lost
+    /// or older state file does not know, and a number must never change its meaning.
+    pub fn reserve_above(&mut self, identity: u32) {
+        let identity = identity & !ZOMBIE;
+        if identity >= self.next {
+            self.next = identity + 1;
+            self.dirty = true;
+        }
     }
 
     /// Writes the state to `path` (temp file and rename) if it changed since the last save.
@@ -182,13 +209,13 @@ impl FqdnState {
         self.new_since_save
     }
 
-    /// The names an address was learned for and has not expired for.
-    fn names_of(&self, ip: IpAddr, now: u64) -> Vec<&str> {
-        self.names
-            .iter()
-            .filter(|(_, addrs)| addrs.get(&ip).is_some_and(|&exp| exp > now))
-            .map(|(n, _)| n.as_str())
-            .collect()
+    /// The names an address was learned for. Expired ones count until [`FqdnState::expire`]
+    /// ends them, which is where an address becomes a zombie: a compile in between must not
+    /// drop an address its connections still use.
+    fn names_of(&self, ip: IpAddr) -> Vec<&str> {
+        self.by_address
+            .get(&ip)
+            .map_or_else(Vec::new, |n| n.iter().map(String::as_str).collect())
     }
 
     fn number(&mut self, key: &FqdnKey) -> NumericIdentity {
@@ -197,7 +224,8 @@ impl FqdnState {
             return NumericIdentity(*n);
         }
         let n = self.next;
-        self.next += 1;
+        // Numbers run below the zombie bit: 2^31 - 2^24 - 2^23 of them, never reused.
+        self.next = (n + 1).min(ZOMBIE - 1);
         self.allocation.insert(text, (key.clone(), n));
         self.dirty = true;
         NumericIdentity(n)
@@ -210,7 +238,6 @@ impl FqdnState {
         &mut self,
         program: &Program,
         excluded: HashSet<IpAddr>,
-        now: u64,
     ) -> (Vec<FqdnIdentity>, FqdnView) {
         let selectors = fqdn_selectors(&[program]);
         let prefixes = cidr_prefixes(&[program]);
@@ -220,16 +247,12 @@ impl FqdnState {
             .chain(self.in_map.iter().cloned())
             .collect();
         let mut map_keys: Vec<(IpAddr, FqdnKey, bool)> = Vec::new();
-        let addresses: BTreeSet<IpAddr> = self
-            .names
-            .values()
-            .flat_map(|a| a.keys().copied())
-            .collect();
+        let addresses: Vec<IpAddr> = self.by_address.keys().copied().collect();
         for ip in addresses {
             if excluded.contains(&ip) {
                 continue;
             }
-            let names = self.names_of(ip, now);
+            let names = self.names_of(ip);
             if let Some(key) = fqdn_key(&selectors, &prefixes, names.iter().copied(), ip) {
                 keys.insert(key.clone());
                 map_keys.push((ip, key, false));
@@ -266,6 +289,7 @@ impl FqdnState {
             identities,
             excluded,
             map,
+            managed: true,
         };
         (list, view)
     }
@@ -291,8 +315,26 @@ impl FqdnState {
                 // A shorter TTL than an earlier answer's never cuts the address off early.
                 entry.insert(a.ip, o);
             }
+            if entry.len() > MAX_ADDRESSES_PER_NAME {
+                // The one that would expire first goes (Cilium caps addresses per name too,
+                // --tofqdns-endpoint-max-ip-per-hostname), so a wildcard record cannot fill
+                // the map through one name.
+                if let Some((&drop, _)) = entry.iter().min_by_key(|(_, &e)| e) {
+                    entry.remove(&drop);
+                    if let Some(n) = self.by_address.get_mut(&drop) {
+                        n.remove(&name);
+                        if n.is_empty() {
+                            self.by_address.remove(&drop);
+                        }
+                    }
+                }
+            }
+            self.by_address
+                .entry(a.ip)
+                .or_default()
+                .insert(name.clone());
             self.zombies.remove(&a.ip);
-            let names = self.names_of(a.ip, now);
+            let names = self.names_of(a.ip);
             let Some(key) = fqdn_key(&view.selectors, &view.prefixes, names, a.ip) else {
                 continue;
             };
@@ -318,11 +360,17 @@ impl FqdnState {
     pub fn expire(&mut self, view: &FqdnView, now: u64, connected: &HashSet<IpAddr>) -> bool {
         let mut changed = false;
         let mut ended: BTreeSet<IpAddr> = BTreeSet::new();
-        for addrs in self.names.values_mut() {
+        for (name, addrs) in self.names.iter_mut() {
             addrs.retain(|ip, exp| {
                 let keep = *exp > now;
                 if !keep {
                     ended.insert(*ip);
+                    if let Some(n) = self.by_address.get_mut(ip) {
+                        n.remove(name);
+                        if n.is_empty() {
+                            self.by_address.remove(ip);
+                        }
+                    }
                 }
                 keep
             });
@@ -331,7 +379,7 @@ impl FqdnState {
         for ip in ended {
             changed = true;
             self.dirty = true;
-            if self.names_of(ip, now).is_empty() {
+            if self.names_of(ip).is_empty() {
                 // Its last name ended: keep it for its connections, with the key it had.
                 if connected.contains(&ip) {
                     let names: Vec<&str> = Vec::new();
@@ -362,18 +410,15 @@ impl FqdnState {
 
     /// The `fqdn` map `view`'s generation should hold now, or `None` when some address needs
     /// an identity it does not know (compile a new generation, [`FqdnState::prepare`]).
-    pub fn map_for(&self, view: &FqdnView, now: u64) -> Option<BTreeMap<IpAddr, u32>> {
+    pub fn map_for(&self, view: &FqdnView) -> Option<BTreeMap<IpAddr, u32>> {
         let mut map = BTreeMap::new();
-        let addresses: BTreeSet<IpAddr> = self
-            .names
-            .values()
-            .flat_map(|a| a.keys().copied())
-            .collect();
-        for ip in addresses
-            .into_iter()
+        for ip in self
+            .by_address
+            .keys()
+            .copied()
             .filter(|ip| !view.excluded.contains(ip))
         {
-            let names = self.names_of(ip, now);
+            let names = self.names_of(ip);
             if let Some(key) = fqdn_key(&view.selectors, &view.prefixes, names, ip) {
                 map.insert(ip, view.identities.get(&key)?.0);
             }
@@ -384,6 +429,11 @@ impl FqdnState {
             }
         }
         Some(map)
+    }
+
+    /// Whether some name's time is up at `now`.
+    pub fn names_expired(&self, now: u64) -> bool {
+        self.names.values().any(|a| a.values().any(|&e| e <= now))
     }
 
     /// Whether any zombie or name will need [`FqdnState::expire`] at `now`.
@@ -412,12 +462,7 @@ impl FqdnState {
 
     /// Addresses learned and zombies, for the metrics.
     pub fn counts(&self) -> (usize, usize) {
-        let live: BTreeSet<IpAddr> = self
-            .names
-            .values()
-            .flat_map(|a| a.keys().copied())
-            .collect();
-        (live.len(), self.zombies.len())
+        (self.by_address.len(), self.zombies.len())
     }
 }
 
@@ -496,7 +541,16 @@ pub struct Learning {
     pub state: FqdnState,
     pub view: FqdnView,
     pending: Vec<(Pending, Instant)>,
+    /// Whether a generation's view is in force: until then the pinned map (what the last
+    /// loader wrote) is left as it is.
+    applied: bool,
+    /// When conntrack was last read for the zombies alone.
+    zombies_checked: Option<Instant>,
 }
+
+/// How often conntrack is read while zombies are all that may end (reading it walks every
+/// connection of the node).
+pub const ZOMBIE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What handling a request or a tick did, for the metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -541,6 +595,8 @@ impl Learning {
             state,
             view: FqdnView::default(),
             pending: Vec::new(),
+            applied: false,
+            zombies_checked: None,
         }
     }
 
@@ -558,16 +614,38 @@ impl Learning {
 
     /// One request: answered at once when the enforcing generation knows the identities its
     /// addresses need, else kept until [`Learning::generation_applied`] (the report says a
-    /// generation is needed).
+    /// generation is needed). Before any generation of this loader is in force the request is
+    /// recorded (the first generation maps it) and refused.
     pub fn handle(&mut self, map: BorrowedFd<'_>, p: Pending, since: Instant) -> LearningReport {
         let mut report = LearningReport::default();
+        if !self.applied {
+            self.state.learn(&p.request, &self.view, now());
+            refuse(&p, "no generation enforcing yet");
+            report.refused = 1;
+            return report;
+        }
         match self.state.learn(&p.request, &self.view, now()) {
             Learned::Ready(entries) => {
-                let mut desired = self.view.map.clone();
-                desired.extend(entries.iter().copied());
-                match self.write(map, desired) {
-                    Ok(n) => {
-                        report.written = n;
+                // Only what changed is written: the map holds the rest already.
+                let mut result = Ok(());
+                for (ip, value) in &entries {
+                    if self.view.map.get(ip) == Some(value) {
+                        continue;
+                    }
+                    let key = cnpc_codegen_bpf::artifacts::fqdn_key(*ip);
+                    result = crate::sys::map_update(map, &key, &value.to_le_bytes());
+                    if result.is_err() {
+                        break;
+                    }
+                    self.view.map.insert(*ip, *value);
+                    if let Some((k, _)) = self.view.identities.iter().find(|(_, id)| id.0 == *value)
+                    {
+                        self.state.in_map.insert(k.clone());
+                    }
+                    report.written += 1;
+                }
+                match result {
+                    Ok(()) => {
                         report.answered = 1;
                         report.late = usize::from(since.elapsed() > HOLD);
                         let _ = p.reply.send(LearnReply {
@@ -582,7 +660,7 @@ impl Learning {
                     }
                     Err(e) => {
                         report.refused = 1;
-                        refuse(&p, &format!("the fqdn map refused the entries: {e}"));
+                        refuse(&p, &format!("the fqdn map refused an entry: {e}"));
                     }
                 }
             }
@@ -604,6 +682,7 @@ impl Learning {
     ) -> std::io::Result<LearningReport> {
         let desired = view.map.clone();
         self.view = view;
+        self.applied = true;
         let written = self.write(map, desired)?;
         let mut report = LearningReport {
             written,
@@ -644,15 +723,23 @@ impl Learning {
     ) -> std::io::Result<LearningReport> {
         let now = now();
         let mut report = LearningReport::default();
-        if !self.state.has_expired(now) {
+        if !self.applied || !self.state.has_expired(now) {
             return Ok(report);
         }
+        let names_ended = self.state.names_expired(now);
+        let zombies_due = self
+            .zombies_checked
+            .is_none_or(|t| t.elapsed() >= ZOMBIE_CHECK_INTERVAL);
+        if !names_ended && !zombies_due {
+            return Ok(report);
+        }
+        self.zombies_checked = Some(Instant::now());
         let keys = crate::sys::map_keys(ct, cnpc_codegen_bpf::gen::CT_KEY_SIZE as usize)?;
         let connected = connected_peers(keys);
         let (live, _) = self.state.counts();
         if self.state.expire(&self.view, now, &connected) {
             report.expired = live.saturating_sub(self.state.counts().0);
-            match self.state.map_for(&self.view, now) {
+            match self.state.map_for(&self.view) {
                 Some(desired) => report.written = self.write(map, desired)?,
                 None => report.needs_generation = true,
             }
@@ -710,15 +797,29 @@ pub fn sync_map(
         .map(|(ip, v)| (fqdn_key(*ip), v.to_le_bytes().to_vec()))
         .collect();
     let (mut written, mut deleted) = (0, 0);
-    for (k, v) in &want {
-        if current.get(k) != Some(v) {
-            crate::sys::map_update(map, k, v)?;
-            written += 1;
+    // Deletions first, so a full map still makes room; an entry the kernel refuses does not
+    // stop the others (the first error is returned once all were tried).
+    let mut first_error = None;
+    for k in current.keys().filter(|k| !want.contains_key(*k)) {
+        match crate::sys::map_delete(map, k) {
+            Ok(_) => deleted += 1,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
-    for k in current.keys().filter(|k| !want.contains_key(*k)) {
-        crate::sys::map_delete(map, k)?;
-        deleted += 1;
+    for (k, v) in &want {
+        if current.get(k) != Some(v) {
+            match crate::sys::map_update(map, k, v) {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok((written, deleted))
 }
@@ -798,7 +899,7 @@ mod tests {
         assert!(!s.expire(&v, 1005, &connected), "nothing expired yet");
         assert!(s.expire(&v, 1011, &connected));
         assert_eq!(s.counts(), (0, 1));
-        let (_, v2) = s.prepare(&Program::default(), HashSet::new(), 1011);
+        let (_, v2) = s.prepare(&Program::default(), HashSet::new());
         assert_eq!(
             v2.map
                 .get(&"192.0.2.1".parse().unwrap())

@@ -130,9 +130,9 @@ pub fn build(
         .chain(crate::node::local_addresses())
         .collect();
     let mut learned = FqdnState::new(0);
-    let (fqdn_identities, fqdn) =
-        fqdn.unwrap_or(&mut learned)
-            .prepare(&program, excluded, crate::fqdn::now());
+    let managed = fqdn.is_some();
+    let (fqdn_identities, mut fqdn) = fqdn.unwrap_or(&mut learned).prepare(&program, excluded);
+    fqdn.managed = managed;
     let compiler = TableCompiler::with_fqdn(&program, &fqdn_identities);
     let tables = match routes {
         None => compiler.all(&program),

@@ -215,6 +215,7 @@ pub fn desired(
     objects: &Objects,
     previous: &Allocation,
     routes: Option<&[Route]>,
+    fqdn: Option<&mut crate::fqdn::FqdnState>,
 ) -> Result<Generation, CompileError> {
     let start = Instant::now();
     let mut set = PolicySet::default();
@@ -238,7 +239,7 @@ pub fn desired(
         Path::new("kubernetes/cluster"),
         &serde_json::to_string_pretty(&list).expect("JSON values serialise"),
     );
-    generation::build(set, cluster, previous, routes, start, None)
+    generation::build(set, cluster, previous, routes, start, fqdn)
 }
 
 /// This node's result for each policy object: (kind, key, ok, message).

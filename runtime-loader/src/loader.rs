@@ -480,6 +480,18 @@ impl Loader {
             }
         }
 
+        // Learned addresses take the generation's identities before its programs switch in.
+        // The old programs may then read an identity they do not know for an address whose
+        // identity changed, which their tables deny by default: for the moment of the switch
+        // such an address is refused, never given more than either generation gives it (the
+        // other order would let the new tables read the old identities).
+        if g.fqdn.managed {
+            crate::fqdn::sync_map(&self.fqdn, &g.fqdn.map).map_err(|e| LoaderError::State {
+                path: self.cfg.pin_dir.join(gen::FQDN_MAP),
+                message: e.to_string(),
+            })?;
+        }
+
         // Phase 2: switch, hook by hook.
         let switch = Instant::now();
         let mut hooks = BTreeMap::new();

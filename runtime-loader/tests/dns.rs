@@ -22,7 +22,7 @@ use netns::{echoes, Net};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,15 +35,29 @@ const API: &str = "198.51.100.10";
 const EDGE: &str = "198.51.100.11";
 const EXAMPLE: &str = "198.51.100.12";
 const SHORT_LIVED: &str = "198.51.100.13";
+const NEW: &str = "198.51.100.14";
 
 /// The DNS server's records: (name, CNAME target or address, TTL).
-const RECORDS: [(&str, &str, u32); 5] = [
+const RECORDS: [(&str, &str, u32); 6] = [
+    ("new.github.com", NEW, 60),
     ("api.github.com", API, 60),
     ("www.github.com", "edge.github.com", 60),
     ("edge.github.com", EDGE, 60),
     ("example.com", EXAMPLE, 60),
     ("short.github.com", SHORT_LIVED, 2),
 ];
+
+/// With NARROW: new.github.com is matched by two selectors (this name and NARROW's pattern),
+/// a set no generation has an identity for until its first answer.
+const NEW_NAME: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mediabot-new, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: mediabot}}
+  egress:
+  - toFQDNs: [{matchName: new.github.com}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
 
 /// The match-name demo with its DNS rule narrowed to github.com names, and the port variant
 /// of the pattern demo: what REFUSED and the port restriction are shown with.
@@ -62,22 +76,6 @@ spec:
       rules:
         dns: [{matchPattern: "*.github.com"}]
 "#;
-
-fn proxy_binary() -> Result<PathBuf, String> {
-    let bin = Path::new(env!("CARGO_BIN_EXE_cnpc-loader")).with_file_name("cnpc-proxy");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "cnpc-proxy", "--bin", "cnpc-proxy"])
-            .current_dir(netns::root())
-            .status()
-            .map_err(|e| format!("cannot build cnpc-proxy: {e}"))?;
-        if !status.success() || !bin.exists() {
-            return Err(format!("cnpc-proxy is not at {}", bin.display()));
-        }
-    }
-    Ok(bin)
-}
 
 type Asked = Arc<Mutex<BTreeMap<String, usize>>>;
 
@@ -242,7 +240,7 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
     if let Err(e) = sys::bpffs_for_tests(Path::new("/sys/fs/bpf")) {
         return sys::skip_or_fail(&e);
     }
-    let proxy = match proxy_binary() {
+    let proxy = match netns::proxy_binary(env!("CARGO_BIN_EXE_cnpc-loader")) {
         Ok(p) => p,
         Err(e) => return sys::skip_or_fail(&e),
     };
@@ -253,8 +251,9 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
     for (pod, suffix, addr) in [MEDIABOT, KUBE_DNS] {
         net.add_pod(pod, suffix, addr).unwrap();
     }
-    net.add_world(&[API, EDGE, EXAMPLE, SHORT_LIVED]).unwrap();
-    for addr in [API, EDGE, EXAMPLE, SHORT_LIVED] {
+    net.add_world(&[API, EDGE, EXAMPLE, SHORT_LIVED, NEW])
+        .unwrap();
+    for addr in [API, EDGE, EXAMPLE, SHORT_LIVED, NEW] {
         for port in [80, 443] {
             net.serve_echo("world", addr, port).unwrap();
         }
@@ -409,6 +408,29 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
         logs(&net)
     );
 
+    // A name two selectors match: its identity is compiled when the first answer comes,
+    // while the proxy holds the answer, so the first SYN after it passes on both rules' ports.
+    let applied_before = net.log().matches(" applied ").count();
+    std::fs::write(net.policies.join("new.yaml"), NEW_NAME).unwrap();
+    assert!(
+        net.until(Duration::from_secs(10), || net
+            .log()
+            .matches(" applied ")
+            .count()
+            > applied_before)
+            .is_some(),
+        "the new policy applies:\n{}",
+        logs(&net)
+    );
+    assert!(!reach(&net, NEW, 80), "new.github.com before any lookup");
+    let (rcode, addrs) = lookup(&net, "new.github.com", false, Duration::from_secs(2)).unwrap();
+    assert_eq!((rcode, addrs), (ResponseCode::NoError, vec![ip(NEW)]));
+    assert!(
+        reach(&net, NEW, 80) && reach(&net, NEW, 443),
+        "both rules apply to the first connections:\n{}",
+        logs(&net)
+    );
+
     // /metrics counts what happened since the restart.
     let text = net
         .in_ns("node", || {
@@ -438,4 +460,5 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
     assert!(value("cnpc_fqdn_learn_requests_total") >= 2.0, "{text}");
     assert!(value("cnpc_fqdn_addresses_expired_total") >= 1.0, "{text}");
     assert_eq!(value("cnpc_fqdn_hold_exceeded_total"), 0.0, "{text}");
+    assert!(value("cnpc_fqdn_generations_total") >= 1.0, "{text}");
 }

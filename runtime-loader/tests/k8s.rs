@@ -85,12 +85,12 @@ fn verdict(g: &Generation, from: &str, port: u16) -> TableVerdict {
 
 #[test]
 fn the_reconcile_core_compiles_objects_as_it_compiles_files() {
-    let g = k8s::desired(&objects(rule1("80")), &Default::default(), None).unwrap();
+    let g = k8s::desired(&objects(rule1("80")), &Default::default(), None, None).unwrap();
     assert_eq!(verdict(&g, "default/tiefighter", 80), TableVerdict::Allow);
     assert_eq!(verdict(&g, "default/xwing", 80), TableVerdict::Deny);
     assert_eq!(verdict(&g, "default/tiefighter", 81), TableVerdict::Deny);
     // Pure: the same objects give the same generation.
-    let again = k8s::desired(&objects(rule1("80")), &Default::default(), None).unwrap();
+    let again = k8s::desired(&objects(rule1("80")), &Default::default(), None, None).unwrap();
     assert_eq!(g.tables, again.tables);
     assert_eq!(g.allocation, again.allocation);
     // The annotation that names a pod's host-side interface reaches the loader.
@@ -100,7 +100,7 @@ fn the_reconcile_core_compiles_objects_as_it_compiles_files() {
         .unwrap()
         .get_mut("default/xwing")
         .unwrap()["metadata"]["annotations"] = json!({"cnpc.io/interface": "lxc-xwing"});
-    let g = k8s::desired(&objs, &Default::default(), None).unwrap();
+    let g = k8s::desired(&objs, &Default::default(), None, None).unwrap();
     let xwing = g
         .endpoints
         .iter()
@@ -119,7 +119,7 @@ fn a_broken_object_is_named_in_its_status_and_the_others_wait() {
         .get_mut("CiliumNetworkPolicy")
         .unwrap()
         .insert("default/rule2".into(), bad);
-    let result = k8s::desired(&objs, &Default::default(), None);
+    let result = k8s::desired(&objs, &Default::default(), None, None);
     let Err(CompileError::Invalid { by_file, .. }) = &result else {
         panic!("the protocol is invalid");
     };
@@ -141,7 +141,7 @@ fn a_broken_object_is_named_in_its_status_and_the_others_wait() {
     );
     let ok = k8s::statuses(
         &objects(rule1("80")),
-        &k8s::desired(&objects(rule1("80")), &Default::default(), None),
+        &k8s::desired(&objects(rule1("80")), &Default::default(), None, None),
     );
     assert!(ok.iter().all(|s| s.2));
 }
@@ -190,7 +190,7 @@ fn configmap(rv: &str, allocation: &Value) -> Value {
 async fn identities_are_committed_with_optimistic_concurrency() {
     let objs = objects(rule1("80"));
     // The label set of the tiefighter, as allocations key it.
-    let first = k8s::desired(&objs, &Default::default(), None).unwrap();
+    let first = k8s::desired(&objs, &Default::default(), None, None).unwrap();
     let tf = identity(&first, "default/tiefighter");
     let key = first
         .allocation
@@ -231,7 +231,7 @@ async fn identities_are_committed_with_optimistic_concurrency() {
         seen
     });
     let g = k8s::agree(client, "kube-system", |previous| {
-        k8s::desired(&objs, previous, None)
+        k8s::desired(&objs, previous, None, None)
     })
     .await
     .unwrap();
@@ -340,7 +340,7 @@ async fn watchers_list_every_kind_and_follow_changes() {
     })
     .await;
     assert_eq!(followed, Ok(true), "the watch event reached the store");
-    let g = k8s::desired(&store.objects, &Default::default(), None).unwrap();
+    let g = k8s::desired(&store.objects, &Default::default(), None, None).unwrap();
     assert_eq!(verdict(&g, "default/tiefighter", 80), TableVerdict::Allow);
     assert_eq!(verdict(&g, "default/xwing", 80), TableVerdict::Deny);
     assert_eq!(

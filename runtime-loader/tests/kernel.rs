@@ -1222,31 +1222,39 @@ mod fqdn {
         }
     }
     /// Zombies (gen::FQDN_ZOMBIE): an address whose names expired while a connection to it
-    /// remains keeps its identity for that connection's packets, and nothing new opens to it;
-    /// without the bit the same packet opens a connection. Cilium keeps such addresses in the
-    /// ipcache while conntrack uses them (pkg/fqdn/namemanager, zombies).
+    /// remains keeps its FQDN identity for that connection's packets; any other packet is
+    /// decided as if the address had never been learned (its CIDR prefix here), so the
+    /// toFQDNs row opens nothing new while a CIDR row still does. Cilium keeps such addresses
+    /// while conntrack uses them (pkg/fqdn/namemanager, zombies).
     #[test]
-    fn a_zombie_address_keeps_its_connections_and_refuses_new_ones() {
+    fn a_zombie_address_keeps_its_connections_and_falls_back_for_new_ones() {
         let me = ip("10.0.0.2");
-        let entries =
-            [("10.0.0.2/32", SUBJECT)].map(|(n, id)| (n.parse().unwrap(), NumericIdentity(id)));
+        let entries = [("10.0.0.2/32", SUBJECT), ("192.0.2.0/24", CIDR)]
+            .map(|(n, id)| (n.parse().unwrap(), NumericIdentity(id)));
         let mut kernel = match Kernel::new(&entries) {
             Ok(k) => k,
             Err(e) => return sys::skip_or_fail(&format!("cannot create the maps: {e}")),
+        };
+        // toFQDNs allows 443, the CIDR prefix 80.
+        let row = |class: u32, port: u16| TableRow {
+            class,
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            verdict: TableVerdict::Allow,
         };
         let table = DecisionTable {
             subject: NumericIdentity(SUBJECT),
             direction: Direction::Egress,
             default: TableVerdict::Deny,
-            classes: vec![IdentityClass {
-                members: vec![NumericIdentity(FQDN)],
-            }],
-            rows: vec![TableRow {
-                class: 0,
-                protocol: Protocol::Tcp,
-                ports: PortRange::single(443),
-                verdict: TableVerdict::Allow,
-            }],
+            classes: vec![
+                IdentityClass {
+                    members: vec![NumericIdentity(FQDN)],
+                },
+                IdentityClass {
+                    members: vec![NumericIdentity(CIDR)],
+                },
+            ],
+            rows: vec![row(0, 443), row(1, 80)],
         };
         for strategy in [gen::Strategy::Branches, gen::Strategy::Maps] {
             let prog = match kernel.load_generated(&gen::build(&table, true, strategy)) {
@@ -1261,31 +1269,33 @@ mod fqdn {
             kernel
                 .insert_fqdn(dead, NumericIdentity(FQDN | gen::FQDN_ZOMBIE))
                 .unwrap();
-            let syn = |to: IpAddr, sport: u16| craft_ports(me, to, Protocol::Tcp, sport, 443);
-            // A live address opens a connection; a zombie opens none.
-            let out = kernel.run_keep(&prog, &syn(live, 40001)).unwrap();
-            assert_eq!(out.code, gen::TC_ACT_OK as u32, "{strategy:?}");
-            let out = kernel.run_keep(&prog, &syn(dead, 40002)).unwrap();
+            let syn =
+                |to: IpAddr, sport: u16, port: u16| craft_ports(me, to, Protocol::Tcp, sport, port);
+            let code = |packet: Vec<u8>| kernel.run_keep(&prog, &packet).unwrap().code;
+            let (ok, shot) = (gen::TC_ACT_OK as u32, gen::TC_ACT_SHOT as u32);
+            assert_eq!(code(syn(live, 40001, 443)), ok, "learned ({strategy:?})");
             assert_eq!(
-                out.code,
-                gen::TC_ACT_SHOT as u32,
-                "new to a zombie ({strategy:?})"
+                code(syn(dead, 40002, 443)),
+                shot,
+                "zombie, new ({strategy:?})"
             );
-            assert_eq!(kernel.connections().unwrap().len(), 1);
-            // The live one's names expire: its open connection goes on, a new one is refused.
+            assert_eq!(
+                code(syn(dead, 40003, 80)),
+                ok,
+                "its prefix still ({strategy:?})"
+            );
+            // The live one's names expire: its open connection goes on, a new one falls back.
             kernel
                 .insert_fqdn(live, NumericIdentity(FQDN | gen::FQDN_ZOMBIE))
                 .unwrap();
-            let out = kernel.run_keep(&prog, &syn(live, 40001)).unwrap();
             assert_eq!(
-                out.code,
-                gen::TC_ACT_OK as u32,
+                code(syn(live, 40001, 443)),
+                ok,
                 "established ({strategy:?})"
             );
-            let out = kernel.run_keep(&prog, &syn(live, 40003)).unwrap();
             assert_eq!(
-                out.code,
-                gen::TC_ACT_SHOT as u32,
+                code(syn(live, 40004, 443)),
+                shot,
                 "new after expiry ({strategy:?})"
             );
             kernel.forget_connections().unwrap();

@@ -12,7 +12,7 @@ mod netns;
 use cnpc_runtime_loader::sys;
 use netns::{Net, PODS};
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,24 +49,6 @@ spec:
         http:
         - {method: GET, path: "/v1/status/.*"}
 "#;
-
-/// `cnpc-proxy`, built beside the `cnpc-loader` under test (where the loader looks for it).
-fn proxy_binary() -> Result<PathBuf, String> {
-    let bin = Path::new(env!("CARGO_BIN_EXE_cnpc-loader")).with_file_name("cnpc-proxy");
-    if !bin.exists() {
-        // `cargo test -p cnpc-runtime-loader` alone does not build other packages' binaries.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "cnpc-proxy", "--bin", "cnpc-proxy"])
-            .current_dir(netns::root())
-            .status()
-            .map_err(|e| format!("cannot build cnpc-proxy: {e}"))?;
-        if !status.success() || !bin.exists() {
-            return Err(format!("cnpc-proxy is not at {}", bin.display()));
-        }
-    }
-    Ok(bin)
-}
 
 #[test]
 fn l7_rules_are_enforced_by_the_proxy_on_tcx() {
@@ -121,7 +103,7 @@ fn l7_demo(attach: &str) {
     if let Err(e) = sys::bpffs_for_tests(Path::new("/sys/fs/bpf")) {
         return sys::skip_or_fail(&e);
     }
-    let proxy = match proxy_binary() {
+    let proxy = match netns::proxy_binary(env!("CARGO_BIN_EXE_cnpc-loader")) {
         Ok(p) => p,
         Err(e) => return sys::skip_or_fail(&e),
     };

@@ -331,7 +331,9 @@ impl Runner {
         let (live, zombies) = self.learning.state.counts();
         m.fqdn_live.store(live as u64, Ordering::Relaxed);
         m.fqdn_zombies.store(zombies as u64, Ordering::Relaxed);
-        if self.learning.state.has_new() {
+        // Saved at once when the map changed (a loader killed right after an answer still
+        // knows the address when it comes back); otherwise with the next tick.
+        if r.written > 0 && self.learning.state.has_new() {
             self.save_learned();
         }
     }
@@ -343,9 +345,9 @@ impl Runner {
         }
     }
 
-    /// A learning request from the DNS proxy. One whose identity no enforcing generation has
-    /// compiles a new one at once (no debounce: the proxy holds the answer meanwhile).
-    fn learn(&mut self, p: fqdn::Pending) {
+    /// A learning request from the DNS proxy; true when it waits for a new generation, which
+    /// the caller compiles at once (no debounce: the proxy holds the answer meanwhile).
+    fn learn(&mut self, p: fqdn::Pending) -> bool {
         use std::os::fd::AsFd;
         self.metrics.fqdn_requests.fetch_add(1, Ordering::Relaxed);
         let r = self
@@ -356,27 +358,47 @@ impl Runner {
             self.metrics
                 .fqdn_generations
                 .fetch_add(1, Ordering::Relaxed);
-            self.reconcile(false);
         }
+        r.needs_generation
     }
 
     /// Ends expired names (zombies stay while conntrack has their connections) and saves the
-    /// state; a map that needs an identity the enforcing generation lacks compiles a new one.
-    fn expire_fqdn(&mut self) {
+    /// state; true when the map needs an identity the enforcing generation lacks (compile).
+    fn expire_fqdn(&mut self) -> bool {
         use std::os::fd::AsFd;
         let r = self
             .learning
             .tick(self.loader.fqdn_map().as_fd(), self.loader.ct_map().as_fd());
-        match r {
+        let needs_generation = match r {
             Ok(r) => {
                 self.learned(r);
-                if r.needs_generation {
-                    self.reconcile(false);
-                }
+                r.needs_generation
             }
-            Err(e) => warn!(error = %e, "expiring learned addresses failed; retried in a second"),
-        }
+            Err(e) => {
+                warn!(error = %e, "expiring learned addresses failed; retried in a second");
+                false
+            }
+        };
         self.save_learned();
+        needs_generation
+    }
+
+    /// Serves the DNS proxy's learning socket; requests arrive on the returned channel.
+    fn serve_learning(&self) -> Option<mpsc::Receiver<fqdn::Pending>> {
+        self.proxy.as_ref()?;
+        let (tx, rx) = mpsc::channel();
+        let socket = self.args.state_dir.join("fqdn.sock");
+        match fqdn::serve(&socket, tx) {
+            Ok(()) => Some(rx),
+            Err(e) => {
+                error!(
+                    path = %socket.display(),
+                    error = %e,
+                    "cannot serve the learning socket: addresses from DNS are not learned"
+                );
+                None
+            }
+        }
     }
 
     /// Compiles the files and applies; returns whether a good generation now enforces.
@@ -646,11 +668,29 @@ fn main() -> ExitCode {
     if let Some(p) = &proxy {
         let _ = metrics.l7.set(p.counts());
     }
-    let fqdn_state = fqdn::FqdnState::load(&args.state_dir.join("fqdn.json"), args.fqdn_min_ttl)
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "learned addresses not read; starting without them");
-            fqdn::FqdnState::new(args.fqdn_min_ttl)
-        });
+    let mut fqdn_state =
+        fqdn::FqdnState::load(&args.state_dir.join("fqdn.json"), args.fqdn_min_ttl).unwrap_or_else(
+            |e| {
+                warn!(error = %e, "learned addresses not read; starting without them");
+                fqdn::FqdnState::new(args.fqdn_min_ttl)
+            },
+        );
+    // The pinned map may name identities the state file does not know (lost, older): new
+    // numbers go above them.
+    match sys::map_entries(
+        loader.fqdn_map(),
+        cnpc_codegen_bpf::gen::HOSTS_KEY_SIZE as usize,
+        4,
+    ) {
+        Ok(entries) => {
+            for (_, v) in entries {
+                if let Ok(v) = <[u8; 4]>::try_from(v.as_slice()) {
+                    fqdn_state.reserve_above(u32::from_le_bytes(v));
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read the pinned fqdn map"),
+    }
     let mut runner = Runner {
         args,
         loader,
@@ -668,26 +708,15 @@ fn main() -> ExitCode {
     }
     let (tx, rx) = mpsc::channel();
     // The DNS proxy's learning requests join the same loop, so they are answered at once.
-    if runner.proxy.is_some() {
-        let (learn_tx, learn_rx) = mpsc::channel();
-        let socket = runner.args.state_dir.join("fqdn.sock");
-        match fqdn::serve(&socket, learn_tx) {
-            Ok(()) => {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for p in learn_rx {
-                        if tx.send(Wake::Learn(p)).is_err() {
-                            return;
-                        }
-                    }
-                });
+    if let Some(learn_rx) = runner.serve_learning() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for p in learn_rx {
+                if tx.send(Wake::Learn(p)).is_err() {
+                    return;
+                }
             }
-            Err(e) => error!(
-                path = %socket.display(),
-                error = %e,
-                "cannot serve the learning socket: addresses from DNS are not learned"
-            ),
-        }
+        });
     }
     let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     let cluster = absolute(&runner.cluster());
@@ -746,7 +775,11 @@ fn main() -> ExitCode {
     loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(Wake::Files) => dirty = Some(Instant::now()),
-            Ok(Wake::Learn(p)) => runner.learn(p),
+            Ok(Wake::Learn(p)) => {
+                if runner.learn(p) {
+                    runner.reconcile(false);
+                }
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return ExitCode::from(2),
         }
@@ -759,7 +792,9 @@ fn main() -> ExitCode {
         }
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = Instant::now();
-            runner.expire_fqdn();
+            if runner.expire_fqdn() {
+                runner.reconcile(false);
+            }
         }
         runner.supervise_proxy();
     }
@@ -797,6 +832,17 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(k8s::watch(client.clone(), tx));
+        let (learn_tx, mut learn_rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(requests) = runner.serve_learning() {
+            std::thread::spawn(move || {
+                for p in requests {
+                    if learn_tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut last_expiry = Instant::now();
         let mut store = k8s::Store::default();
         let mut written = std::collections::BTreeMap::new();
         let debounce = Duration::from_millis(runner.args.debounce_ms);
@@ -812,9 +858,21 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
                     }
                     None => return ExitCode::from(2),
                 },
+                Some(p) = learn_rx.recv() => {
+                    if runner.learn(p) {
+                        // An answer waits for a new identity: compile now.
+                        dirty = Some(Instant::now() - debounce);
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
             runner.supervise_proxy();
+            if last_expiry.elapsed() >= Duration::from_secs(1) {
+                last_expiry = Instant::now();
+                if runner.expire_fqdn() {
+                    dirty = Some(Instant::now() - debounce);
+                }
+            }
             if FORCE.swap(false, Ordering::SeqCst) {
                 force = true;
                 dirty = Some(Instant::now() - debounce);
@@ -826,10 +884,14 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
             let start = Instant::now();
             let routes = node::routes();
             let objects = store.objects.clone();
+            // FQDN identities are this node's own (local scope): not part of the agreement.
+            let learned = std::sync::Mutex::new(std::mem::take(&mut runner.learning.state));
             let agreed = k8s::agree(client.clone(), &runner.args.namespace, |previous| {
-                k8s::desired(&objects, previous, Some(&routes))
+                let mut learned = learned.lock().unwrap_or_else(|p| p.into_inner());
+                k8s::desired(&objects, previous, Some(&routes), Some(&mut learned))
             })
             .await;
+            runner.learning.state = learned.into_inner().unwrap_or_else(|p| p.into_inner());
             let for_status = match &agreed {
                 Ok(g) => Ok(g.clone()),
                 Err(k8s::AgreeError::Compile(e)) => Err(clone_error(e)),
@@ -846,7 +908,7 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
                 for k in k8s::KINDS.iter().filter(|k| k.policy) {
                     empty.by_kind.remove(k.kind);
                 }
-                k8s::desired(&empty, &Default::default(), Some(&[]))
+                k8s::desired(&empty, &Default::default(), Some(&[]), None)
                     .map(|g| g.endpoints)
                     .map_err(|e| e.to_string())
             };

@@ -14,6 +14,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `cnpc-proxy`, built beside the `cnpc-loader` under test (`loader`, where the loader looks
+/// for it); `cargo test -p cnpc-runtime-loader` alone does not build other packages' binaries,
+/// so it is built here when missing.
+pub fn proxy_binary(loader: &str) -> Result<PathBuf, String> {
+    let bin = Path::new(loader).with_file_name("cnpc-proxy");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "cnpc-proxy", "--bin", "cnpc-proxy"])
+            .current_dir(root())
+            .status()
+            .map_err(|e| format!("cannot build cnpc-proxy: {e}"))?;
+        if !status.success() || !bin.exists() {
+            return Err(format!("cnpc-proxy is not at {}", bin.display()));
+        }
+    }
+    Ok(bin)
+}
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
