@@ -89,11 +89,55 @@ enum Command {
         /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
         #[arg(long, value_name = "FILE")]
         identities: Option<PathBuf>,
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
-        output: TraceFormat,
-        /// Exit 1 when some verdict changes.
+        /// text and json list the flipped flows; dot and html draw the connectivity picture
+        /// with the edges the change adds, removes or alters.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = DiffFormat::Text)]
+        output: DiffFormat,
+        /// Exit 1 when some verdict changes (dot, html: when some edge changes).
         #[arg(long)]
         exit_code: bool,
+    },
+    /// Draw the allowed connectivity between workloads (Graphviz DOT or one offline HTML page).
+    Graph {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = GraphFormat::Dot)]
+        output: GraphFormat,
+    },
+    /// Show the flows a node's loader decides, like `hubble observe`.
+    Observe {
+        /// The loader's state directory (its event socket is `events.sock` there).
+        #[arg(long, value_name = "DIR", default_value = "/run/cnpc")]
+        state_dir: PathBuf,
+        /// Keep printing new flows as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the flows the loader kept to print first.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: usize,
+        /// Only flows from this peer: pod:NS/NAME, ip:ADDRESS or entity:world.
+        #[arg(long = "from", value_name = "PEER")]
+        from: Option<String>,
+        /// Only flows to this peer, in the same forms as --from.
+        #[arg(long = "to", value_name = "PEER")]
+        to: Option<String>,
+        /// Only flows with this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<ObserveVerdict>,
+        /// Only flows to this port: 80 or 80/TCP.
+        #[arg(long, value_name = "PORT[/PROTO]")]
+        port: Option<String>,
+        /// Only flows of this kind.
+        #[arg(long = "type", value_enum)]
+        kind: Option<ObserveType>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TraceFormat::Text)]
+        output: TraceFormat,
     },
     /// Compile policies to BPF programs and map images in an output directory.
     Compile {
@@ -164,9 +208,37 @@ enum Engine {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ObserveVerdict {
+    Allowed,
+    Denied,
+    Proxied,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObserveType {
+    L3l4,
+    Http,
+    Dns,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum TraceFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiffFormat {
+    Text,
+    Json,
+    Dot,
+    Html,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Html,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -239,6 +311,33 @@ fn main() -> ExitCode {
             identity,
             identities,
         } => run_tables(&paths, &cluster, identity, &identities),
+        Command::Graph {
+            paths,
+            cluster,
+            identities,
+            output,
+        } => run_graph(&paths, &cluster, &identities, output),
+        Command::Observe {
+            state_dir,
+            follow,
+            last,
+            from,
+            to,
+            verdict,
+            port,
+            kind,
+            output,
+        } => run_observe(ObserveArgs {
+            state_dir,
+            follow,
+            last,
+            from,
+            to,
+            verdict,
+            port,
+            kind,
+            json: matches!(output, TraceFormat::Json),
+        }),
         Command::Compile {
             paths,
             cluster,
@@ -358,6 +457,62 @@ fn print(text: &str) -> ExitCode {
 fn fail(e: impl Into<miette::Report>) -> ExitCode {
     eprintln!("{:?}", e.into());
     ExitCode::from(2)
+}
+
+struct ObserveArgs {
+    state_dir: PathBuf,
+    follow: bool,
+    last: usize,
+    from: Option<String>,
+    to: Option<String>,
+    verdict: Option<ObserveVerdict>,
+    port: Option<String>,
+    kind: Option<ObserveType>,
+    json: bool,
+}
+
+/// `cnpc observe`: the loader's event stream, filtered (runtime-loader's `events::observe`).
+fn run_observe(a: ObserveArgs) -> ExitCode {
+    use cnpc_runtime_loader::events::{self, Filter, PeerFilter};
+    let peer = |flag, p: Option<String>| p.map(|p| PeerFilter::parse(flag, &p)).transpose();
+    let (from, to) = match (peer("from", a.from), peer("to", a.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return usage(&e.to_string()),
+    };
+    let filter = Filter {
+        from,
+        to,
+        verdict: a.verdict.map(|v| {
+            match v {
+                ObserveVerdict::Allowed => "allowed",
+                ObserveVerdict::Denied => "denied",
+                ObserveVerdict::Proxied => "proxied",
+            }
+            .into()
+        }),
+        port: a.port,
+        kind: a.kind.map(|k| {
+            match k {
+                ObserveType::L3l4 => "l3l4",
+                ObserveType::Http => "http",
+                ObserveType::Dns => "dns",
+            }
+            .into()
+        }),
+    };
+    let socket = a.state_dir.join("events.sock");
+    let stdout = std::io::stdout();
+    match events::observe(
+        &socket,
+        a.last,
+        a.follow,
+        &filter,
+        a.json,
+        &mut stdout.lock(),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage(&e.to_string()),
+    }
 }
 
 struct TraceArgs {
@@ -554,7 +709,7 @@ fn run_diff(
     old: &str,
     new: &str,
     cluster: &[PathBuf],
-    output: TraceFormat,
+    output: DiffFormat,
     exit_code: bool,
     identities: &Option<PathBuf>,
 ) -> ExitCode {
@@ -567,6 +722,22 @@ fn run_diff(
         (Ok(o), Ok(n)) => (o, n),
         (Err(code), _) | (_, Err(code)) => return code,
     };
+    if let DiffFormat::Dot | DiffFormat::Html = output {
+        let (old_program, new_program) =
+            match (program_of(&old, identities), program_of(&new, identities)) {
+                (Ok(o), Ok(n)) => (o, n),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+        let picture = cnpc_compiler::graph::diff(&old_program, &new_program);
+        let printed = match output {
+            DiffFormat::Html => print(&picture.to_html("cnpc diff")),
+            _ => print(&picture.to_dot()),
+        };
+        if printed != ExitCode::SUCCESS || !exit_code || picture.changed() == 0 {
+            return printed;
+        }
+        return ExitCode::from(1);
+    }
     let ((old_program, old_text), (new_program, new_text)) =
         match (tables_of(&old, identities), tables_of(&new, identities)) {
             (Ok(o), Ok(n)) => (o, n),
@@ -574,8 +745,8 @@ fn run_diff(
         };
     let changes = cnpc_compiler::diff::diff(&old_program, &new_program);
     let printed = match output {
-        TraceFormat::Text => print(&report::diff_text(&changes, &old_text, &new_text)),
-        TraceFormat::Json => print(&format!("{:#}\n", report::diff_json(&changes))),
+        DiffFormat::Json => print(&format!("{:#}\n", report::diff_json(&changes))),
+        _ => print(&report::diff_text(&changes, &old_text, &new_text)),
     };
     if printed != ExitCode::SUCCESS {
         return printed;
@@ -584,6 +755,23 @@ fn run_diff(
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn run_graph(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+    identities: &Option<PathBuf>,
+    output: GraphFormat,
+) -> ExitCode {
+    let (_, program) = match load_program(paths, cluster, identities) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let graph = cnpc_compiler::graph::connectivity(&program);
+    match output {
+        GraphFormat::Dot => print(&graph.to_dot()),
+        GraphFormat::Html => print(&graph.to_html("cnpc graph")),
     }
 }
 

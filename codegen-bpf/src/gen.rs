@@ -194,13 +194,15 @@ pub const PROXY_DEVICE_SECTION: &str = "classifier/proxy_device";
 /// The ring buffer of verdict events.
 pub const EVENTS_MAP: &str = "events";
 pub const EVENTS_BYTES: u32 = 256 * 1024;
-pub const EVENT_SIZE: usize = 24;
+pub const EVENT_SIZE: usize = 56;
 
 /// Field offsets of a verdict event (little-endian):
 /// `u32 subject identity, u32 peer identity, u32 row (index into the table's rows; u32::MAX for
 /// the default), u16 port (host order; ICMP type), u8 protocol, u8 verdict (0 allowed, 1
 /// denied, 2 proxied), u8 direction (0 ingress, 1 egress), u8 family (4 or 6), u16 zero, u32
-/// zero`.
+/// zero, u8[16] subject address, u8[16] peer address` (an IPv4 address in the first four bytes,
+/// the rest zero). The addresses let a reader name the pod and the peer of a flow
+/// (`cnpc observe`); identities alone stand for many pods.
 pub mod event {
     pub const SUBJECT: usize = 0;
     pub const PEER: usize = 4;
@@ -210,6 +212,8 @@ pub mod event {
     pub const VERDICT: usize = 15;
     pub const DIRECTION: usize = 16;
     pub const FAMILY: usize = 17;
+    pub const SUBJECT_ADDRESS: usize = 24;
+    pub const PEER_ADDRESS: usize = 40;
 }
 
 /// Peers up to which identities are matched by a compare chain.
@@ -265,7 +269,7 @@ const PROTO: Reg = R9;
 const KEY: i16 = -24; // ipcache key, 24 bytes
 const PORT: i16 = -32; // u32: destination port or ICMP type, host order
 const CT: i16 = -72; // conntrack key, 40 bytes
-const EVT: i16 = -96; // event, 24 bytes
+const EVT: i16 = -232; // event, 56 bytes (EVENT_SIZE)
 const CTVAL: i16 = -104; // conntrack value, 8 bytes
 const RET: i16 = -108; // u32: the return code on the event path
 const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
@@ -1033,6 +1037,15 @@ fn verdict_tails(a: &mut Asm, tails: &Tails, egress: bool, track: bool, trusted:
     );
     a.store(Size::H, R10, EVT + 18, Src::Imm(0))
         .store(Size::W, R10, EVT + 20, Src::Imm(0));
+    // The CT key holds both addresses from the endpoint's side: local, then peer.
+    for w in 0..8 {
+        a.load(Size::W, R1, R10, CT + 4 * w).store(
+            Size::W,
+            R10,
+            EVT + event::SUBJECT_ADDRESS as i16 + 4 * w,
+            Src::Reg(R1),
+        );
+    }
     a.ld_map(R1, EVENTS_MAP);
     a.mov(R2, Src::Reg(R10))
         .alu(AluOp::Add, R2, Src::Imm(i32::from(EVT)));

@@ -166,119 +166,168 @@ fn origins(d: &Decision, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The flows whose verdict differs between `old` and `new` (built over the same cluster).
-pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
-    let universe = peer_universe_of(new, &[old, new]);
-    let parties: Vec<(String, Party)> = universe
-        .iter()
-        .filter_map(|p| representative(new, &universe, p))
-        .collect();
-    let tables = |program: &Program, party: &Party, dir: Direction| {
-        party
-            .endpoint
-            .as_ref()
-            .map(|e| decision_table(program, &universe, e, dir))
-    };
-    let table_cache: Vec<[Option<DecisionTable>; 4]> = parties
-        .iter()
-        .map(|(_, p)| {
-            [
-                tables(old, p, Direction::Egress),
-                tables(new, p, Direction::Egress),
-                tables(old, p, Direction::Ingress),
-                tables(new, p, Direction::Ingress),
-            ]
-        })
-        .collect();
-    let mut changes = Vec::new();
-    for (si, (src_name, src)) in parties.iter().enumerate() {
-        for (di, (dst_name, dst)) in parties.iter().enumerate() {
-            if src.endpoint.is_none() && dst.endpoint.is_none() {
-                continue;
-            }
-            let (Some(src_id), Some(dst_id)) = (
-                src.identity.map(|_| peer_number(&universe, src)),
-                dst.identity.map(|_| peer_number(&universe, dst)),
-            ) else {
-                continue;
-            };
-            for proto in Protocol::ALL {
-                let max = u32::from(proto.max_port());
-                let mut cuts: BTreeSet<u32> = [0, max + 1].into();
-                let relevant = table_cache[si][..2]
-                    .iter()
-                    .map(|t| (t, dst_id))
-                    .chain(table_cache[di][2..].iter().map(|t| (t, src_id)));
-                for (t, peer) in relevant {
-                    let Some(t) = t else { continue };
-                    let Some(class) = t
-                        .classes
-                        .iter()
-                        .position(|c| c.members.binary_search(&peer).is_ok())
-                    else {
-                        continue;
-                    };
-                    for row in t
-                        .rows
-                        .iter()
-                        .filter(|r| r.class == class as u32 && r.protocol == proto)
-                    {
-                        cuts.insert(u32::from(row.ports.lo));
-                        cuts.insert(u32::from(row.ports.hi) + 1);
-                    }
+/// The flow space of one or more versions of a policy set over the same cluster: a named
+/// representative party per peer identity, and each pod party's decision tables in every version.
+/// `cnpc diff` and `cnpc graph` both walk it, so they name peers and cut ports alike.
+pub(crate) struct FlowSpace {
+    pub(crate) universe: Vec<PeerIdentity>,
+    /// (report name, party), in universe order.
+    pub(crate) parties: Vec<(String, Party)>,
+    /// The universe entry each party stands for.
+    pub(crate) peers: Vec<usize>,
+    /// Per party: its egress table in every version, then its ingress table in every version
+    /// (`None` for parties no endpoint stands for).
+    tables: Vec<Vec<Option<DecisionTable>>>,
+    versions: usize,
+}
+
+impl FlowSpace {
+    /// The flow space of `programs` (at least one); peers are named after the last one.
+    pub(crate) fn new(programs: &[&Program]) -> FlowSpace {
+        let last = programs.last().expect("at least one program");
+        let universe = peer_universe_of(last, programs);
+        let (peers, parties): (Vec<usize>, Vec<(String, Party)>) = universe
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, representative(last, &universe, p)?)))
+            .unzip();
+        let tables = parties
+            .iter()
+            .map(|(_, party)| {
+                [Direction::Egress, Direction::Ingress]
+                    .into_iter()
+                    .flat_map(|dir| programs.iter().map(move |program| (dir, program)))
+                    .map(|(dir, program)| {
+                        party
+                            .endpoint
+                            .as_ref()
+                            .map(|e| decision_table(program, &universe, e, dir))
+                    })
+                    .collect()
+            })
+            .collect();
+        FlowSpace {
+            universe,
+            parties,
+            peers,
+            tables,
+            versions: programs.len(),
+        }
+    }
+
+    /// Calls `f` for every ordered pair of parties (at least one enforced on) and every protocol
+    /// with the pieces of the port space within which every table of every version that decides
+    /// the pair (source egress, destination ingress) is constant, in ascending order. One
+    /// representative flow per piece decides the whole piece.
+    pub(crate) fn for_each(
+        &self,
+        mut f: impl FnMut(&(String, Party), &(String, Party), Protocol, &[PortRange]),
+    ) {
+        let n = self.versions;
+        for (si, src) in self.parties.iter().enumerate() {
+            for (di, dst) in self.parties.iter().enumerate() {
+                if src.1.endpoint.is_none() && dst.1.endpoint.is_none() {
+                    continue;
                 }
-                let cuts: Vec<u32> = cuts.into_iter().filter(|c| *c <= max + 1).collect();
-                let mut pending: Option<Change> = None;
-                for w in cuts.windows(2) {
-                    let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
-                    let flow = Flow {
-                        src: src.clone(),
-                        dst: dst.clone(),
-                        protocol: proto,
-                        port: lo,
-                        http: None,
-                        dns_query: None,
-                    };
-                    let (b, a) = (evaluate(old, &flow), evaluate(new, &flow));
-                    let (before, after) = (Outcome::of(&b), Outcome::of(&a));
-                    if before == after {
-                        changes.extend(pending.take());
-                        continue;
-                    }
-                    let mut policies = BTreeSet::new();
-                    for v in [&b, &a] {
-                        origins(&v.egress, &mut policies);
-                        origins(&v.ingress, &mut policies);
-                    }
-                    match &mut pending {
-                        Some(c)
-                            if c.before == before
-                                && c.after == after
-                                && u32::from(c.ports.hi) + 1 == u32::from(lo) =>
+                let (Some(src_id), Some(dst_id)) = (
+                    src.1.identity.map(|_| peer_number(&self.universe, &src.1)),
+                    dst.1.identity.map(|_| peer_number(&self.universe, &dst.1)),
+                ) else {
+                    continue;
+                };
+                for proto in Protocol::ALL {
+                    let max = u32::from(proto.max_port());
+                    let mut cuts: BTreeSet<u32> = [0, max + 1].into();
+                    let relevant = self.tables[si][..n]
+                        .iter()
+                        .map(|t| (t, dst_id))
+                        .chain(self.tables[di][n..].iter().map(|t| (t, src_id)));
+                    for (t, peer) in relevant {
+                        let Some(t) = t else { continue };
+                        let Some(class) = t
+                            .classes
+                            .iter()
+                            .position(|c| c.members.binary_search(&peer).is_ok())
+                        else {
+                            continue;
+                        };
+                        for row in t
+                            .rows
+                            .iter()
+                            .filter(|r| r.class == class as u32 && r.protocol == proto)
                         {
-                            c.ports.hi = hi;
-                            c.policies.extend(policies);
-                            c.policies.sort();
-                            c.policies.dedup();
-                        }
-                        _ => {
-                            changes.extend(pending.take());
-                            pending = Some(Change {
-                                from: src_name.clone(),
-                                to: dst_name.clone(),
-                                protocol: proto,
-                                ports: PortRange { lo, hi },
-                                before,
-                                after,
-                                policies: policies.into_iter().collect(),
-                            });
+                            cuts.insert(u32::from(row.ports.lo));
+                            cuts.insert(u32::from(row.ports.hi) + 1);
                         }
                     }
+                    let cuts: Vec<u32> = cuts.into_iter().filter(|c| *c <= max + 1).collect();
+                    let pieces: Vec<PortRange> = cuts
+                        .windows(2)
+                        .map(|w| PortRange {
+                            lo: w[0] as u16,
+                            hi: (w[1] - 1) as u16,
+                        })
+                        .collect();
+                    f(src, dst, proto, &pieces);
                 }
-                changes.extend(pending);
             }
         }
     }
+}
+
+/// The flows whose verdict differs between `old` and `new` (built over the same cluster).
+pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
+    let space = FlowSpace::new(&[old, new]);
+    let mut changes = Vec::new();
+    space.for_each(|(src_name, src), (dst_name, dst), proto, pieces| {
+        let mut pending: Option<Change> = None;
+        for &PortRange { lo, hi } in pieces {
+            let flow = Flow {
+                src: src.clone(),
+                dst: dst.clone(),
+                protocol: proto,
+                port: lo,
+                http: None,
+                dns_query: None,
+            };
+            let (b, a) = (evaluate(old, &flow), evaluate(new, &flow));
+            let (before, after) = (Outcome::of(&b), Outcome::of(&a));
+            if before == after {
+                changes.extend(pending.take());
+                continue;
+            }
+            let mut policies = BTreeSet::new();
+            for v in [&b, &a] {
+                origins(&v.egress, &mut policies);
+                origins(&v.ingress, &mut policies);
+            }
+            match &mut pending {
+                Some(c)
+                    if c.before == before
+                        && c.after == after
+                        && u32::from(c.ports.hi) + 1 == u32::from(lo) =>
+                {
+                    c.ports.hi = hi;
+                    c.policies.extend(policies);
+                    c.policies.sort();
+                    c.policies.dedup();
+                }
+                _ => {
+                    changes.extend(pending.take());
+                    pending = Some(Change {
+                        from: src_name.clone(),
+                        to: dst_name.clone(),
+                        protocol: proto,
+                        ports: PortRange { lo, hi },
+                        before,
+                        after,
+                        policies: policies.into_iter().collect(),
+                    });
+                }
+            }
+        }
+        changes.extend(pending);
+    });
     changes.sort();
     changes.dedup();
     changes

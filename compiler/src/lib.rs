@@ -14,6 +14,7 @@ pub mod decode;
 pub mod diag;
 pub mod diff;
 pub mod eval;
+pub mod graph;
 pub mod labels;
 pub mod lint;
 pub mod load;

@@ -225,6 +225,12 @@ pub struct ProxySupervisor {
     log: Option<PathBuf>,
     /// The loader's learning socket, passed to the proxy (`--learn-socket`).
     learn_socket: Option<PathBuf>,
+    /// Where the proxy's request and query events go (`cnpc observe`), named with the pods of
+    /// the enforcing generation.
+    events: Option<(
+        Arc<crate::events::Hub>,
+        Arc<std::sync::RwLock<crate::events::Names>>,
+    )>,
     child: Option<Child>,
     /// When the next start may happen (backoff after an exit).
     next_start: Instant,
@@ -237,6 +243,8 @@ pub struct ProxySupervisor {
 
 /// How often the supervisor reads whether the proxy's listeners are up.
 const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it reads them while they are down.
+const LISTENER_RECHECK_WHILE_DOWN: Duration = Duration::from_millis(50);
 
 /// HTTP requests the proxy judged, by direction and verdict (from its event lines).
 #[derive(Debug, Default)]
@@ -292,6 +300,7 @@ impl ProxySupervisor {
             policy,
             log,
             learn_socket: None,
+            events: None,
             child: None,
             next_start: Instant::now(),
             backoff: Duration::from_millis(100),
@@ -299,6 +308,16 @@ impl ProxySupervisor {
             counts: Arc::default(),
             listeners_up: None,
         }
+    }
+
+    /// Publishes the proxy's events on `hub` (records naming pods from `names`).
+    pub fn with_events(
+        mut self,
+        hub: Arc<crate::events::Hub>,
+        names: Arc<std::sync::RwLock<crate::events::Names>>,
+    ) -> ProxySupervisor {
+        self.events = Some((hub, names));
+        self
     }
 
     /// Tells the proxy where the loader learns DNS answers' addresses.
@@ -379,14 +398,31 @@ impl ProxySupervisor {
             // Request events arrive as JSON lines on stdout: counted here, and kept in the
             // log beside the proxy's own lines until the event stream carries them.
             let counts = self.counts.clone();
+            let events = self.events.clone();
             let mut log = log();
             std::thread::spawn(move || {
+                use crate::events::{dns_record, http_record};
                 use std::io::{BufRead, Write};
                 for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                    match cnpc_proxy::events::ProxyEvent::parse_line(&line) {
-                        Some(cnpc_proxy::events::ProxyEvent::Http(e)) => counts.count(&e),
-                        Some(cnpc_proxy::events::ProxyEvent::Dns(e)) => counts.count_dns(&e),
-                        None => {}
+                    let record = match cnpc_proxy::events::ProxyEvent::parse_line(&line) {
+                        Some(cnpc_proxy::events::ProxyEvent::Http(e)) => {
+                            counts.count(&e);
+                            events.as_ref().map(|(_, names)| {
+                                http_record(&e, &names.read().unwrap_or_else(|p| p.into_inner()))
+                            })
+                        }
+                        Some(cnpc_proxy::events::ProxyEvent::Dns(e)) => {
+                            counts.count_dns(&e);
+                            events.as_ref().map(|(_, names)| {
+                                dns_record(&e, &names.read().unwrap_or_else(|p| p.into_inner()))
+                            })
+                        }
+                        None => None,
+                    };
+                    if let (Some(r), Some((hub, _))) = (record, &events) {
+                        if let Ok(json) = serde_json::to_string(&r) {
+                            hub.publish(json);
+                        }
                     }
                     if let Some(f) = &mut log {
                         let _ = writeln!(f, "{line}");
@@ -421,8 +457,17 @@ impl ProxySupervisor {
             self.listeners_up = None;
             return false;
         }
+        // While down, read again soon: a proxy that just started is up within milliseconds,
+        // and /healthz and `cnpc_proxy_up` should say so.
+        let interval = |up: bool| {
+            if up {
+                LISTENER_CHECK_INTERVAL
+            } else {
+                LISTENER_RECHECK_WHILE_DOWN
+            }
+        };
         match self.listeners_up {
-            Some((up, at)) if at.elapsed() < LISTENER_CHECK_INTERVAL => up,
+            Some((up, at)) if at.elapsed() < interval(up) => up,
             _ => {
                 let up = listening(contract::EGRESS_PROXY_PORT)
                     && listening(contract::INGRESS_PROXY_PORT);

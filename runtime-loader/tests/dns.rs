@@ -461,4 +461,100 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
     assert!(value("cnpc_fqdn_addresses_expired_total") >= 1.0, "{text}");
     assert_eq!(value("cnpc_fqdn_hold_exceeded_total"), 0.0, "{text}");
     assert!(value("cnpc_fqdn_generations_total") >= 1.0, "{text}");
+
+    // The event stream (issue 11): the flows above, named, as `cnpc observe` reads them.
+    use cnpc_runtime_loader::events::{self, Filter, FlowRecord, PeerFilter};
+    let socket = net.tmp.join("state/events.sock");
+    let read = |filter: &Filter| -> Vec<FlowRecord> {
+        let mut out = Vec::new();
+        events::observe(&socket, 4096, false, filter, true, &mut out).expect("events");
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let from_bot = Filter {
+        from: Some(PeerFilter::parse("from", "pod:default/mediabot").unwrap()),
+        ..Filter::default()
+    };
+    let seen = read(&from_bot);
+    let has = |kind: &str, verdict: &str, to: &str, port: &str| {
+        seen.iter().any(|r| {
+            r.kind == kind
+                && r.verdict == verdict
+                && r.destination.ip == Some(ip(to))
+                && r.port == port
+        })
+    };
+    assert!(has("l3l4", "allowed", NEW, "80/TCP"), "{seen:#?}");
+    assert!(has("l3l4", "denied", EDGE, "80/TCP"), "{seen:#?}");
+    assert!(has("dns", "denied", KUBE_DNS.2, "53/UDP"), "{seen:#?}");
+    let refused = seen
+        .iter()
+        .find(|r| r.kind == "dns" && r.verdict == "denied")
+        .unwrap();
+    assert_eq!(refused.dns.as_ref().unwrap()["query"], "example.com");
+    assert_eq!(refused.source.pod.as_deref(), Some("mediabot"));
+    // Following: a new flow shows up at once.
+    let follow_socket = socket.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        struct Lines(std::sync::mpsc::Sender<(std::time::Instant, String)>);
+        impl Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let _ = self
+                    .0
+                    .send((std::time::Instant::now(), String::from_utf8_lossy(b).into()));
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let filter = Filter {
+            to: Some(PeerFilter::parse("to", &format!("ip:{EXAMPLE}")).unwrap()),
+            ..Filter::default()
+        };
+        let _ = events::observe(&follow_socket, 0, true, &filter, true, &mut Lines(tx));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = std::time::Instant::now();
+    assert!(!reach(&net, EXAMPLE, 443));
+    let (at, line) = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("the denied SYN to example.com is followed");
+    assert!(line.contains("\"denied\""), "{line}");
+    eprintln!("follow latency: {:?}", at.saturating_duration_since(sent));
+
+    // /metrics counts the verdict events the stream shows: the same events, read once.
+    let l3l4 = || {
+        read(&Filter::default())
+            .iter()
+            .filter(|r| r.kind == "l3l4")
+            .count() as f64
+    };
+    let counted = || -> f64 {
+        let text = net
+            .in_ns("node", || {
+                let mut s = TcpStream::connect(METRICS).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut text = String::new();
+                s.read_to_string(&mut text).ok()?;
+                Some(text)
+            })
+            .join()
+            .unwrap()
+            .expect("/metrics answers");
+        text.lines()
+            .filter(|l| l.starts_with("cnpc_policy_verdicts_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (before, metrics, after) = (l3l4(), counted(), l3l4());
+    assert!(
+        before <= metrics && metrics <= after && metrics > 0.0,
+        "stream {before}..{after}, cnpc_policy_verdicts_total {metrics}"
+    );
 }

@@ -384,7 +384,16 @@ mod parsing {
             ),
             (6, 0, 0, 6)
         );
+        // Both addresses, from the endpoint's side: its own, then the peer's.
+        let address = |e: &[u8], at: usize| -> [u8; 16] { e[at..at + 16].try_into().unwrap() };
+        let v6 = |a: std::net::IpAddr| match a {
+            std::net::IpAddr::V6(a) => a.octets(),
+            std::net::IpAddr::V4(_) => unreachable!("IPv6 literals above"),
+        };
+        assert_eq!(address(e, event::SUBJECT_ADDRESS), v6(me));
+        assert_eq!(address(e, event::PEER_ADDRESS), v6(peer));
         let d = &got[1];
+        assert_eq!(address(d, event::PEER_ADDRESS), v6(peer));
         assert_eq!(field(d, event::ROW), u32::MAX, "the default denied it");
         assert_eq!(u16::from_le_bytes([d[event::PORT], d[event::PORT + 1]]), 53);
         assert_eq!((d[event::PROTOCOL], d[event::VERDICT]), (17, 1));

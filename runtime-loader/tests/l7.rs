@@ -190,16 +190,24 @@ fn l7_demo(attach: &str) {
 
     // Egress: the tiefighter's own L7 policy. Its egress proxy refuses the landing (allowed
     // by the deathstar) before the deathstar ever sees it; status reads pass both proxies.
+    let before = net.generation();
     std::fs::write(net.policies.join("tiefighter.yaml"), TIEFIGHTER).unwrap();
+    // The new generation first: a landing can fail for a moment on a loaded machine (a slow
+    // answer), which is not the policy applying.
     assert!(
-        net.until(Duration::from_secs(5), || !landed(tf)).is_some(),
+        net.until(Duration::from_secs(10), || net.generation() > before
+            && !landed(tf))
+            .is_some(),
         "the egress policy applies:\n{}",
         net.log()
     );
     let landings = seen_count(&seen, "POST /v1/request-landing");
     // The proxy had the new rules before the new programs handed it anything.
     assert!(
-        net.log().contains("proxy_acknowledged=Some(true)"),
+        net.until(Duration::from_secs(2), || net
+            .log()
+            .contains("proxy_acknowledged=Some(true)"))
+            .is_some(),
         "{}",
         net.log()
     );
@@ -262,7 +270,12 @@ fn l7_demo(attach: &str) {
     drop(conn);
 
     // What /metrics and /healthz say of the L7 stage.
-    let (status, text) = loader_get(&net, "/metrics").expect("metrics");
+    let scrape = || loader_get(&net, "/metrics").expect("metrics");
+    // The supervisor reads the proxy's listeners from /proc now and then: give it a moment.
+    net.until(Duration::from_secs(2), || {
+        metric(&scrape().1, "cnpc_proxy_up") == Some(1.0)
+    });
+    let (status, text) = scrape();
     assert!(status.contains("200"), "{status}");
     assert_eq!(metric(&text, "cnpc_proxy_up"), Some(1.0), "{text}");
     let denied = |dir: &str| {

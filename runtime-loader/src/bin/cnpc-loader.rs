@@ -5,8 +5,8 @@
 //! A policy set that fails to compile or load leaves the last good generation enforcing and is
 //! retried on the next change; endpoints with no good generation yet get a deny-all program.
 //! SIGUSR1 swaps every hook to a freshly loaded equivalent generation (for tests and drills).
-//! Logs go to stderr (tracing, `RUST_LOG` filters); `/healthz` and `/metrics` (Prometheus text)
-//! are served on loopback.
+//! Logs go to stderr (tracing, `RUST_LOG` filters); `/healthz` and `/metrics` (Prometheus or
+//! OpenMetrics text, `cnpc_runtime_loader::metrics`) are served on loopback.
 //!
 //! The pinned state (links, conntrack, events) outlives the process: `kill -9` leaves
 //! enforcement in place, and a restarted loader adopts it and swaps only what changed.
@@ -14,12 +14,12 @@
 use clap::Parser;
 use cnpc_runtime_loader::generation::{self, Generation};
 use cnpc_runtime_loader::loader::{AttachMode, Config, Loader};
-use cnpc_runtime_loader::{fqdn, l7, node, sys};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use cnpc_runtime_loader::metrics::LoaderMetrics;
+use cnpc_runtime_loader::{events, fqdn, l7, metrics, node, sys};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -99,211 +99,16 @@ extern "C" fn on_sigusr1(_: libc::c_int) {
     FORCE.store(true, Ordering::SeqCst);
 }
 
-#[derive(Default)]
-struct Metrics {
-    generation: AtomicU64,
-    swaps: AtomicU64,
-    last_swap_micros: AtomicU64,
-    compile_failures: AtomicU64,
-    load_failures: AtomicU64,
-    hooks: AtomicU64,
-    healthy: AtomicBool,
-    /// Whether the generation enforcing has rows that hand flows to the L7 proxy.
-    needs_proxy: AtomicBool,
-    proxy_up: AtomicBool,
-    proxy_restarts: AtomicU64,
-    /// The supervised proxy's request counts, once it runs.
-    l7: std::sync::OnceLock<Arc<l7::L7Counts>>,
-    /// Verdict events read from the programs' ring buffer: allowed, denied, proxied.
-    verdicts: [AtomicU64; 3],
-    /// DNS learning: requests, addresses written to the datapath, requests that needed a new
-    /// generation, those answered after the proxy's hold had passed, addresses expired.
-    fqdn_requests: AtomicU64,
-    fqdn_written: AtomicU64,
-    fqdn_generations: AtomicU64,
-    fqdn_late: AtomicU64,
-    fqdn_expired: AtomicU64,
-    /// Addresses learned (live) and zombies, now.
-    fqdn_live: AtomicU64,
-    fqdn_zombies: AtomicU64,
-}
-
-impl Metrics {
-    fn render(&self) -> String {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut s = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, f64)>| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (labels, v) in lines {
-                s.push_str(&format!("{name}{labels} {v}\n"));
-            }
-        };
-        metric(
-            "cnpc_generation",
-            "gauge",
-            "The generation enforcing now.",
-            vec![(String::new(), g(&self.generation) as f64)],
-        );
-        metric(
-            "cnpc_swaps_total",
-            "counter",
-            "Generations applied.",
-            vec![(String::new(), g(&self.swaps) as f64)],
-        );
-        metric(
-            "cnpc_swap_latency_seconds",
-            "gauge",
-            "Compile, load and switch time of the last generation.",
-            vec![(String::new(), g(&self.last_swap_micros) as f64 / 1e6)],
-        );
-        metric(
-            "cnpc_compile_failures_total",
-            "counter",
-            "Policy sets that failed to compile.",
-            vec![(String::new(), g(&self.compile_failures) as f64)],
-        );
-        metric(
-            "cnpc_load_failures_total",
-            "counter",
-            "Generations the kernel refused.",
-            vec![(String::new(), g(&self.load_failures) as f64)],
-        );
-        metric(
-            "cnpc_hooks",
-            "gauge",
-            "Enforced hooks (two per endpoint).",
-            vec![(String::new(), g(&self.hooks) as f64)],
-        );
-        metric(
-            "cnpc_proxy_up",
-            "gauge",
-            "Whether the L7 proxy runs with both listeners up.",
-            vec![(
-                String::new(),
-                f64::from(u8::from(self.proxy_up.load(Ordering::Relaxed))),
-            )],
-        );
-        metric(
-            "cnpc_proxy_restarts_total",
-            "counter",
-            "Times the L7 proxy exited and was restarted.",
-            vec![(String::new(), g(&self.proxy_restarts) as f64)],
-        );
-        metric(
-            "cnpc_dns_queries_total",
-            "counter",
-            "DNS queries the DNS proxy judged, by verdict (denied ones got REFUSED).",
-            self.l7.get().map_or_else(Vec::new, |c| {
-                c.dns()
-                    .into_iter()
-                    .map(|(v, n)| (format!("{{verdict=\"{v}\"}}"), n as f64))
-                    .collect()
-            }),
-        );
-        metric(
-            "cnpc_fqdn_learn_requests_total",
-            "counter",
-            "DNS answers the DNS proxy asked the loader to learn.",
-            vec![(String::new(), g(&self.fqdn_requests) as f64)],
-        );
-        metric(
-            "cnpc_fqdn_addresses_written_total",
-            "counter",
-            "fqdn map entries written (addresses learned or changed).",
-            vec![(String::new(), g(&self.fqdn_written) as f64)],
-        );
-        metric(
-            "cnpc_fqdn_generations_total",
-            "counter",
-            "Generations compiled because an answer needed a new FQDN identity.",
-            vec![(String::new(), g(&self.fqdn_generations) as f64)],
-        );
-        metric(
-            "cnpc_fqdn_hold_exceeded_total",
-            "counter",
-            "Answers the loader enforced after the DNS proxy's hold (100 ms) had passed.",
-            vec![(String::new(), g(&self.fqdn_late) as f64)],
-        );
-        metric(
-            "cnpc_fqdn_addresses_expired_total",
-            "counter",
-            "Learned addresses whose TTL ended.",
-            vec![(String::new(), g(&self.fqdn_expired) as f64)],
-        );
-        metric(
-            "cnpc_fqdn_addresses",
-            "gauge",
-            "Addresses learned from DNS, live and zombie (expired, kept for connections).",
-            vec![
-                ("{state=\"live\"}".into(), g(&self.fqdn_live) as f64),
-                ("{state=\"zombie\"}".into(), g(&self.fqdn_zombies) as f64),
-            ],
-        );
-        metric(
-            "cnpc_l7_requests_total",
-            "counter",
-            "HTTP requests the L7 proxy judged, by direction and verdict.",
-            self.l7.get().map_or_else(Vec::new, |c| {
-                c.all()
-                    .into_iter()
-                    .map(|(d, v, n)| (format!("{{direction=\"{d}\",verdict=\"{v}\"}}"), n as f64))
-                    .collect()
-            }),
-        );
-        metric(
-            "cnpc_verdict_events_total",
-            "counter",
-            "Verdict events from the programs: new connections (allowed, proxied) and drops.",
-            ["allowed", "denied", "proxied"]
-                .iter()
-                .zip(&self.verdicts)
-                .map(|(v, a)| (format!("{{verdict=\"{v}\"}}"), g(a) as f64))
-                .collect(),
-        );
-        s
-    }
-}
-
-/// Serves /healthz and /metrics, one request per connection.
-fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    for stream in listener.incoming().flatten() {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut line = String::new();
-        if BufReader::new(&stream).read_line(&mut line).is_err() {
-            continue;
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/");
-        let proxy_down = metrics.needs_proxy.load(Ordering::Relaxed)
-            && !metrics.proxy_up.load(Ordering::Relaxed);
-        let (status, body) = match path {
-            "/metrics" => ("200 OK", metrics.render()),
-            "/healthz" if !metrics.healthy.load(Ordering::Relaxed) => {
-                ("503 Service Unavailable", "no good generation\n".into())
-            }
-            "/healthz" if proxy_down => (
-                "503 Service Unavailable",
-                "L7 proxy not listening: proxied flows are dropped\n".into(),
-            ),
-            "/healthz" => ("200 OK", "ok\n".into()),
-            _ => ("404 Not Found", "not found\n".into()),
-        };
-        let mut stream = stream;
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    }
-}
-
 struct Runner {
     args: Args,
     loader: Loader,
     proxy: Option<l7::ProxySupervisor>,
     allocation: cnpc_compiler::lower::Allocation,
-    metrics: Arc<Metrics>,
+    metrics: Arc<LoaderMetrics>,
     /// Addresses learned from DNS (see `fqdn::Learning`).
     learning: fqdn::Learning,
+    /// Pod names of the enforcing generation, for the event stream.
+    names: Arc<std::sync::RwLock<events::Names>>,
 }
 
 impl Runner {
@@ -322,15 +127,9 @@ impl Runner {
     /// Counts what the learning side did, and saves what it learned when something is new
     /// (a loader killed right after an answer still knows the address when it comes back).
     fn learned(&mut self, r: fqdn::LearningReport) {
-        let m = &self.metrics;
-        m.fqdn_written
-            .fetch_add(r.written as u64, Ordering::Relaxed);
-        m.fqdn_late.fetch_add(r.late as u64, Ordering::Relaxed);
-        m.fqdn_expired
-            .fetch_add(r.expired as u64, Ordering::Relaxed);
         let (live, zombies) = self.learning.state.counts();
-        m.fqdn_live.store(live as u64, Ordering::Relaxed);
-        m.fqdn_zombies.store(zombies as u64, Ordering::Relaxed);
+        self.metrics
+            .fqdn_learned(r.written, r.late, r.expired, live, zombies);
         // Saved at once when the map changed (a loader killed right after an answer still
         // knows the address when it comes back); otherwise with the next tick.
         if r.written > 0 && self.learning.state.has_new() {
@@ -349,15 +148,13 @@ impl Runner {
     /// the caller compiles at once (no debounce: the proxy holds the answer meanwhile).
     fn learn(&mut self, p: fqdn::Pending) -> bool {
         use std::os::fd::AsFd;
-        self.metrics.fqdn_requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics.fqdn_learn_request();
         let r = self
             .learning
             .handle(self.loader.fqdn_map().as_fd(), p, Instant::now());
         self.learned(r);
         if r.needs_generation {
-            self.metrics
-                .fqdn_generations
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.fqdn_generation();
         }
         r.needs_generation
     }
@@ -443,9 +240,7 @@ impl Runner {
         let g = match result {
             Ok(g) => g,
             Err(e) => {
-                self.metrics
-                    .compile_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.compile_failed();
                 error!(error = %e, "compile failed; the last good generation keeps enforcing");
                 self.protect_unenforced(endpoints);
                 return false;
@@ -453,6 +248,8 @@ impl Runner {
         };
         match self.loader.apply(&g, routes, force) {
             Ok(r) => {
+                *self.names.write().unwrap_or_else(|p| p.into_inner()) =
+                    events::Names::new(&g.endpoints);
                 // The programs know the generation's FQDN identities now: the map may name them.
                 use std::os::fd::AsFd;
                 match self
@@ -474,22 +271,14 @@ impl Runner {
                         warn!(path = %path.display(), "cannot save the identity allocation");
                     }
                 }
-                self.metrics
-                    .generation
-                    .store(r.generation, Ordering::Relaxed);
-                self.metrics.swaps.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .last_swap_micros
-                    .store(elapsed.as_micros() as u64, Ordering::Relaxed);
-                self.metrics
-                    .hooks
-                    .store(self.loader.state().hooks.len() as u64, Ordering::Relaxed);
-                self.metrics
-                    .healthy
-                    .store(r.failed.is_empty(), Ordering::Relaxed);
-                self.metrics
-                    .needs_proxy
-                    .store(g.proxy.rules.values().next().is_some(), Ordering::Relaxed);
+                self.metrics.applied(metrics::Applied {
+                    generation: r.generation,
+                    elapsed,
+                    hooks: self.loader.state().hooks.len(),
+                    all_switched: r.failed.is_empty(),
+                    needs_proxy: g.proxy.rules.values().next().is_some(),
+                    tables: &g.tables,
+                });
                 info!(
                     generation = r.generation,
                     attached = r.attached,
@@ -514,7 +303,7 @@ impl Runner {
                 true
             }
             Err(e) => {
-                self.metrics.load_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.load_failed();
                 error!(error = %e, "load failed; the last good generation keeps enforcing");
                 self.protect_unenforced(Ok(g.endpoints.clone()));
                 false
@@ -528,10 +317,8 @@ impl Runner {
         if let Err(e) = p.poll() {
             error!(error = %e, "cannot start the L7 proxy; proxied flows are dropped");
         }
-        self.metrics.proxy_up.store(p.up(), Ordering::Relaxed);
-        self.metrics
-            .proxy_restarts
-            .store(p.restarts(), Ordering::Relaxed);
+        let up = p.up();
+        self.metrics.set_proxy(up, p.restarts());
     }
 
     /// Endpoints of the snapshot that have no program yet get a deny-all one.
@@ -556,9 +343,7 @@ impl Runner {
             ),
             Err(e) => error!(error = %e, "cannot attach deny-all"),
         }
-        self.metrics
-            .hooks
-            .store(self.loader.state().hooks.len() as u64, Ordering::Relaxed);
+        self.metrics.set_hooks(self.loader.state().hooks.len());
     }
 }
 
@@ -598,41 +383,49 @@ fn main() -> ExitCode {
         pin_dir = %args.pin_dir.display(),
         "pinned state opened"
     );
-    let metrics = Arc::new(Metrics::default());
-    metrics
-        .generation
-        .store(loader.state().generation, Ordering::Relaxed);
+    let metrics = Arc::new(LoaderMetrics::new());
+    metrics.set_generation(loader.state().generation);
     if args.metrics != "off" {
         match args
             .metrics
             .parse::<SocketAddr>()
             .map_err(|e| e.to_string())
-            .and_then(|a| TcpListener::bind(a).map_err(|e| e.to_string()))
+            .and_then(|a| metrics::spawn_server(a, metrics.clone()).map_err(|e| e.to_string()))
         {
-            Ok(listener) => {
-                let m = metrics.clone();
-                std::thread::spawn(move || serve(listener, m));
-            }
+            Ok((address, _)) => info!(%address, "serving /metrics and /healthz"),
             Err(e) => warn!(address = %args.metrics, error = %e, "metrics not served"),
         }
     }
-    // Verdict events: counted as the programs report them.
+    // The event stream (`cnpc observe`): verdict events of the programs and the proxy's
+    // request and query events, as records naming the pods of the enforcing generation.
+    let hub = Arc::new(events::Hub::new(events::KEEP));
+    let names = Arc::new(std::sync::RwLock::new(events::Names::default()));
+    let events_socket = args.state_dir.join("events.sock");
+    if let Err(e) = events::serve(&events_socket, hub.clone()) {
+        warn!(path = %events_socket.display(), error = %e, "events not served: cnpc observe cannot read them");
+    }
+    // Verdict events: counted and published as the programs report them.
     match sys::RingBuf::new(
         loader.events(),
         cnpc_codegen_bpf::gen::EVENTS_BYTES as usize,
     ) {
         Ok(mut ring) => {
             let m = metrics.clone();
+            let (hub, names) = (hub.clone(), names.clone());
             std::thread::spawn(move || loop {
                 for e in ring.drain() {
-                    if let Some(counter) = e
-                        .get(cnpc_codegen_bpf::gen::event::VERDICT)
-                        .and_then(|v| m.verdicts.get(usize::from(*v)))
-                    {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                    m.verdict_event(&e);
+                    let Ok(v) = events::VerdictEvent::parse(&e) else {
+                        continue;
+                    };
+                    let names = names.read().unwrap_or_else(|p| p.into_inner());
+                    let record = events::record(&v, &names, std::time::SystemTime::now());
+                    if let Ok(json) = serde_json::to_string(&record) {
+                        hub.publish(json);
                     }
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                // Polled often enough that a follower sees a flow well within 100 ms.
+                std::thread::sleep(Duration::from_millis(10));
             });
         }
         Err(e) => warn!(error = %e, "verdict events not read"),
@@ -663,10 +456,11 @@ fn main() -> ExitCode {
         bin.map(|bin| {
             l7::ProxySupervisor::new(bin, proxy_policy, Some(args.state_dir.join("proxy.log")))
                 .with_learn_socket(args.state_dir.join("fqdn.sock"))
+                .with_events(hub.clone(), names.clone())
         })
     };
     if let Some(p) = &proxy {
-        let _ = metrics.l7.set(p.counts());
+        metrics.set_l7(p.counts());
     }
     let mut fqdn_state =
         fqdn::FqdnState::load(&args.state_dir.join("fqdn.json"), args.fqdn_min_ttl).unwrap_or_else(
@@ -698,6 +492,7 @@ fn main() -> ExitCode {
         allocation,
         metrics,
         learning: fqdn::Learning::new(fqdn_state),
+        names,
     };
     if runner.args.kubernetes {
         return kubernetes(runner);
