@@ -305,6 +305,14 @@ struct Applicable<'a> {
     r: &'a Rule,
 }
 
+/// A deny rule as [`TableCompiler::deny_rules`] gives it.
+#[derive(Clone, Debug)]
+pub struct DenyRule {
+    pub rule: RuleRef,
+    pub peers: std::collections::HashSet<NumericIdentity>,
+    pub ports: Vec<(Protocol, PortRange)>,
+}
+
 /// The table of `subject` in `direction`.
 pub fn decision_table(
     program: &Program,
@@ -667,6 +675,97 @@ impl TableCompiler {
             requirement_peers,
             removed: Default::default(),
         }
+    }
+
+    /// The rules behind each row of `table`, whose subject is `subject`: the rules of its
+    /// direction that select the row's class (by its first member), cover the row's first
+    /// port and act as the row does (deny rules for a deny row, allow rules otherwise), in
+    /// rule order. A verdict event names a row; this names the policy, file and line behind
+    /// it (`cnpc observe`). A row no rule explains (cannot happen for a table this compiler
+    /// built) gets none.
+    pub fn row_rules(
+        &self,
+        program: &Program,
+        subject: &Endpoint,
+        table: &DecisionTable,
+    ) -> Vec<Vec<RuleRef>> {
+        let index: HashMap<NumericIdentity, usize> = self
+            .universe
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.numeric, i))
+            .collect();
+        let subject_ports = index
+            .get(&table.subject)
+            .map(|&i| self.universe[i].named_ports.as_slice())
+            .unwrap_or_default();
+        let applicable: Vec<(RuleRef, &Rule)> = program
+            .rules
+            .iter()
+            .filter(|(_, r)| r.direction == table.direction && r.subject.selects(subject))
+            .collect();
+        table
+            .rows
+            .iter()
+            .map(|row| {
+                let Some(&rep) = table
+                    .classes
+                    .get(row.class as usize)
+                    .and_then(|c| c.members.first())
+                    .and_then(|m| index.get(m))
+                else {
+                    return Vec::new();
+                };
+                let named = if table.direction == Direction::Ingress {
+                    subject_ports
+                } else {
+                    self.universe[rep].named_ports.as_slice()
+                };
+                let deny = row.verdict == TableVerdict::Deny;
+                applicable
+                    .iter()
+                    .filter(|(rr, r)| {
+                        (r.action == Action::Deny) == deny
+                            && self.rule_peers[rr.index()].contains(rep as u32)
+                            && ranges(&r.l4, row.protocol, named)
+                                .iter()
+                                .any(|p| p.lo <= row.ports.lo && row.ports.lo <= p.hi)
+                    })
+                    .map(|(rr, _)| *rr)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The deny rules of `subject` in `direction`, each with the peer identities it selects
+    /// and the (protocol, ports) it covers. A table folds a peer that deny rules drop
+    /// everywhere into its default, so an event of the default row says "default" where an
+    /// explicit deny decided; these name the rule (`cnpc observe`).
+    pub fn deny_rules(
+        &self,
+        program: &Program,
+        subject: &Endpoint,
+        direction: Direction,
+    ) -> Vec<DenyRule> {
+        program
+            .rules
+            .iter()
+            .filter(|(_, r)| {
+                r.direction == direction && r.action == Action::Deny && r.subject.selects(subject)
+            })
+            .map(|(rr, r)| DenyRule {
+                rule: rr,
+                peers: self.rule_peers[rr.index()]
+                    .members
+                    .iter()
+                    .map(|&i| self.universe[i as usize].numeric)
+                    .collect(),
+                ports: Protocol::ALL
+                    .into_iter()
+                    .flat_map(|p| ranges(&r.l4, p, &[]).into_iter().map(move |r| (p, r)))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Tables for every pod identity (as [`all_tables`]).

@@ -155,10 +155,13 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-/// Pod names by address: what a generation knows of the cluster, for naming flows.
+/// What a generation knows for naming flows: pods by address, and the rule behind each row
+/// of each table.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     by_ip: HashMap<IpAddr, (String, String)>,
+    rows: HashMap<(u32, bool), Vec<Option<PolicyRef>>>,
+    denies: HashMap<(u32, bool), Vec<crate::generation::DefaultDeny>>,
 }
 
 impl Names {
@@ -171,7 +174,70 @@ impl Names {
                 by_ip.insert(*ip, (ns.to_string(), pod.to_string()));
             }
         }
-        Names { by_ip }
+        Names {
+            by_ip,
+            rows: HashMap::new(),
+            denies: HashMap::new(),
+        }
+    }
+
+    /// From a generation: its pods and its tables' row rules.
+    pub fn of(g: &crate::generation::Generation) -> Names {
+        let mut names = Names::new(&g.endpoints);
+        names.rows = g
+            .row_origins
+            .iter()
+            .map(|((subject, direction), origins)| {
+                let key = (subject.0, *direction == cnpc_ir::Direction::Egress);
+                (
+                    key,
+                    origins.iter().map(|o| o.as_ref().map(policy_ref)).collect(),
+                )
+            })
+            .collect();
+        names.denies = g
+            .default_denies
+            .iter()
+            .map(|((subject, direction), d)| {
+                (
+                    (subject.0, *direction == cnpc_ir::Direction::Egress),
+                    d.clone(),
+                )
+            })
+            .collect();
+        names
+    }
+
+    /// The deny rule that dropped what the default row of (`subject`, direction) dropped: one
+    /// that selects the peer and covers the port; none when default deny alone did.
+    fn default_policy(&self, e: &VerdictEvent) -> Option<PolicyRef> {
+        let protocol = match e.protocol {
+            6 => cnpc_ir::Protocol::Tcp,
+            17 => cnpc_ir::Protocol::Udp,
+            132 => cnpc_ir::Protocol::Sctp,
+            1 => cnpc_ir::Protocol::Icmp,
+            58 => cnpc_ir::Protocol::Icmpv6,
+            _ => return None,
+        };
+        self.denies
+            .get(&(e.subject, e.egress))?
+            .iter()
+            .find(|d| {
+                d.peers.contains(&cnpc_ir::NumericIdentity(e.peer))
+                    && d.ports
+                        .iter()
+                        .any(|(p, r)| *p == protocol && r.lo <= e.port && e.port <= r.hi)
+            })
+            .map(|d| policy_ref(&d.origin))
+    }
+
+    /// The rule behind row `row` of the table of (`subject`, direction); none for the default
+    /// (`u32::MAX`) or a row this generation does not have.
+    fn row_policy(&self, subject: u32, egress: bool, row: u32) -> Option<PolicyRef> {
+        self.rows
+            .get(&(subject, egress))?
+            .get(usize::try_from(row).ok()?)?
+            .clone()
     }
 
     fn peer(&self, ip: IpAddr, identity: u32) -> FlowPeer {
@@ -207,7 +273,11 @@ pub fn record(e: &VerdictEvent, names: &Names, time: SystemTime) -> FlowRecord {
             _ => "denied",
         }
         .into(),
-        policy: None,
+        policy: if e.row == u32::MAX && e.verdict == 1 {
+            names.default_policy(e)
+        } else {
+            names.row_policy(e.subject, e.egress, e.row)
+        },
         http: None,
         dns: None,
     }

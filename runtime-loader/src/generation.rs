@@ -8,7 +8,7 @@ use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check_errors, report, Cluster, PolicySet};
 use cnpc_ir::proxy::ProxyPolicy;
-use cnpc_ir::{DecisionTable, IpNet, NumericIdentity};
+use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Origin};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -35,12 +35,26 @@ pub struct Generation {
     pub proxy: ProxyPolicy,
     /// The FQDN identities its tables know and the `fqdn` map it wants.
     pub fqdn: crate::fqdn::FqdnView,
+    /// For each table (subject, direction), the rule behind each row: what a verdict event's
+    /// row means to `cnpc observe`.
+    pub row_origins: std::collections::HashMap<(NumericIdentity, Direction), Vec<Option<Origin>>>,
+    /// For each table, its deny rules (origin, peers, ports): what dropped a packet that the
+    /// table's default row drops, when a deny rule folded into the default.
+    pub default_denies: std::collections::HashMap<(NumericIdentity, Direction), Vec<DefaultDeny>>,
     /// The identity numbers used, to pass to the next compile so numbers stay put.
     pub allocation: Allocation,
     /// Time spent reading and checking the inputs, lowering, and building tables.
     pub check_time: Duration,
     pub lower_time: Duration,
     pub tables_time: Duration,
+}
+
+/// A deny rule of a table, for naming what its default row dropped.
+#[derive(Clone, Debug)]
+pub struct DefaultDeny {
+    pub origin: Origin,
+    pub peers: std::collections::HashSet<NumericIdentity>,
+    pub ports: Vec<(cnpc_ir::Protocol, cnpc_ir::PortRange)>,
 }
 
 /// Why a generation could not be built; the previous one keeps enforcing.
@@ -148,6 +162,40 @@ pub fn build(
             compiler.of(&program, &local)
         }
     };
+    let row_origins = tables
+        .iter()
+        .filter_map(|t| {
+            let subject = program
+                .endpoints
+                .values()
+                .find(|e| e.is_pod && program.identities[e.identity].numeric == t.subject)?;
+            let origins = compiler
+                .row_rules(&program, subject, t)
+                .into_iter()
+                .map(|refs| refs.first().map(|r| program.rules[*r].origin.clone()))
+                .collect();
+            Some(((t.subject, t.direction), origins))
+        })
+        .collect();
+    let default_denies = tables
+        .iter()
+        .filter_map(|t| {
+            let subject = program
+                .endpoints
+                .values()
+                .find(|e| e.is_pod && program.identities[e.identity].numeric == t.subject)?;
+            let denies: Vec<DefaultDeny> = compiler
+                .deny_rules(&program, subject, t.direction)
+                .into_iter()
+                .map(|d| DefaultDeny {
+                    origin: program.rules[d.rule].origin.clone(),
+                    peers: d.peers,
+                    ports: d.ports,
+                })
+                .collect();
+            (!denies.is_empty()).then_some(((t.subject, t.direction), denies))
+        })
+        .collect();
     let mut ipcache = ipcache_entries(&program, &compiler.universe);
     // Compiled for this node: its own addresses are the host, not a remote node.
     if routes.is_some() {
@@ -179,6 +227,8 @@ pub fn build(
         endpoints,
         proxy,
         fqdn,
+        row_origins,
+        default_denies,
         allocation: lower::allocation_of(&program),
         check_time,
         lower_time,

@@ -478,8 +478,7 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
         from: Some(PeerFilter::parse("from", "pod:default/mediabot").unwrap()),
         ..Filter::default()
     };
-    let seen = read(&from_bot);
-    let has = |kind: &str, verdict: &str, to: &str, port: &str| {
+    let has_in = |seen: &[FlowRecord], kind: &str, verdict: &str, to: &str, port: &str| {
         seen.iter().any(|r| {
             r.kind == kind
                 && r.verdict == verdict
@@ -487,9 +486,32 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
                 && r.port == port
         })
     };
-    assert!(has("l3l4", "allowed", NEW, "80/TCP"), "{seen:#?}");
+    // The loader reads the programs' events every 10 ms: the last flows may still be on the
+    // way when this reads first.
+    net.until(Duration::from_secs(2), || {
+        has_in(&read(&from_bot), "l3l4", "allowed", NEW, "443/TCP")
+    });
+    let seen = read(&from_bot);
+    let has =
+        |kind: &str, verdict: &str, to: &str, port: &str| has_in(&seen, kind, verdict, to, port);
+    assert!(
+        has("l3l4", "allowed", NEW, "80/TCP"),
+        "{seen:#?}\n{}",
+        logs(&net)
+    );
     assert!(has("l3l4", "denied", EDGE, "80/TCP"), "{seen:#?}");
     assert!(has("dns", "denied", KUBE_DNS.2, "53/UDP"), "{seen:#?}");
+    // The record of an allowed connection names the rule that allowed it.
+    let allowed = seen
+        .iter()
+        .find(|r| r.kind == "l3l4" && r.verdict == "allowed" && r.destination.ip == Some(ip(NEW)))
+        .unwrap();
+    let policy = allowed.policy.as_ref().expect("the deciding rule");
+    assert!(
+        policy.name.ends_with("default/mediabot-new") && policy.file.ends_with("new.yaml"),
+        "{policy:?}"
+    );
+    assert_eq!(policy.line, 7, "the toFQDNs rule's line in NEW_NAME");
     let refused = seen
         .iter()
         .find(|r| r.kind == "dns" && r.verdict == "denied")

@@ -76,6 +76,60 @@ fn demo(attach: &str) {
         "on either deathstar"
     );
     assert!(!net.land(xw, ds2, SHORT), "xwing must not land on either");
+    // What `cnpc observe --last 50 -o json` shows of it (issue 11): the xwing's dropped SYN
+    // with the deny rule that dropped it, and the tiefighter's allowed connection.
+    {
+        use cnpc_runtime_loader::events::{self, Filter, FlowRecord};
+        let read = || -> Vec<FlowRecord> {
+            let mut out = Vec::new();
+            events::observe(
+                &net.tmp.join("state/events.sock"),
+                50,
+                false,
+                &Filter::default(),
+                true,
+                &mut out,
+            )
+            .expect("the loader's event stream");
+            String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        // Events are read every 10 ms: the last drop may still be on the way.
+        let xwing_dropped = |seen: &[FlowRecord]| {
+            seen.iter()
+                .any(|r| r.source.pod.as_deref() == Some("xwing") && r.verdict == "denied")
+        };
+        net.until(Duration::from_secs(2), || xwing_dropped(&read()));
+        let seen = read();
+        let dropped = seen
+            .iter()
+            .find(|r| {
+                r.source.pod.as_deref() == Some("xwing")
+                    && r.verdict == "denied"
+                    && r.direction == "egress"
+            })
+            .unwrap_or_else(|| panic!("no xwing drop in {seen:#?}"));
+        let policy = dropped
+            .policy
+            .as_ref()
+            .unwrap_or_else(|| panic!("no deny rule in {dropped:#?} of {seen:#?}"));
+        assert!(
+            policy.name.ends_with("default/xwing-egress")
+                && policy.file.ends_with("xwing-egress-deny.yaml")
+                && policy.line == 16,
+            "{policy:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|r| r.source.pod.as_deref() == Some("tiefighter")
+                    && r.verdict == "allowed"
+                    && r.port == "80/TCP"),
+            "{seen:#?}"
+        );
+    }
 
     // Editing the policy changes verdicts within a second.
     let deny = std::fs::read_to_string(policies.join("xwing-egress-deny.yaml")).unwrap();

@@ -248,8 +248,7 @@ impl Runner {
         };
         match self.loader.apply(&g, routes, force) {
             Ok(r) => {
-                *self.names.write().unwrap_or_else(|p| p.into_inner()) =
-                    events::Names::new(&g.endpoints);
+                *self.names.write().unwrap_or_else(|p| p.into_inner()) = events::Names::of(&g);
                 // The programs know the generation's FQDN identities now: the map may name them.
                 use std::os::fd::AsFd;
                 match self
