@@ -40,7 +40,21 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn demo(rounds: usize) -> Result<(), String> {
+/// A subscriber of the loader's event stream that asks to follow and never reads (issue 11:
+/// it must cost the loader nothing but the records it loses).
+fn stalled_subscriber(net: &Net) -> Result<std::os::unix::net::UnixStream, String> {
+    use std::io::{BufRead, Write};
+    let path = net.tmp.join("state/events.sock");
+    let s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| e.to_string())?;
+    let mut greeting = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut greeting)
+        .map_err(|e| e.to_string())?;
+    writeln!(&s, "{{\"last\":0,\"follow\":true}}").map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+fn demo(rounds: usize, stalled: bool) -> Result<(), String> {
     let mut net = Net::demo()?;
     let (xw, ds1) = ("xw", PODS[0].2);
     net.start_loader()?;
@@ -48,6 +62,11 @@ fn demo(rounds: usize) -> Result<(), String> {
         net.log().contains("applied") && !net.land(xw, ds1, Duration::from_millis(50))
     })
     .ok_or("the loader never enforced")?;
+    let _subscriber = if stalled {
+        Some(stalled_subscriber(&net)?)
+    } else {
+        None
+    };
     let rule1 = std::fs::read_to_string(net.policies.join("deathstar.yaml")).unwrap();
     let deny = std::fs::read_to_string(net.policies.join("xwing-egress-deny.yaml")).unwrap();
     let open = rule1.replace(
@@ -84,8 +103,13 @@ fn demo(rounds: usize) -> Result<(), String> {
             l.split("applied").nth(1).unwrap_or("").trim()
         );
     }
+    let with = if stalled {
+        ", a subscriber that never reads"
+    } else {
+        ""
+    };
     println!(
-        "demo ({rounds} rounds): file change to enforced verdict, median {:.0} ms to allow, {:.0} ms to block (target 100 ms); max {:.0} / {:.0} ms; loader peak RSS {:.1} MiB",
+        "demo ({rounds} rounds{with}): file change to enforced verdict, median {:.0} ms to allow, {:.0} ms to block (target 100 ms); max {:.0} / {:.0} ms; loader peak RSS {:.1} MiB",
         median(allow.clone()).as_secs_f64() * 1e3,
         median(block.clone()).as_secs_f64() * 1e3,
         allow.iter().max().unwrap().as_secs_f64() * 1e3,
@@ -205,8 +229,23 @@ fn main() {
     if !sys::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
         return sys::skip_or_fail("loader bench: bpffs is not mounted at /sys/fs/bpf");
     }
-    for (name, result) in [("demo", demo(15)), ("synthetic", synthetic(6))] {
-        if let Err(e) = result {
+    // `cargo bench --bench loader -- demo` runs the demo rows alone.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str()));
+    type Run = fn() -> Result<(), String>;
+    let runs: [(&str, Run); 3] = [
+        ("demo", || demo(15, false)),
+        ("demo-stalled-subscriber", || demo(15, true)),
+        ("synthetic", || synthetic(6)),
+    ];
+    for (name, run) in runs {
+        if !wanted(name) {
+            continue;
+        }
+        if let Err(e) = run() {
             sys::skip_or_fail(&format!("loader bench, {name}: {e}"));
         }
     }
