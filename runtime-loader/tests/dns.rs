@@ -432,17 +432,8 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
     );
 
     // /metrics counts what happened since the restart.
-    let text = net
-        .in_ns("node", || {
-            let mut s = TcpStream::connect(METRICS).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            Some(text)
-        })
-        .join()
-        .unwrap()
+    let (_, text) = net
+        .loader_get(METRICS, "/metrics")
         .expect("/metrics answers");
     let value = |series: &str| -> f64 {
         text.lines()
@@ -557,17 +548,8 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
             .count() as f64
     };
     let counted = || -> f64 {
-        let text = net
-            .in_ns("node", || {
-                let mut s = TcpStream::connect(METRICS).ok()?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .ok()?;
-                let mut text = String::new();
-                s.read_to_string(&mut text).ok()?;
-                Some(text)
-            })
-            .join()
-            .unwrap()
+        let (_, text) = net
+            .loader_get(METRICS, "/metrics")
             .expect("/metrics answers");
         text.lines()
             .filter(|l| l.starts_with("cnpc_policy_verdicts_total{"))

@@ -63,24 +63,6 @@ fn l7_rules_are_enforced_by_the_proxy_on_clsact() {
 /// The loader's /healthz and /metrics, inside the node's namespace.
 const METRICS: &str = "127.0.0.1:9963";
 
-/// (status line, body) of `GET path` from the loader's metrics server.
-fn loader_get(net: &Net, path: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let node = format!("/var/run/netns/{}", net.ns("node"));
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        netns::enter(&node).ok()?;
-        let mut s = std::net::TcpStream::connect(METRICS).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        Some((head.lines().next()?.to_string(), body.to_string()))
-    })
-    .join()
-    .ok()?
-}
-
 /// A metric's value from the Prometheus text, by its name and labels as printed.
 fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -270,7 +252,7 @@ fn l7_demo(attach: &str) {
     drop(conn);
 
     // What /metrics and /healthz say of the L7 stage.
-    let scrape = || loader_get(&net, "/metrics").expect("metrics");
+    let scrape = || net.loader_get(METRICS, "/metrics").expect("metrics");
     // The supervisor reads the proxy's listeners from /proc now and then: give it a moment.
     net.until(Duration::from_secs(2), || {
         metric(&scrape().1, "cnpc_proxy_up") == Some(1.0)
@@ -286,7 +268,9 @@ fn l7_demo(attach: &str) {
     };
     assert!(denied("ingress").is_some_and(|n| n >= 2.0), "{text}");
     assert!(denied("egress").is_some_and(|n| n >= 1.0), "{text}");
-    assert!(loader_get(&net, "/healthz").is_some_and(|(s, _)| s.contains("200")));
+    assert!(net
+        .loader_get(METRICS, "/healthz")
+        .is_some_and(|(s, _)| s.contains("200")));
 
     // Without a proxy, proxied flows fail: never passed unfiltered.
     if let Some(mut c) = net.loader.take() {
@@ -310,7 +294,7 @@ fn l7_demo(attach: &str) {
         "{}",
         net.log()
     );
-    let health = loader_get(&net, "/healthz").expect("healthz");
+    let health = net.loader_get(METRICS, "/healthz").expect("healthz");
     assert!(
         health.0.contains("503") && health.1.contains("L7 proxy not listening"),
         "{health:?}"

@@ -525,6 +525,22 @@ impl Net {
         })
     }
 
+    /// (status line, body) of `GET path` from the loader's metrics server at `addr` (in the
+    /// node's namespace), or `None` when it does not answer.
+    pub fn loader_get(&self, addr: &str, path: &str) -> Option<(String, String)> {
+        let (addr, path) = (addr.to_string(), path.to_string());
+        self.in_ns("node", move || {
+            let mut s = TcpStream::connect(addr).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            Some((head.lines().next()?.to_string(), body.to_string()))
+        })
+        .join()
+        .ok()?
+    }
+
     /// A TCP echo server on `addr:port` in `pod`'s namespace (one thread per connection).
     pub fn serve_echo(&self, pod: &str, addr: &str, port: u16) -> Result<(), String> {
         let addr: SocketAddr = format!("{addr}:{port}").parse().unwrap();
