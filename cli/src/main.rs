@@ -121,7 +121,7 @@ enum Command {
         /// How many of the flows the loader kept to print first.
         #[arg(long, value_name = "N", default_value_t = 20)]
         last: usize,
-        /// Only flows from this peer: pod:NS/NAME, ip:ADDRESS or entity:world.
+        /// Only flows from this peer: pod:NS/NAME, labels:NS:k=v,..., ip:ADDRESS or entity:NAME.
         #[arg(long = "from", value_name = "PEER")]
         from: Option<String>,
         /// Only flows to this peer, in the same forms as --from.

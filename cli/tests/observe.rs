@@ -36,9 +36,9 @@ fn no_loader_and_foreign_sockets_exit_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a cnpc event socket"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(4), "no hang");
-    // A peer form observe cannot match without a cluster snapshot.
-    let (code, err) = observe(&["--state-dir", state, "--from", "labels:default:a=b"]);
+    // A peer form records cannot match (they carry addresses, not names).
+    let (code, err) = observe(&["--state-dir", state, "--to", "fqdn:api.github.com"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("entity:world"), "{err}");
+    assert!(err.contains("ip:ADDRESS"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -90,6 +90,9 @@ pub struct FlowPeer {
     pub pod: Option<String>,
     pub identity: u32,
     pub ip: Option<IpAddr>,
+    /// A pod's labels (`k8s:key=value`), for `--from labels:...` filters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// The policy that decided a flow.
@@ -159,7 +162,7 @@ fn protocol_name(p: u8) -> String {
 /// of each table.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
-    by_ip: HashMap<IpAddr, (String, String)>,
+    by_ip: HashMap<IpAddr, (String, String, Vec<String>)>,
     rows: HashMap<(u32, bool), Vec<Option<PolicyRef>>>,
     denies: HashMap<(u32, bool), Vec<crate::generation::DefaultDeny>>,
 }
@@ -171,7 +174,7 @@ impl Names {
         for e in endpoints {
             let (ns, pod) = e.name.split_once('/').unwrap_or(("", e.name.as_str()));
             for ip in &e.ips {
-                by_ip.insert(*ip, (ns.to_string(), pod.to_string()));
+                by_ip.insert(*ip, (ns.to_string(), pod.to_string(), e.labels.clone()));
             }
         }
         Names {
@@ -241,15 +244,18 @@ impl Names {
     }
 
     fn peer(&self, ip: IpAddr, identity: u32) -> FlowPeer {
-        let (namespace, pod) = self
+        let (namespace, pod, labels) = self
             .by_ip
             .get(&ip)
-            .map_or((None, None), |(n, p)| (Some(n.clone()), Some(p.clone())));
+            .map_or((None, None, Vec::new()), |(n, p, l)| {
+                (Some(n.clone()), Some(p.clone()), l.clone())
+            });
         FlowPeer {
             namespace,
             pod,
             identity,
             ip: Some(ip),
+            labels,
         }
     }
 }
@@ -621,8 +627,15 @@ pub enum PeerFilter {
         name: String,
     },
     Ip(IpAddr),
+    /// `labels:NAMESPACE:key=value,...`: pods of the namespace with all these labels.
+    Labels {
+        namespace: String,
+        pairs: Vec<(String, String)>,
+    },
     /// `entity:world`: addresses that are no pod.
     World,
+    /// `entity:NAME` for the other reserved identities (host, remote-node, ...).
+    Entity(u32),
 }
 
 impl PeerFilter {
@@ -647,8 +660,34 @@ impl PeerFilter {
                 .map(PeerFilter::Ip)
                 .map_err(|_| err("not an IP address")),
             Some(("entity", "world")) => Ok(PeerFilter::World),
+            Some(("entity", name)) => cnpc_ir::Reserved::ALL
+                .into_iter()
+                .find(|r| r.name() == name)
+                .map(|r| PeerFilter::Entity(r.numeric().0))
+                .ok_or_else(|| err("not an entity (host, world, remote-node, ...)")),
+            Some(("labels", rest)) => {
+                let (namespace, pairs) = rest
+                    .split_once(':')
+                    .ok_or_else(|| err("write labels:NAMESPACE:key=value,..."))?;
+                let pairs = pairs
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        p.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .ok_or_else(|| err("write labels:NAMESPACE:key=value,..."))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(PeerFilter::Labels {
+                    namespace: namespace.into(),
+                    pairs,
+                })
+            }
+            Some(("fqdn", _)) => Err(err(
+                "records carry addresses, not names: use ip:ADDRESS (cnpc trace --to fqdn:NAME shows what a name resolved to)",
+            )),
             _ => Err(err(
-                "write pod:NAMESPACE/NAME, ip:ADDRESS or entity:world (labels need a cluster snapshot: use cnpc trace)",
+                "write pod:NAMESPACE/NAME, labels:NAMESPACE:key=value,..., ip:ADDRESS or entity:NAME",
             )),
         }
     }
@@ -665,7 +704,16 @@ impl PeerFilter {
                     })
             }
             PeerFilter::Ip(ip) => p.ip == Some(*ip),
+            PeerFilter::Labels { namespace, pairs } => {
+                p.namespace.as_deref() == Some(namespace)
+                    && pairs.iter().all(|(k, v)| {
+                        p.labels.iter().any(|l| {
+                            l.split_once(':').map_or(l.as_str(), |(_, kv)| kv) == format!("{k}={v}")
+                        })
+                    })
+            }
             PeerFilter::World => p.pod.is_none(),
+            PeerFilter::Entity(id) => p.identity == *id,
         }
     }
 }
@@ -840,6 +888,7 @@ mod observe_tests {
                 pod: src_pod.map(String::from),
                 identity: 300,
                 ip: Some("10.0.1.40".parse().unwrap()),
+                labels: Vec::new(),
             },
             destination: FlowPeer {
                 ip: Some(dst_ip.parse().unwrap()),
@@ -882,7 +931,26 @@ mod observe_tests {
             ..Filter::default()
         };
         assert!(world.matches(&rec(None, "198.51.100.10", "denied", "443/TCP")));
-        assert!(PeerFilter::parse("from", "labels:default:a=b").is_err());
+        assert!(PeerFilter::parse("from", "fqdn:api.github.com").is_err());
+        assert!(PeerFilter::parse("from", "entity:nowhere").is_err());
+        let mut xwing = rec(Some("xwing"), "198.51.100.10", "denied", "443/TCP");
+        xwing.source.labels = vec!["k8s:org=alliance".into(), "k8s:class=xwing".into()];
+        let alliance = Filter {
+            from: Some(PeerFilter::parse("from", "labels:default:org=alliance").unwrap()),
+            to: Some(PeerFilter::parse("to", "entity:world").unwrap()),
+            ..Filter::default()
+        };
+        assert!(alliance.matches(&xwing));
+        let empire = Filter {
+            from: Some(PeerFilter::parse("from", "labels:default:org=empire").unwrap()),
+            ..Filter::default()
+        };
+        assert!(!empire.matches(&xwing));
+        let host = Filter {
+            to: Some(PeerFilter::parse("to", "entity:host").unwrap()),
+            ..Filter::default()
+        };
+        assert!(!host.matches(&xwing), "the world is not the host");
         assert!(PeerFilter::parse("from", "ip:nope").is_err());
     }
 
