@@ -15,6 +15,7 @@
 //! "follow":bool}`), the server sends up to N kept records, then, when following, every new
 //! one.
 
+use crate::metrics::MatchKind;
 use cnpc_codegen_bpf::gen::event;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -158,12 +159,15 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
+/// The rule that decided a flow and its kind.
+type Decided = (PolicyRef, MatchKind);
+
 /// What a generation knows for naming flows: pods by address, and the rule behind each row
 /// of each table.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     by_ip: HashMap<IpAddr, (String, String, Vec<String>)>,
-    rows: HashMap<(u32, bool), Vec<Option<PolicyRef>>>,
+    rows: HashMap<(u32, bool), Vec<Option<Decided>>>,
     denies: HashMap<(u32, bool), Vec<crate::generation::DefaultDeny>>,
 }
 
@@ -194,7 +198,10 @@ impl Names {
                 let key = (subject.0, *direction == cnpc_ir::Direction::Egress);
                 (
                     key,
-                    origins.iter().map(|o| o.as_ref().map(policy_ref)).collect(),
+                    origins
+                        .iter()
+                        .map(|o| o.as_ref().map(|(o, k)| (policy_ref(o), *k)))
+                        .collect(),
                 )
             })
             .collect();
@@ -213,7 +220,7 @@ impl Names {
 
     /// The deny rule that dropped what the default row of (`subject`, direction) dropped: one
     /// that selects the peer and covers the port; none when default deny alone did.
-    fn default_policy(&self, e: &VerdictEvent) -> Option<PolicyRef> {
+    fn default_policy(&self, e: &VerdictEvent) -> Option<(PolicyRef, MatchKind)> {
         let protocol = match e.protocol {
             6 => cnpc_ir::Protocol::Tcp,
             17 => cnpc_ir::Protocol::Udp,
@@ -231,16 +238,30 @@ impl Names {
                         .iter()
                         .any(|(p, r)| *p == protocol && r.lo <= e.port && e.port <= r.hi)
             })
-            .map(|d| policy_ref(&d.origin))
+            .map(|d| (policy_ref(&d.origin), d.kind))
     }
 
     /// The rule behind row `row` of the table of (`subject`, direction); none for the default
     /// (`u32::MAX`) or a row this generation does not have.
-    fn row_policy(&self, subject: u32, egress: bool, row: u32) -> Option<PolicyRef> {
+    fn row_policy(&self, subject: u32, egress: bool, row: u32) -> Option<(PolicyRef, MatchKind)> {
         self.rows
             .get(&(subject, egress))?
             .get(usize::try_from(row).ok()?)?
             .clone()
+    }
+
+    /// The rule that decided `e` and its kind (Cilium's policy match type); `none` when a
+    /// table's default decided with no rule behind it.
+    pub fn decided(&self, e: &VerdictEvent) -> (Option<PolicyRef>, MatchKind) {
+        let found = if e.row == u32::MAX && e.verdict == 1 {
+            self.default_policy(e)
+        } else {
+            self.row_policy(e.subject, e.egress, e.row)
+        };
+        match found {
+            Some((p, k)) => (Some(p), k),
+            None => (None, MatchKind::None),
+        }
     }
 
     fn peer(&self, ip: IpAddr, identity: u32) -> FlowPeer {
@@ -279,11 +300,7 @@ pub fn record(e: &VerdictEvent, names: &Names, time: SystemTime) -> FlowRecord {
             _ => "denied",
         }
         .into(),
-        policy: if e.row == u32::MAX && e.verdict == 1 {
-            names.default_policy(e)
-        } else {
-            names.row_policy(e.subject, e.egress, e.row)
-        },
+        policy: names.decided(e).0,
         http: None,
         dns: None,
     }
@@ -1013,5 +1030,58 @@ mod observe_tests {
             "{text}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod match_tests {
+    use crate::metrics::MatchKind;
+    use cnpc_ir::*;
+
+    fn rule(peers: Vec<Peer>, l4: Vec<L4Term>) -> Rule {
+        Rule {
+            origin: Origin {
+                policy: "p".into(),
+                file: "f".into(),
+                line: 1,
+            },
+            subject: Subject::Endpoints(Selector::default()),
+            direction: Direction::Egress,
+            action: Action::Allow,
+            peers,
+            l4,
+            l7: None,
+        }
+    }
+
+    #[test]
+    fn rules_are_classified_as_cilium_names_its_policy_matches() {
+        let sel = || Peer::Selector(Selector::default());
+        let port = |lo: u16, hi: u16| L4Term::Ports {
+            protocols: vec![Protocol::Tcp],
+            range: PortRange { lo, hi },
+        };
+        assert_eq!(MatchKind::of(&rule(vec![sel()], vec![])), MatchKind::L3Only);
+        assert_eq!(
+            MatchKind::of(&rule(vec![sel()], vec![port(80, 80)])),
+            MatchKind::L3L4
+        );
+        assert_eq!(
+            MatchKind::of(&rule(vec![Peer::Any], vec![port(80, 80)])),
+            MatchKind::L4Only
+        );
+        assert_eq!(
+            MatchKind::of(&rule(vec![Peer::Any], vec![])),
+            MatchKind::All
+        );
+        assert_eq!(
+            MatchKind::of(&rule(vec![sel()], vec![port(0, 65535)])),
+            MatchKind::L3Proto
+        );
+        assert_eq!(
+            MatchKind::of(&rule(vec![Peer::Any], vec![port(0, 65535)])),
+            MatchKind::ProtoOnly
+        );
+        assert_eq!(MatchKind::L3L4.as_str(), "L3-L4");
     }
 }

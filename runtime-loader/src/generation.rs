@@ -37,7 +37,7 @@ pub struct Generation {
     pub fqdn: crate::fqdn::FqdnView,
     /// For each table (subject, direction), the rule behind each row: what a verdict event's
     /// row means to `cnpc observe`.
-    pub row_origins: std::collections::HashMap<(NumericIdentity, Direction), Vec<Option<Origin>>>,
+    pub row_origins: std::collections::HashMap<(NumericIdentity, Direction), RowRules>,
     /// For each table, its deny rules (origin, peers, ports): what dropped a packet that the
     /// table's default row drops, when a deny rule folded into the default.
     pub default_denies: std::collections::HashMap<(NumericIdentity, Direction), Vec<DefaultDeny>>,
@@ -49,10 +49,14 @@ pub struct Generation {
     pub tables_time: Duration,
 }
 
+/// Per row of a table, the rule behind it and its kind (Cilium's policy match type).
+pub type RowRules = Vec<Option<(Origin, crate::metrics::MatchKind)>>;
+
 /// A deny rule of a table, for naming what its default row dropped.
 #[derive(Clone, Debug)]
 pub struct DefaultDeny {
     pub origin: Origin,
+    pub kind: crate::metrics::MatchKind,
     pub peers: std::collections::HashSet<NumericIdentity>,
     pub ports: Vec<(cnpc_ir::Protocol, cnpc_ir::PortRange)>,
 }
@@ -172,7 +176,12 @@ pub fn build(
             let origins = compiler
                 .row_rules(&program, subject, t)
                 .into_iter()
-                .map(|refs| refs.first().map(|r| program.rules[*r].origin.clone()))
+                .map(|refs| {
+                    refs.first().map(|r| {
+                        let rule = &program.rules[*r];
+                        (rule.origin.clone(), crate::metrics::MatchKind::of(rule))
+                    })
+                })
                 .collect();
             Some(((t.subject, t.direction), origins))
         })
@@ -189,6 +198,7 @@ pub fn build(
                 .into_iter()
                 .map(|d| DefaultDeny {
                     origin: program.rules[d.rule].origin.clone(),
+                    kind: crate::metrics::MatchKind::of(&program.rules[d.rule]),
                     peers: d.peers,
                     ports: d.ports,
                 })

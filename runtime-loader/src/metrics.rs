@@ -129,17 +129,50 @@ impl Verdict {
 }
 label_value!(Verdict);
 
-/// What matched, Cilium's `match` label of `cilium_policy_verdict`. Events do not say yet
-/// which kind of rule decided, so every verdict is counted as `all` for now.
+/// What matched, Cilium's `match` label of `cilium_policy_verdict` (its policy match types,
+/// pkg/monitor/api: `none` for no rule, i.e. a default verdict; `L3-Only` a rule naming peers
+/// and no ports; `L3-L4` peers and ports; `L4-Only` ports for every peer; `all` every peer on
+/// every port; `L3-Proto` / `Proto-Only` a protocol without ports, with or without peers). The
+/// loader classifies the rule behind an event's table row (`events::Names`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MatchKind {
+    None,
+    L3Only,
+    L3L4,
+    L4Only,
     All,
+    L3Proto,
+    ProtoOnly,
 }
 
 impl MatchKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            MatchKind::None => "none",
+            MatchKind::L3Only => "L3-Only",
+            MatchKind::L3L4 => "L3-L4",
+            MatchKind::L4Only => "L4-Only",
             MatchKind::All => "all",
+            MatchKind::L3Proto => "L3-Proto",
+            MatchKind::ProtoOnly => "Proto-Only",
+        }
+    }
+
+    /// The kind of `rule`: whether it names peers (anything but the wildcard) and ports.
+    pub fn of(rule: &cnpc_ir::Rule) -> MatchKind {
+        use cnpc_ir::{L4Term, Peer};
+        let any_peer = rule.peers.iter().any(|p| matches!(p, Peer::Any));
+        let ports = rule.l4.iter().any(|t| match t {
+            L4Term::Ports { range, .. } => !(range.lo == 0 && range.hi == u16::MAX),
+            _ => true,
+        });
+        match (any_peer, rule.l4.is_empty(), ports) {
+            (true, true, _) => MatchKind::All,
+            (false, true, _) => MatchKind::L3Only,
+            (false, false, false) => MatchKind::L3Proto,
+            (true, false, false) => MatchKind::ProtoOnly,
+            (false, false, true) => MatchKind::L3L4,
+            (true, false, true) => MatchKind::L4Only,
         }
     }
 }
@@ -526,7 +559,7 @@ impl LoaderMetrics {
     /// `cnpc_drops_total` (`no-proxy` when its row is one of the enforcing generation's Proxy
     /// rows, since a Proxy row drops only when the handoff fails; else `policy`). Returns the
     /// verdict, or `None` for a malformed event (counted nowhere).
-    pub fn verdict_event(&self, event: &[u8]) -> Option<Verdict> {
+    pub fn verdict_event(&self, event: &[u8], match_kind: MatchKind) -> Option<Verdict> {
         use cnpc_codegen_bpf::gen::event;
         let u32_at = |at: usize| {
             event
@@ -544,7 +577,7 @@ impl LoaderMetrics {
         self.verdict_events
             .get_or_create(&VerdictLabels { verdict })
             .inc();
-        self.policy_verdict(direction, verdict, MatchKind::All);
+        self.policy_verdict(direction, verdict, match_kind);
         if verdict == Verdict::Denied {
             let proxied_row = match (u32_at(event::SUBJECT), u32_at(event::ROW)) {
                 (Some(subject), Some(row)) => self
@@ -851,7 +884,7 @@ mod tests {
             event(500, 0, 7, 1),
             vec![0; 4],
         ] {
-            m.verdict_event(&e);
+            m.verdict_event(&e, MatchKind::All);
         }
         let text = m.render();
         for (series, want) in [
@@ -1001,7 +1034,7 @@ mod tests {
         m.set_healthy(true);
         assert!(get(addr, "/healthz", None).0.contains("200"));
 
-        m.verdict_event(&event(500, 1, 1, 1));
+        m.verdict_event(&event(500, 1, 1, 1), MatchKind::None);
         let (status, headers, body) = get(addr, "/metrics", None);
         assert!(status.contains("200"), "{status}");
         assert!(

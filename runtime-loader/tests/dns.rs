@@ -556,6 +556,23 @@ fn dns_rules_are_enforced_and_fqdn_addresses_learned() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    // Cilium's `match` label: the toFQDNs rules name peers and ports (L3-L4); the drops of
+    // default deny have no rule (none).
+    let (_, text) = net
+        .loader_get(METRICS, "/metrics")
+        .expect("/metrics answers");
+    let matched = |kind: &str, verdict: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("cnpc_policy_verdicts_total{")
+                    && l.contains(&format!("match=\"{kind}\""))
+                    && l.contains(&format!("verdict=\"{verdict}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(matched("L3-L4", "allowed") >= 1.0, "{text}");
+    assert!(matched("none", "denied") >= 1.0, "{text}");
     let (before, metrics, after) = (l3l4(), counted(), l3l4());
     assert!(
         before <= metrics && metrics <= after && metrics > 0.0,

@@ -413,11 +413,15 @@ fn main() -> ExitCode {
             let (hub, names) = (hub.clone(), names.clone());
             std::thread::spawn(move || loop {
                 for e in ring.drain() {
-                    m.verdict_event(&e);
-                    let Ok(v) = events::VerdictEvent::parse(&e) else {
+                    let names = names.read().unwrap_or_else(|p| p.into_inner());
+                    let parsed = events::VerdictEvent::parse(&e);
+                    let kind = parsed
+                        .as_ref()
+                        .map_or(metrics::MatchKind::None, |v| names.decided(v).1);
+                    m.verdict_event(&e, kind);
+                    let Ok(v) = parsed else {
                         continue;
                     };
-                    let names = names.read().unwrap_or_else(|p| p.into_inner());
                     let record = events::record(&v, &names, std::time::SystemTime::now());
                     if let Ok(json) = serde_json::to_string(&record) {
                         hub.publish(json);
