@@ -402,13 +402,7 @@ pub fn needs_tracking<'a>(tables: impl IntoIterator<Item = &'a DecisionTable>) -
 }
 
 fn ip_proto(p: Protocol) -> i32 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-        Protocol::Icmp => 1,
-        Protocol::Icmpv6 => 58,
-    }
+    i32::from(p.number())
 }
 
 /// Bounds check: `if base + end_off > DATA_END goto fail`.

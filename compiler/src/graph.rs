@@ -320,24 +320,30 @@ fn segments_of(space: &FlowSpace, program: &Program) -> Segments {
     out.retain(|_, segs| !segs.is_empty());
     // Two identities of one workload (pods with different labels) share a name: merge them.
     for segs in out.values_mut() {
-        segs.sort();
-        let mut merged: Vec<Segment> = Vec::with_capacity(segs.len());
-        for s in segs.drain(..) {
-            match merged.last_mut() {
-                Some(last)
-                    if last.protocol == s.protocol
-                        && last.mark == s.mark
-                        && u32::from(last.ports.hi) + 1 >= u32::from(s.ports.lo) =>
-                {
-                    last.ports.hi = last.ports.hi.max(s.ports.hi);
-                    last.rules.extend(s.rules);
-                }
-                _ => merged.push(s),
-            }
-        }
-        *segs = merged;
+        *segs = merge_touching(std::mem::take(segs));
     }
     out
+}
+
+/// `segs` sorted, with segments of one protocol and mark that overlap or touch merged into
+/// one (their rules together).
+fn merge_touching(mut segs: Vec<Segment>) -> Vec<Segment> {
+    segs.sort();
+    let mut merged: Vec<Segment> = Vec::with_capacity(segs.len());
+    for s in segs {
+        match merged.last_mut() {
+            Some(last)
+                if last.protocol == s.protocol
+                    && last.mark == s.mark
+                    && u32::from(last.ports.hi) + 1 >= u32::from(s.ports.lo) =>
+            {
+                last.ports.hi = last.ports.hi.max(s.ports.hi);
+                last.rules.extend(s.rules);
+            }
+            _ => merged.push(s),
+        }
+    }
+    merged
 }
 
 /// The mark and deciding rules of one flow; `None` when only default deny decided it.
@@ -411,26 +417,12 @@ fn edges_of(segs: &[Segment], open_as_allowed: bool) -> Vec<(EdgeKind, Edge)> {
         }
     }
     let mut out = Vec::new();
-    for (kind, mut segs) in [(EdgeKind::Allowed, allowed), (EdgeKind::Denied, denied)] {
+    for (kind, segs) in [(EdgeKind::Allowed, allowed), (EdgeKind::Denied, denied)] {
         if segs.is_empty() {
             continue;
         }
         // Open pieces turned allowed may now touch allowed ones.
-        segs.sort();
-        let mut merged: Vec<Segment> = Vec::with_capacity(segs.len());
-        for s in segs {
-            match merged.last_mut() {
-                Some(last)
-                    if last.protocol == s.protocol
-                        && last.mark == s.mark
-                        && u32::from(last.ports.hi) + 1 >= u32::from(s.ports.lo) =>
-                {
-                    last.ports.hi = last.ports.hi.max(s.ports.hi);
-                    last.rules.extend(s.rules);
-                }
-                _ => merged.push(s),
-            }
-        }
+        let merged = merge_touching(segs);
         let rules: BTreeSet<Origin> = merged.iter().flat_map(|s| s.rules.clone()).collect();
         out.push((
             kind,

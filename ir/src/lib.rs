@@ -213,6 +213,22 @@ impl Protocol {
         }
     }
 
+    /// The IP protocol number (the IPv4 protocol / IPv6 next-header field).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+            Protocol::Icmp => 1,
+            Protocol::Icmpv6 => 58,
+        }
+    }
+
+    /// The protocol of an IP protocol number, if it is one cnpc knows.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == n)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",

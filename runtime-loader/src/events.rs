@@ -149,14 +149,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 fn protocol_name(p: u8) -> String {
-    match p {
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        132 => "SCTP".into(),
-        1 => "ICMP".into(),
-        58 => "ICMPv6".into(),
-        n => format!("proto-{n}"),
-    }
+    cnpc_ir::Protocol::from_number(p).map_or_else(|| format!("proto-{p}"), |p| p.as_str().into())
 }
 
 /// The rule that decided a flow and its kind.
@@ -221,14 +214,7 @@ impl Names {
     /// The deny rule that dropped what the default row of (`subject`, direction) dropped: one
     /// that selects the peer and covers the port; none when default deny alone did.
     fn default_policy(&self, e: &VerdictEvent) -> Option<(PolicyRef, MatchKind)> {
-        let protocol = match e.protocol {
-            6 => cnpc_ir::Protocol::Tcp,
-            17 => cnpc_ir::Protocol::Udp,
-            132 => cnpc_ir::Protocol::Sctp,
-            1 => cnpc_ir::Protocol::Icmp,
-            58 => cnpc_ir::Protocol::Icmpv6,
-            _ => return None,
-        };
+        let protocol = cnpc_ir::Protocol::from_number(e.protocol)?;
         self.denies
             .get(&(e.subject, e.egress))?
             .iter()
