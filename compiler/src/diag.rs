@@ -83,6 +83,9 @@ codes! {
     RemovedField = "removed-field", Error, "A field current Cilium no longer accepts (its CRD allows no items), though older releases did.";
     NoRules = "no-rules", Warning, "A rule without ingress, ingressDeny, egress or egressDeny rules: it does nothing, and Cilium 1.17 and later reject the whole policy.";
     CidrHostBits = "cidr-host-bits", Warning, "A CIDR with address bits set after its prefix length; it is accepted and means the whole prefix.";
+    UnsubstitutedVariable = "unsubstituted-variable", Error, "A Flux post-build substitution variable (`${NAME}`) with no value: Flux would substitute it before applying, cnpc needs the value to check the policy.";
+    InvalidExpectation = "invalid-expectation", Error, "An entry of a `cnpc test` expectations file that is malformed or names something the cluster snapshot does not have.";
+    ExpectationFailed = "expectation-failed", Error, "A `cnpc test` case whose verdict is not the expected one.";
 }
 
 impl fmt::Display for Code {

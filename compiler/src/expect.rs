@@ -1,0 +1,1 @@
+//! Expectations for `cnpc test` (issue 13); filled in by the session that builds it.

@@ -1,0 +1,1 @@
+//! Flux post-build variable substitution (issue 13); filled in by the session that builds it.
