@@ -9,6 +9,11 @@
 //!   the write of one policy file to the loader's state file recording the new generation (it is
 //!   written after every hook has switched).
 //!
+//! - Demo with a subscriber of the event stream that never reads (issue 11): the same latency
+//!   rows, then a burst of allowed connections larger than a subscriber's queue; the loader's
+//!   verdict counters (`/metrics`) must equal the records a subscriber reading along received,
+//!   with and without the stalled one.
+//!
 //! Both go through the real `cnpc-loader` binary: file watch, debounce (30 ms), compile, load,
 //! switch. Memory is the loader's peak RSS (VmHWM). Root, bpffs and `ip` needed.
 //!
@@ -19,8 +24,10 @@ mod netns;
 #[path = "../../compiler/benches/synthetic/mod.rs"]
 mod synthetic;
 
-use cnpc_runtime_loader::sys;
+use cnpc_runtime_loader::{events, sys};
 use netns::{Net, PODS};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -54,9 +61,46 @@ fn stalled_subscriber(net: &Net) -> Result<std::os::unix::net::UnixStream, Strin
     Ok(s)
 }
 
+/// The loader's /metrics inside the node's namespace (the demo rows).
+const METRICS: &str = "127.0.0.1:9965";
+
+/// The sum of `cnpc_policy_verdicts_total` over its labels.
+fn verdicts_counted(net: &Net) -> Result<u64, String> {
+    let (_, text) = net
+        .loader_get(METRICS, "/metrics")
+        .ok_or("/metrics does not answer")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("cnpc_policy_verdicts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Counts what a subscriber reading along receives: datapath verdict records and loss notices.
+#[derive(Clone, Default)]
+struct Tally(Arc<(AtomicU64, AtomicU64)>);
+
+impl std::io::Write for Tally {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(b);
+        for line in text.lines() {
+            if line.contains("\"type\":\"l3l4\"") {
+                self.0 .0.fetch_add(1, Ordering::Relaxed);
+            } else if line.contains("\"type\":\"lost\"") {
+                self.0 .1.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn demo(rounds: usize, stalled: bool) -> Result<(), String> {
     let mut net = Net::demo()?;
     let (xw, ds1) = ("xw", PODS[0].2);
+    net.loader_args = vec!["--metrics".into(), METRICS.into()];
     net.start_loader()?;
     net.until(Duration::from_secs(30), || {
         net.log().contains("applied") && !net.land(xw, ds1, Duration::from_millis(50))
@@ -67,6 +111,20 @@ fn demo(rounds: usize, stalled: bool) -> Result<(), String> {
     } else {
         None
     };
+    // A subscriber that reads everything, and the counters when it started.
+    let tally = Tally::default();
+    {
+        let socket = net.tmp.join("state/events.sock");
+        let mut out = tally.clone();
+        std::thread::spawn(move || {
+            let _ = events::observe(&socket, 0, true, &events::Filter::default(), true, &mut out);
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Records a subscriber received before the scrape were counted before it (the loader counts
+    // an event, then publishes it): read the tally around each scrape.
+    let seen = || tally.0 .0.load(Ordering::Relaxed);
+    let seen_before = (seen(), verdicts_counted(&net)?, seen());
     let rule1 = std::fs::read_to_string(net.policies.join("deathstar.yaml")).unwrap();
     let deny = std::fs::read_to_string(net.policies.join("xwing-egress-deny.yaml")).unwrap();
     let open = rule1.replace(
@@ -96,6 +154,56 @@ fn demo(rounds: usize, stalled: bool) -> Result<(), String> {
         block.push(t.elapsed().saturating_sub(probe));
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A burst of allowed connections (tiefighter to deathstar), more verdicts than a
+    // subscriber's queue holds: the stalled subscriber loses records, the loader's counters
+    // must not.
+    const BURST: usize = 1500;
+    let (tf, t) = ("tf", Instant::now());
+    let landed = (0..BURST)
+        .filter(|_| net.land(tf, ds1, Duration::from_millis(200)))
+        .count();
+    let burst = t.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let seen_after = (seen(), verdicts_counted(&net)?, seen());
+    let counted = seen_after.1 - seen_before.1;
+    let (at_least, at_most) = (seen_after.0 - seen_before.2, seen_after.2 - seen_before.0);
+    let lost = tally.0 .1.load(Ordering::Relaxed);
+    let counters = format!(
+        "  counters: {counted} verdicts counted by the loader, {at_least} records read by a subscriber reading along ({lost} loss notices); burst of {BURST} connections ({landed} landed) in {:.2} s",
+        burst.as_secs_f64()
+    );
+    if counted < at_least || counted > at_most || lost != 0 || (counted as usize) < landed {
+        return Err(format!(
+            "the loader's counters ({counted}) differ from the stream ({at_least}..={at_most}, {lost} loss notices) or miss the burst ({landed} connections)"
+        ));
+    }
+    // The stalled subscriber now reads: its queue's records, then (with the next flow) the
+    // notice of how many it lost.
+    let stalled_lost = match &_subscriber {
+        None => String::new(),
+        Some(s) => {
+            use std::io::BufRead;
+            let s = s.try_clone().map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let reader = std::thread::spawn(move || {
+                std::io::BufReader::new(s)
+                    .lines()
+                    .map_while(Result::ok)
+                    .find_map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(&l).ok()?;
+                        (v["type"] == "lost").then(|| v["count"].as_u64().unwrap_or(0))
+                    })
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            net.land(tf, ds1, Duration::from_millis(200));
+            match reader.join().ok().flatten() {
+                Some(n) => format!("; the stalled subscriber was told it lost {n} records"),
+                None => return Err("the stalled subscriber was never told of its losses".into()),
+            }
+        }
+    };
+    let counters = format!("{counters}{stalled_lost}");
     let pid = net.loader.as_ref().map(|c| c.id()).unwrap_or(0);
     if let Some(l) = net.log().lines().rev().find(|l| l.contains("applied")) {
         println!(
@@ -116,6 +224,7 @@ fn demo(rounds: usize, stalled: bool) -> Result<(), String> {
         block.iter().max().unwrap().as_secs_f64() * 1e3,
         peak_rss_mib(pid).unwrap_or(f64::NAN)
     );
+    println!("{counters}");
     Ok(())
 }
 
