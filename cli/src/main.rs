@@ -4,13 +4,22 @@
 //! Exit codes (DESIGN.md §7): 0 success, 1 the command's negative result (errors found), 2 usage
 //! or I/O error.
 
+mod common;
+mod diff_cmd;
+mod test_cmd;
+mod trace;
+mod vars;
+
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use cnpc_compiler::eval::{self, Flow, HttpRequest};
+use cnpc_compiler::eval::HttpRequest;
 use cnpc_compiler::{check, lower, report, Cluster, PolicySet};
-use cnpc_ir::Protocol;
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use common::{checked, fail, load_program, print, program_of, usage};
+use diff_cmd::{DiffArgs, DiffFormat, FailOn};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use test_cmd::{TestArgs, TestFormat};
+use trace::TraceArgs;
+use vars::VarArgs;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +47,8 @@ enum Command {
         /// Treat warnings as errors for the exit code.
         #[arg(long)]
         deny_warnings: bool,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Explain the verdict of one flow, rule by rule.
     Trace {
@@ -77,6 +88,32 @@ enum Command {
         /// a loader's `fqdn.json` (default: /run/cnpc/fqdn.json).
         #[arg(long, value_name = "FILE")]
         fqdn_cache: Option<PathBuf>,
+        #[command(flatten)]
+        vars: VarArgs,
+    },
+    /// Check reachability expectations (from, to, port: allowed or denied) against policies.
+    Test {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Cluster snapshot (`kubectl get -o yaml` output).
+        #[arg(long, value_name = "FILE", required = true)]
+        cluster: Vec<PathBuf>,
+        /// An expectations file, or a directory of them (repeatable); `cnpc schema
+        /// --expectations` prints their JSON Schema.
+        #[arg(long, value_name = "FILE", required = true)]
+        expect: Vec<PathBuf>,
+        /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
+        #[arg(long, value_name = "FILE")]
+        identities: Option<PathBuf>,
+        /// reference: the reference evaluator; bpf: also the compiled programs in the kernel,
+        /// which must agree with it.
+        #[arg(long, value_enum, default_value_t = Engine::Reference)]
+        engine: Engine,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = TestFormat::Text)]
+        output: TestFormat,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Show which (source, destination, port) verdicts a policy change flips.
     Diff {
@@ -89,13 +126,19 @@ enum Command {
         /// A previous identity allocation (from `cnpc identities`), so numbers stay stable.
         #[arg(long, value_name = "FILE")]
         identities: Option<PathBuf>,
-        /// text and json list the flipped flows; dot and html draw the connectivity picture
-        /// with the edges the change adds, removes or alters.
+        /// text and json list the flipped flows; markdown tables them per workload pair for a
+        /// pull-request comment; dot and html draw the connectivity picture with the edges the
+        /// change adds, removes or alters.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = DiffFormat::Text)]
         output: DiffFormat,
         /// Exit 1 when some verdict changes (dot, html: when some edge changes).
         #[arg(long)]
         exit_code: bool,
+        /// Exit 1 when some flow flips this way.
+        #[arg(long, value_enum, value_name = "DIRECTION")]
+        fail_on: Option<FailOn>,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Draw the allowed connectivity between workloads (Graphviz DOT or one offline HTML page).
     Graph {
@@ -109,6 +152,8 @@ enum Command {
         identities: Option<PathBuf>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = GraphFormat::Dot)]
         output: GraphFormat,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Show the flows a node's loader decides, like `hubble observe`.
     Observe {
@@ -150,6 +195,8 @@ enum Command {
         output: PathBuf,
         #[arg(long, value_name = "FILE")]
         identities: Option<PathBuf>,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Load every program of a compiled directory through the kernel verifier.
     Verify { dir: PathBuf },
@@ -171,6 +218,8 @@ enum Command {
         /// Only the tables of this numeric identity.
         #[arg(long, value_name = "N")]
         identity: Option<u32>,
+        #[command(flatten)]
+        vars: VarArgs,
     },
     /// Print the identity allocation of a cluster snapshot (JSON: labels -> number), to pass
     /// back with --identities so numbers stay stable as the cluster changes.
@@ -181,7 +230,11 @@ enum Command {
         identities: Option<PathBuf>,
     },
     /// Print the JSON Schema of the policy kinds (for yaml-language-server and editors).
-    Schema,
+    Schema {
+        /// The schema of `cnpc test` expectations files instead.
+        #[arg(long)]
+        expectations: bool,
+    },
     /// List the endpoints cnpc-loader enforces on this node, from its pinned state (like
     /// `cilium-dbg endpoint list`).
     Endpoints {
@@ -202,7 +255,7 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
-enum Engine {
+pub(crate) enum Engine {
     Reference,
     Bpf,
 }
@@ -222,17 +275,9 @@ enum ObserveType {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum TraceFormat {
+pub(crate) enum TraceFormat {
     Text,
     Json,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DiffFormat {
-    Text,
-    Json,
-    Dot,
-    Html,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -256,7 +301,8 @@ fn main() -> ExitCode {
             cluster,
             format,
             deny_warnings,
-        } => run_check(&paths, &cluster, format, deny_warnings),
+            vars,
+        } => run_check(&paths, &cluster, format, deny_warnings, &vars),
         Command::Trace {
             paths,
             cluster,
@@ -271,6 +317,7 @@ fn main() -> ExitCode {
             output,
             identities,
             fqdn_cache,
+            vars,
         } => {
             let request = http.map(|v| HttpRequest {
                 method: v[0].clone(),
@@ -294,29 +341,60 @@ fn main() -> ExitCode {
                 output,
                 identities,
                 fqdn_cache,
+                vars,
             };
-            run_trace(args)
+            trace::run_trace(args)
         }
+        Command::Test {
+            paths,
+            cluster,
+            expect,
+            identities,
+            engine,
+            output,
+            vars,
+        } => test_cmd::run_test(TestArgs {
+            paths,
+            cluster,
+            identities,
+            expect,
+            engine,
+            output,
+            vars,
+        }),
         Command::Diff {
             old,
             new,
             cluster,
             output,
             exit_code,
+            fail_on,
             identities,
-        } => run_diff(&old, &new, &cluster, output, exit_code, &identities),
+            vars,
+        } => diff_cmd::run_diff(DiffArgs {
+            old,
+            new,
+            cluster,
+            output,
+            exit_code,
+            fail_on,
+            identities,
+            vars,
+        }),
         Command::Tables {
             paths,
             cluster,
             identity,
             identities,
-        } => run_tables(&paths, &cluster, identity, &identities),
+            vars,
+        } => run_tables(&paths, &cluster, identity, &identities, &vars),
         Command::Graph {
             paths,
             cluster,
             identities,
             output,
-        } => run_graph(&paths, &cluster, &identities, output),
+            vars,
+        } => run_graph(&paths, &cluster, &identities, output, &vars),
         Command::Observe {
             state_dir,
             follow,
@@ -343,14 +421,22 @@ fn main() -> ExitCode {
             cluster,
             output,
             identities,
-        } => run_compile(&paths, &cluster, &output, &identities),
+            vars,
+        } => run_compile(&paths, &cluster, &output, &identities, &vars),
         Command::Disasm { dir, identity } => run_disasm(&dir, identity),
         Command::Verify { dir } => run_verify(&dir),
         Command::Identities {
             cluster,
             identities,
         } => run_identities(&cluster, &identities),
-        Command::Schema => print(&format!("{:#}\n", cnpc_compiler::schema::policy_schema())),
+        Command::Schema { expectations } => print(&format!(
+            "{:#}\n",
+            if expectations {
+                cnpc_compiler::schema::expectations_schema()
+            } else {
+                cnpc_compiler::schema::policy_schema()
+            }
+        )),
         Command::Endpoints {
             pin_dir,
             state_dir,
@@ -441,24 +527,6 @@ fn run_endpoints(pin_dir: PathBuf, state_dir: &std::path::Path, output: TraceFor
     print(&out)
 }
 
-fn print(text: &str) -> ExitCode {
-    let mut out = std::io::stdout().lock();
-    // A closed pipe (`cnpc check | head`) is not an error worth a panic.
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: cannot write output: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn fail(e: impl Into<miette::Report>) -> ExitCode {
-    eprintln!("{:?}", e.into());
-    ExitCode::from(2)
-}
-
 struct ObserveArgs {
     state_dir: PathBuf,
     follow: bool,
@@ -515,256 +583,14 @@ fn run_observe(a: ObserveArgs) -> ExitCode {
     }
 }
 
-struct TraceArgs {
-    identities: Option<PathBuf>,
-    fqdn_cache: Option<PathBuf>,
-    paths: Vec<PathBuf>,
-    cluster: Vec<PathBuf>,
-    from: String,
-    to: String,
-    dport: String,
-    http: Option<HttpRequest>,
-    dns_query: Option<String>,
-    engine: Engine,
-    output: TraceFormat,
-}
-
-fn usage(message: &str) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(2)
-}
-
-/// `80`, `53/UDP`, `8/ICMP`; TCP by default.
-fn parse_dport(s: &str) -> Option<(u16, Protocol)> {
-    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
-    Some((port.parse().ok()?, Protocol::parse(proto)?))
-}
-
-/// `fqdn:NAME` (no address) becomes `fqdn:NAME=ADDRESS` with the lowest address a node
-/// learned for NAME and has not let expire (a loader's `fqdn.json`); other peers are kept.
-fn learned_peer(spec: &str, cache: Option<&Path>) -> Result<String, String> {
-    let Some(name) = spec.strip_prefix("fqdn:").filter(|n| !n.contains('=')) else {
-        return Ok(spec.to_string());
-    };
-    let path = cache.unwrap_or(Path::new("/run/cnpc/fqdn.json"));
-    if !path.exists() {
-        return Err(format!(
-            "--from/--to `{spec}`: no learned addresses at {} (a node's loader writes them to \
-             fqdn.json in its state directory): pass --fqdn-cache FILE or write \
-             fqdn:{name}=ADDRESS",
-            path.display()
-        ));
-    }
-    let state = cnpc_runtime_loader::fqdn::FqdnState::load(path, 0).map_err(|e| e.to_string())?;
-    let now = cnpc_runtime_loader::fqdn::now();
-    match state.addresses_of(name, now).first() {
-        Some(ip) => Ok(format!("fqdn:{name}={ip}")),
-        None => Err(format!(
-            "--from/--to `{spec}`: {} holds no unexpired address for {name}: write \
-             fqdn:{name}=ADDRESS",
-            path.display()
-        )),
-    }
-}
-
-fn run_trace(a: TraceArgs) -> ExitCode {
-    let Some((port, protocol)) = parse_dport(&a.dport) else {
-        return usage(&format!(
-            "--dport `{}`: write PORT or PORT/PROTO (TCP, UDP, SCTP, ICMP, ICMPv6)",
-            a.dport
-        ));
-    };
-    let (report, program) = match load_program(&a.paths, &a.cluster, &a.identities) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    let cluster = report.cluster.as_ref().expect("loaded by load_checked");
-    let (from, to) = match (
-        learned_peer(&a.from, a.fqdn_cache.as_deref()),
-        learned_peer(&a.to, a.fqdn_cache.as_deref()),
-    ) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) | (_, Err(e)) => return usage(&e),
-    };
-    let party = |spec: &str| eval::parse_peer(&program, cluster, spec);
-    let (src, dst) = match (party(&from), party(&to)) {
-        (Ok(s), Ok(d)) => (s, d),
-        (Err(e), _) | (_, Err(e)) => return fail(e),
-    };
-    let flow = Flow {
-        src,
-        dst,
-        protocol,
-        port,
-        http: a.http,
-        dns_query: a.dns_query,
-    };
-    let mut verdict = eval::evaluate(&program, &flow);
-    if a.engine == Engine::Bpf {
-        verdict = match cnpc_runtime_loader::trace::bpf_verdict(&program, &flow) {
-            Ok(bpf) => {
-                // The kernel must agree with the reference engine; a disagreement is a bug.
-                // Where the proxy judged a request, its answer must be the reference's too.
-                let same = |b: &eval::Decision, r: &eval::Decision| {
-                    let l7 = |d: &eval::Decision| d.l7.as_ref().and_then(|l| l.allowed);
-                    (b.verdict == eval::DirVerdict::Denied)
-                        == (r.verdict == eval::DirVerdict::Denied)
-                        && b.l7.is_some() == r.l7.is_some()
-                        && (l7(b).is_none() || l7(b) == l7(r))
-                };
-                if !same(&bpf.egress, &verdict.egress) || !same(&bpf.ingress, &verdict.ingress) {
-                    eprintln!("error: the BPF engine and the reference engine disagree (a bug in cnpc):\nbpf:\n{}reference:\n{}", report::trace_text(&flow, &bpf), report::trace_text(&flow, &verdict));
-                    return ExitCode::from(1);
-                }
-                // Where no request went through the proxy (none given, or not HTTP), the L7
-                // part is explained by the reference evaluator's reading of the rules.
-                let mut bpf = bpf;
-                for (b, r) in [
-                    (&mut bpf.egress, &verdict.egress),
-                    (&mut bpf.ingress, &verdict.ingress),
-                ] {
-                    if b.l7.as_ref().is_some_and(|l| l.allowed.is_none()) {
-                        b.l7 = r.l7.clone();
-                    }
-                }
-                bpf
-            }
-            Err(e) => return usage(&e.to_string()),
-        };
-    }
-    match a.output {
-        TraceFormat::Text => print(&report::trace_text(&flow, &verdict)),
-        TraceFormat::Json => print(&format!("{:#}\n", report::trace_json(&flow, &verdict))),
-    }
-}
-
-/// Loads policies and a cluster and checks them; on errors prints them and returns the exit code.
-fn load_checked(
-    paths: &[PathBuf],
-    cluster: &[PathBuf],
-) -> Result<cnpc_compiler::CheckReport, ExitCode> {
-    let set = PolicySet::load(paths).map_err(fail)?;
-    checked(set, cluster)
-}
-
-/// Checks a loaded policy set against a cluster; on errors prints them and returns exit code 1.
-fn checked(
-    mut set: PolicySet,
-    cluster: &[PathBuf],
-) -> Result<cnpc_compiler::CheckReport, ExitCode> {
-    let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
-    let report = check(set, Some(cluster));
-    if report.errors() > 0 {
-        // Verdicts of policies Cilium would reject would describe a cluster that cannot exist.
-        eprint!("{}", report::human(&report, false));
-        return Err(ExitCode::from(1));
-    }
-    Ok(report)
-}
-
-/// Loads, checks and lowers: the report (for sources and the cluster) and the program.
-fn load_program(
-    paths: &[PathBuf],
-    cluster: &[PathBuf],
-    identities: &Option<PathBuf>,
-) -> Result<(cnpc_compiler::CheckReport, cnpc_ir::Program), ExitCode> {
-    let report = load_checked(paths, cluster)?;
-    let program = program_of(&report, identities)?;
-    Ok((report, program))
-}
-
-/// The lowered program of a checked report, with a previous identity allocation if given.
-fn program_of(
-    report: &cnpc_compiler::CheckReport,
-    identities: &Option<PathBuf>,
-) -> Result<cnpc_ir::Program, ExitCode> {
-    let previous = match identities {
-        Some(path) => lower::read_allocation(path).map_err(fail)?,
-        None => Default::default(),
-    };
-    let cluster = report.cluster.as_ref().expect("checked with a cluster");
-    Ok(lower::build(
-        &report.set.policies,
-        &report.set.sources,
-        cluster,
-        &previous,
-    ))
-}
-
-fn tables_of(
-    report: &cnpc_compiler::CheckReport,
-    identities: &Option<PathBuf>,
-) -> Result<(cnpc_ir::Program, String), ExitCode> {
-    let program = program_of(report, identities)?;
-    let universe = cnpc_compiler::tables::peer_universe(&program);
-    let text = report::tables_text(
-        &program,
-        &universe,
-        &cnpc_compiler::tables::all_tables(&program),
-    );
-    Ok((program, text))
-}
-
-fn run_diff(
-    old: &str,
-    new: &str,
-    cluster: &[PathBuf],
-    output: DiffFormat,
-    exit_code: bool,
-    identities: &Option<PathBuf>,
-) -> ExitCode {
-    let load = |spec: &str| {
-        PolicySet::load_spec(spec)
-            .map_err(fail)
-            .and_then(|s| checked(s, cluster))
-    };
-    let (old, new) = match (load(old), load(new)) {
-        (Ok(o), Ok(n)) => (o, n),
-        (Err(code), _) | (_, Err(code)) => return code,
-    };
-    if let DiffFormat::Dot | DiffFormat::Html = output {
-        let (old_program, new_program) =
-            match (program_of(&old, identities), program_of(&new, identities)) {
-                (Ok(o), Ok(n)) => (o, n),
-                (Err(code), _) | (_, Err(code)) => return code,
-            };
-        let picture = cnpc_compiler::graph::diff(&old_program, &new_program);
-        let printed = match output {
-            DiffFormat::Html => print(&picture.to_html("cnpc diff")),
-            _ => print(&picture.to_dot()),
-        };
-        if printed != ExitCode::SUCCESS || !exit_code || picture.changed() == 0 {
-            return printed;
-        }
-        return ExitCode::from(1);
-    }
-    let ((old_program, old_text), (new_program, new_text)) =
-        match (tables_of(&old, identities), tables_of(&new, identities)) {
-            (Ok(o), Ok(n)) => (o, n),
-            (Err(code), _) | (_, Err(code)) => return code,
-        };
-    let changes = cnpc_compiler::diff::diff(&old_program, &new_program);
-    let printed = match output {
-        DiffFormat::Json => print(&format!("{:#}\n", report::diff_json(&changes))),
-        _ => print(&report::diff_text(&changes, &old_text, &new_text)),
-    };
-    if printed != ExitCode::SUCCESS {
-        return printed;
-    }
-    if exit_code && !changes.is_empty() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
 fn run_graph(
     paths: &[PathBuf],
     cluster: &[PathBuf],
     identities: &Option<PathBuf>,
     output: GraphFormat,
+    vars: &VarArgs,
 ) -> ExitCode {
-    let (_, program) = match load_program(paths, cluster, identities) {
+    let (_, program) = match load_program(paths, cluster, identities, vars) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -780,8 +606,9 @@ fn run_compile(
     cluster: &[PathBuf],
     output: &std::path::Path,
     identities: &Option<PathBuf>,
+    vars: &VarArgs,
 ) -> ExitCode {
-    let (report, program) = match load_program(paths, cluster, identities) {
+    let (report, program) = match load_program(paths, cluster, identities, vars) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -943,8 +770,9 @@ fn run_tables(
     cluster: &[PathBuf],
     identity: Option<u32>,
     identities: &Option<PathBuf>,
+    vars: &VarArgs,
 ) -> ExitCode {
-    let (_, program) = match load_program(paths, cluster, identities) {
+    let (_, program) = match load_program(paths, cluster, identities, vars) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -966,8 +794,13 @@ fn run_check(
     cluster: &[PathBuf],
     format: Format,
     deny_warnings: bool,
+    vars: &VarArgs,
 ) -> ExitCode {
-    let mut set = match PolicySet::load(paths) {
+    let vars = match vars.vars() {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let mut set = match PolicySet::load_with(paths, &vars) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -981,10 +814,7 @@ fn run_check(
     };
     let report = check(set, cluster);
     let text = match format {
-        Format::Human => {
-            let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            report::human(&report, color)
-        }
+        Format::Human => report::human(&report, common::color()),
         Format::Json => format!("{:#}\n", report::json(&report)),
         Format::Sarif => format!("{:#}\n", report::sarif(&report)),
     };

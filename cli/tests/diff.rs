@@ -170,3 +170,146 @@ fn git_revisions_are_sources() {
     assert_eq!(bad, 2);
     assert!(bad_err.contains("no-such-rev"), "{bad_err}");
 }
+
+/// A directory holding the L4 demo with the xwing's egress deny policy left out: the xwing may
+/// land (denied → allowed) and nothing is closed.
+fn without_xwing_deny(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cnpc-diff-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(root().join("policies/starwars-l4/deathstar.yaml")).unwrap();
+    let open = text.replace(
+        "  - fromEndpoints:\n    - matchLabels:\n        org: empire\n",
+        "  - fromEndpoints:\n    - {}\n",
+    );
+    assert_ne!(open, text);
+    std::fs::write(dir.join("deathstar.yaml"), open).unwrap();
+    std::fs::copy(
+        root().join("policies/starwars-l4/tiefighter-egress.yaml"),
+        dir.join("tiefighter-egress.yaml"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn markdown_tables_the_flipped_flows_for_a_pull_request() {
+    let new = without_xwing_deny("markdown");
+    let (code, out, err) = cnpc(
+        &root(),
+        &[
+            "diff",
+            "policies/starwars-l4",
+            new.to_str().unwrap(),
+            "--cluster",
+            "policies/cluster.yaml",
+            "-o",
+            "markdown",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("<!-- cnpc-diff -->\n### cnpc diff: 1 flow changes in 1 workload pair\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| From | To | Flows | Policies |\n|---|---|---|---|\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| `default/xwing` | `default/deathstar` | `80/TCP`: denied → **allowed** |"),
+        "{out}"
+    );
+    // The count of what stayed, the same as the JSON's.
+    let (_, json, _) = cnpc(
+        &root(),
+        &[
+            "diff",
+            "policies/starwars-l4",
+            new.to_str().unwrap(),
+            "--cluster",
+            "policies/cluster.yaml",
+            "-o",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let unchanged = v["unchanged"].as_u64().expect("an unchanged count");
+    assert!(unchanged > 100, "{v}");
+    assert!(
+        out.contains(&format!("; {unchanged} flows unchanged.")),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&new).unwrap();
+}
+
+#[test]
+fn fail_on_gates_one_direction() {
+    let new = without_xwing_deny("fail-on");
+    let new = new.to_str().unwrap();
+    let run = |old: &str, new: &str, gate: &str| {
+        cnpc(
+            &root(),
+            &[
+                "diff",
+                old,
+                new,
+                "--cluster",
+                "policies/cluster.yaml",
+                "-o",
+                "markdown",
+                "--fail-on",
+                gate,
+            ],
+        )
+        .0
+    };
+    let base = "policies/starwars-l4";
+    // Opening the deathstar to the xwing flips denied → allowed only.
+    assert_eq!(run(base, new, "denied-to-allowed"), 1);
+    assert_eq!(run(base, new, "allowed-to-denied"), 0);
+    assert_eq!(run(base, new, "any"), 1);
+    // The same change backwards closes it again: allowed → denied only.
+    assert_eq!(run(new, base, "denied-to-allowed"), 0);
+    assert_eq!(run(new, base, "allowed-to-denied"), 1);
+    // Adding L7 rules only filters requests of a flow that stays allowed: `any` alone gates it.
+    let l7 = [
+        "policies/starwars-l4/deathstar.yaml",
+        "policies/starwars-l7/deathstar.yaml",
+    ];
+    assert_eq!(run(l7[0], l7[1], "allowed-to-denied"), 0);
+    assert_eq!(run(l7[0], l7[1], "denied-to-allowed"), 0);
+    assert_eq!(run(l7[0], l7[1], "any"), 1);
+    // No change passes every gate; the gate works with the pictures too.
+    assert_eq!(run(base, base, "any"), 0);
+    let (code, out, _) = cnpc(
+        &root(),
+        &[
+            "diff",
+            base,
+            new,
+            "--cluster",
+            "policies/cluster.yaml",
+            "-o",
+            "dot",
+            "--fail-on",
+            "denied-to-allowed",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(out.starts_with("digraph"), "{out}");
+    let (code, _, err) = cnpc(
+        &root(),
+        &[
+            "diff",
+            base,
+            new,
+            "--cluster",
+            "policies/cluster.yaml",
+            "--fail-on",
+            "sideways",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    std::fs::remove_dir_all(new).unwrap();
+}

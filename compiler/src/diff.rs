@@ -275,12 +275,65 @@ impl FlowSpace {
     }
 }
 
+/// Which way a change goes, for gating (`cnpc diff --fail-on`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Flip {
+    /// Allowed (with or without L7 rules) before, denied after.
+    AllowedToDenied,
+    /// Denied before, allowed (with or without L7 rules) after.
+    DeniedToAllowed,
+    /// Allowed both times, with L7 rules added or removed.
+    L7,
+}
+
+impl Change {
+    pub fn flip(&self) -> Flip {
+        match (self.before, self.after) {
+            (Outcome::Denied, _) => Flip::DeniedToAllowed,
+            (_, Outcome::Denied) => Flip::AllowedToDenied,
+            _ => Flip::L7,
+        }
+    }
+
+    /// `80/TCP`, `8000-8080/UDP`.
+    pub fn port_text(&self) -> String {
+        if self.ports.lo == self.ports.hi {
+            format!("{}/{}", self.ports.lo, self.protocol.as_str())
+        } else {
+            format!(
+                "{}-{}/{}",
+                self.ports.lo,
+                self.ports.hi,
+                self.protocol.as_str()
+            )
+        }
+    }
+}
+
+/// A diff with the size of what stayed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub changes: Vec<Change>,
+    /// Flows whose verdict is the same in both versions, counted in the unit of `changes`: a
+    /// (source, destination, protocol, port range) with one verdict before and after, as long
+    /// as that verdict lasts.
+    pub unchanged: usize,
+}
+
 /// The flows whose verdict differs between `old` and `new` (built over the same cluster).
 pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
+    diff_summary(old, new).changes
+}
+
+/// [`diff`], with the count of flows that did not change.
+pub fn diff_summary(old: &Program, new: &Program) -> Diff {
     let space = FlowSpace::new(&[old, new]);
     let mut changes = Vec::new();
+    let mut unchanged = 0;
     space.for_each(|(src_name, src), (dst_name, dst), proto, pieces| {
         let mut pending: Option<Change> = None;
+        // The verdict and last port of the unchanged flow being extended, if any.
+        let mut same: Option<(Outcome, u16)> = None;
         for &PortRange { lo, hi } in pieces {
             let flow = Flow {
                 src: src.clone(),
@@ -294,8 +347,18 @@ pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
             let (before, after) = (Outcome::of(&b), Outcome::of(&a));
             if before == after {
                 changes.extend(pending.take());
+                match &mut same {
+                    Some((o, last)) if *o == before && u32::from(*last) + 1 == u32::from(lo) => {
+                        *last = hi
+                    }
+                    _ => {
+                        unchanged += 1;
+                        same = Some((before, hi));
+                    }
+                }
                 continue;
             }
+            same = None;
             let mut policies = BTreeSet::new();
             for v in [&b, &a] {
                 origins(&v.egress, &mut policies);
@@ -330,7 +393,7 @@ pub fn diff(old: &Program, new: &Program) -> Vec<Change> {
     });
     changes.sort();
     changes.dedup();
-    changes
+    Diff { changes, unchanged }
 }
 
 /// The universe number of a representative party (its CIDR or FQDN identity when it has one).
@@ -347,4 +410,237 @@ pub fn by_pair(changes: &[Change]) -> BTreeMap<(&str, &str), Vec<&Change>> {
             .push(c);
     }
     m
+}
+
+/// Largest markdown report: GitHub refuses comments over 65,536 characters.
+const MARKDOWN_LIMIT: usize = 60_000;
+
+/// A table cell: pipes escaped (they would end the cell), HTML brackets neutralised.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `cnpc diff -o markdown`: a compact report to post as a pull-request comment. A heading with
+/// the counts (each direction, and the unchanged flows), then one table row per workload pair
+/// with its flipped flows and the policies that decide them. Starts with an HTML comment
+/// (`<!-- cnpc-diff -->`) a bot can find to update its earlier comment.
+pub fn markdown(d: &Diff) -> String {
+    let mut out = String::from("<!-- cnpc-diff -->\n");
+    let pairs = by_pair(&d.changes);
+    if d.changes.is_empty() {
+        out.push_str(&format!(
+            "### cnpc diff: no flow changes\n\n{} unchanged.\n",
+            count(d.unchanged, "flow", "flows")
+        ));
+        return out;
+    }
+    let of = |f: Flip| d.changes.iter().filter(|c| c.flip() == f).count();
+    let mut kinds = vec![
+        format!("{} denied → allowed", of(Flip::DeniedToAllowed)),
+        format!("{} allowed → denied", of(Flip::AllowedToDenied)),
+    ];
+    if of(Flip::L7) > 0 {
+        kinds.push(format!("{} L7 rules added or removed", of(Flip::L7)));
+    }
+    out.push_str(&format!(
+        "### cnpc diff: {} in {}\n\n{}; {} unchanged.\n\n",
+        count(d.changes.len(), "flow changes", "flows change"),
+        count(pairs.len(), "workload pair", "workload pairs"),
+        kinds.join(", "),
+        count(d.unchanged, "flow", "flows"),
+    ));
+    out.push_str("| From | To | Flows | Policies |\n|---|---|---|---|\n");
+    let total = pairs.len();
+    for (shown, ((from, to), list)) in pairs.into_iter().enumerate() {
+        // A pair whose every protocol and port flipped the same way reads as one line.
+        let full = |c: &&Change| c.ports.lo == 0 && c.ports.hi == c.protocol.max_port();
+        let everything = list.len() == Protocol::ALL.len()
+            && list.iter().all(full)
+            && list
+                .windows(2)
+                .all(|w| (w[0].before, w[0].after) == (w[1].before, w[1].after));
+        // The pair's flows by (before, after), in order: one line per way they flip.
+        let mut ways: Vec<((Outcome, Outcome), Vec<String>)> = Vec::new();
+        if everything {
+            ways.push(((list[0].before, list[0].after), vec!["all traffic".into()]));
+        } else {
+            for c in &list {
+                let port = if full(c) {
+                    format!("any/{}", c.protocol.as_str())
+                } else {
+                    c.port_text()
+                };
+                match ways.iter_mut().find(|(w, _)| *w == (c.before, c.after)) {
+                    Some((_, ports)) => ports.push(port),
+                    None => ways.push(((c.before, c.after), vec![port])),
+                }
+            }
+        }
+        let flows: Vec<String> = ways
+            .iter()
+            .map(|((before, after), ports)| {
+                let ports: Vec<String> = ports
+                    .iter()
+                    .map(|p| match p.as_str() {
+                        "all traffic" => p.clone(),
+                        p => format!("`{}`", cell(p)),
+                    })
+                    .collect();
+                format!(
+                    "{}: {} → **{}**",
+                    ports.join(", "),
+                    before.as_str(),
+                    after.as_str()
+                )
+            })
+            .collect();
+        let mut policies: Vec<&str> = list
+            .iter()
+            .flat_map(|c| c.policies.iter().map(String::as_str))
+            .collect();
+        policies.sort_unstable();
+        policies.dedup();
+        let row = format!(
+            "| `{}` | `{}` | {} | {} |\n",
+            cell(from),
+            cell(to),
+            flows.join("<br>"),
+            cell(&policies.join(", "))
+        );
+        if out.len() + row.len() > MARKDOWN_LIMIT {
+            let rest = total - shown;
+            out.push_str(&format!(
+                "\n… and {rest} more {}: run `cnpc diff` for the full list.\n",
+                if rest == 1 {
+                    "workload pair"
+                } else {
+                    "workload pairs"
+                }
+            ));
+            return out;
+        }
+        out.push_str(&row);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(
+        from: &str,
+        to: &str,
+        protocol: Protocol,
+        lo: u16,
+        hi: u16,
+        after: Outcome,
+    ) -> Change {
+        Change {
+            from: from.into(),
+            to: to.into(),
+            protocol,
+            ports: PortRange { lo, hi },
+            before: Outcome::Denied,
+            after,
+            policies: vec!["CiliumNetworkPolicy a/p|q".into()],
+        }
+    }
+
+    #[test]
+    fn markdown_groups_a_pair_by_direction_and_collapses_all_traffic() {
+        let mut changes: Vec<Change> = Protocol::ALL
+            .iter()
+            .map(|p| change("a/x", "a/y", *p, 0, p.max_port(), Outcome::Allowed))
+            .collect();
+        changes.push(change(
+            "a/x",
+            "b/z",
+            Protocol::Tcp,
+            80,
+            80,
+            Outcome::Allowed,
+        ));
+        changes.push(change(
+            "a/x",
+            "b/z",
+            Protocol::Udp,
+            0,
+            65535,
+            Outcome::Proxied,
+        ));
+        changes.push(change(
+            "a/x",
+            "b/z",
+            Protocol::Tcp,
+            8000,
+            8080,
+            Outcome::Allowed,
+        ));
+        let md = markdown(&Diff {
+            changes,
+            unchanged: 1,
+        });
+        assert!(
+            md.starts_with(
+                "<!-- cnpc-diff -->\n### cnpc diff: 8 flows change in 2 workload pairs\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("8 denied → allowed, 0 allowed → denied; 1 flow unchanged."),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `a/x` | `a/y` | all traffic: denied → **allowed** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `a/x` | `b/z` | `80/TCP`, `8000-8080/TCP`: denied → **allowed**<br>`any/UDP`: denied → **allowed (L7)** |"),
+            "{md}"
+        );
+        // A pipe would end the cell.
+        assert!(md.contains("CiliumNetworkPolicy a/p\\|q |"), "{md}");
+    }
+
+    #[test]
+    fn markdown_stays_within_a_comment() {
+        let changes: Vec<Change> = (0..5000)
+            .map(|i| {
+                change(
+                    &format!("ns/w{i:05}"),
+                    "ns/db",
+                    Protocol::Tcp,
+                    5432,
+                    5432,
+                    Outcome::Allowed,
+                )
+            })
+            .collect();
+        let md = markdown(&Diff {
+            changes,
+            unchanged: 0,
+        });
+        assert!(md.len() <= MARKDOWN_LIMIT + 200, "{}", md.len());
+        let last = md.lines().last().unwrap_or_default();
+        assert!(
+            last.ends_with("more workload pairs: run `cnpc diff` for the full list."),
+            "{last}"
+        );
+        assert!(md.contains("| `ns/w00000` |"));
+        let shown = md.lines().filter(|l| l.starts_with("| `ns/w")).count();
+        let rest: usize = md
+            .lines()
+            .last()
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert_eq!(shown + rest, 5000, "every pair is shown or counted");
+    }
 }

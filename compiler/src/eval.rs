@@ -110,6 +110,40 @@ impl Verdict {
     pub fn l7(&self) -> Option<&L7Decision> {
         self.egress.l7.as_ref().or(self.ingress.l7.as_ref())
     }
+
+    /// Whether another engine's verdict (`self`, say from the BPF programs) agrees with the
+    /// reference evaluator's: in each direction both deny or neither does, both hand the flow
+    /// to L7 or neither does, and where this engine judged a request at L7, it judged it alike.
+    /// A disagreement is a bug in cnpc (`cnpc trace --engine bpf`, `cnpc test --engine bpf`).
+    pub fn agrees_with(&self, reference: &Verdict) -> bool {
+        let same = |b: &Decision, r: &Decision| {
+            let l7 = |d: &Decision| d.l7.as_ref().and_then(|l| l.allowed);
+            (b.verdict == DirVerdict::Denied) == (r.verdict == DirVerdict::Denied)
+                && b.l7.is_some() == r.l7.is_some()
+                && (l7(b).is_none() || l7(b) == l7(r))
+        };
+        same(&self.egress, &reference.egress) && same(&self.ingress, &reference.ingress)
+    }
+
+    /// This verdict with the L7 parts it could not judge (no request went through a proxy:
+    /// none given, or not HTTP) explained by the reference evaluator's reading of the rules.
+    pub fn explained_by(mut self, reference: &Verdict) -> Verdict {
+        for (b, r) in [
+            (&mut self.egress, &reference.egress),
+            (&mut self.ingress, &reference.ingress),
+        ] {
+            if b.l7.as_ref().is_some_and(|l| l.allowed.is_none()) {
+                b.l7 = r.l7.clone();
+            }
+        }
+        self
+    }
+}
+
+/// A `--dport` of `cnpc trace`: `80`, `53/UDP`, `8/ICMP` (an ICMP type); TCP by default.
+pub fn parse_port(spec: &str) -> Option<(u16, Protocol)> {
+    let (port, proto) = spec.split_once('/').unwrap_or((spec, "TCP"));
+    Some((port.parse().ok()?, Protocol::parse(proto)?))
 }
 
 pub fn evaluate(program: &Program, flow: &Flow) -> Verdict {

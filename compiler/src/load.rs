@@ -4,11 +4,19 @@
 //! `.yml` and `.json`), multi-document YAML, `kind: List`, CiliumNetworkPolicy with `spec` and/or
 //! `specs`, CiliumClusterwideNetworkPolicy and networking.k8s.io/v1 NetworkPolicy. Objects of
 //! other kinds are skipped with a note. A path holding no policy is an empty policy set.
+//!
+//! Files are read as Flux would apply them: post-build variables (`${NAME}`, `${NAME:=default}`)
+//! are substituted in each policy object with the values given ([`PolicySet::load_with`], the
+//! CLI's `--var` and `--vars-file`) and the defaults in the file, and a variable with neither is
+//! one `cnpc::unsubstituted-variable` per file ([`crate::subst`] has the rules). A set made with
+//! [`PolicySet::default`] takes objects as they are (objects read from the API server were
+//! substituted before they got there).
 
 use crate::ast::*;
 use crate::decode::{Cx, Fields};
 use crate::diag::{Code, Diagnostic};
-use crate::source::{FileId, SourceMap, Span};
+use crate::source::{FileId, SourceFile, SourceMap, Span};
+use crate::subst::{self, Unresolved, Vars};
 use crate::yaml::{parse_documents, Node, NodeKind};
 use std::path::{Path, PathBuf};
 
@@ -46,17 +54,40 @@ pub struct PolicySet {
     pub notes: Vec<Note>,
     /// Objects of other kinds, reported as one note per file by [`PolicySet::finish_notes`].
     skipped: Vec<(FileId, String, Option<Span>)>,
+    /// Flux post-build variables substituted in files that [`PolicySet::add_bytes`] reads;
+    /// `None` takes objects as they are.
+    substitution: Option<Vars>,
 }
 
 impl PolicySet {
+    /// An empty set whose files get Flux's post-build substitution with these values (and the
+    /// defaults the files give); see [`crate::subst`].
+    pub fn with_vars(vars: Vars) -> PolicySet {
+        PolicySet {
+            substitution: Some(vars),
+            ..PolicySet::default()
+        }
+    }
+
+    /// The variables substituted in this set's files (`None`: objects are taken as they are).
+    pub fn vars(&self) -> Option<&Vars> {
+        self.substitution.as_ref()
+    }
+
     /// Reads every policy under `paths`. Problems in the files become diagnostics; only a path
-    /// that cannot be read at all is an error.
+    /// that cannot be read at all is an error. Flux variables get their defaults; one without
+    /// a default is reported (pass values with [`PolicySet::load_with`]).
     pub fn load(paths: &[PathBuf]) -> Result<PolicySet, LoadError> {
+        PolicySet::load_with(paths, &Vars::new())
+    }
+
+    /// [`PolicySet::load`] with values for Flux post-build variables.
+    pub fn load_with(paths: &[PathBuf], vars: &Vars) -> Result<PolicySet, LoadError> {
         let mut files = Vec::new();
         for path in paths {
             collect_files(path, &mut files)?;
         }
-        let mut set = PolicySet::default();
+        let mut set = PolicySet::with_vars(vars.clone());
         for path in files {
             let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
                 path: path.clone(),
@@ -84,8 +115,13 @@ impl PolicySet {
     /// Reads policies from files and directories, or from `git:REV:PATH` (the files under PATH at
     /// revision REV of the repository around the current directory).
     pub fn load_spec(spec: &str) -> Result<PolicySet, LoadError> {
+        PolicySet::load_spec_with(spec, &Vars::new())
+    }
+
+    /// [`PolicySet::load_spec`] with values for Flux post-build variables.
+    pub fn load_spec_with(spec: &str, vars: &Vars) -> Result<PolicySet, LoadError> {
         let Some(rest) = spec.strip_prefix("git:") else {
-            return PolicySet::load(&[PathBuf::from(spec)]);
+            return PolicySet::load_with(&[PathBuf::from(spec)], vars);
         };
         let err = |message: String| LoadError::Git {
             spec: spec.to_string(),
@@ -118,7 +154,7 @@ impl PolicySet {
             .filter(|f| is_policy_file(Path::new(f)))
             .collect();
         files.sort();
-        let mut set = PolicySet::default();
+        let mut set = PolicySet::with_vars(vars.clone());
         for f in files {
             let bytes = git(&["show", &format!("{rev}:{f}")])?;
             set.add_bytes(PathBuf::from(format!("git:{rev}:{f}")), &bytes);
@@ -154,7 +190,9 @@ impl PolicySet {
         }
     }
 
-    /// Adds one file's contents (used by `load` and by tests that have text, not files).
+    /// Adds one file's contents (used by `load` and by tests that have text, not files). Flux
+    /// variables are substituted when the set was made for files ([`PolicySet::with_vars`],
+    /// `load`, `load_spec`, [`load_str`]), not in a [`PolicySet::default`].
     pub fn add_bytes(&mut self, path: PathBuf, bytes: &[u8]) {
         let (text, bad_utf8) = match std::str::from_utf8(bytes) {
             Ok(t) => (t.to_string(), None),
@@ -188,14 +226,22 @@ impl PolicySet {
                     .help("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); nothing in this file was checked"),
             }),
             Ok(docs) => {
+                let mut unresolved = Unresolved::default();
                 for doc in &docs {
-                    self.add_object(file, doc);
+                    self.add_object(file, &source, doc, &mut unresolved);
                 }
+                self.diagnostics.extend(unresolved.into_diagnostics());
             }
         }
     }
 
-    fn add_object(&mut self, file: FileId, node: &Node) {
+    fn add_object(
+        &mut self,
+        file: FileId,
+        source: &SourceFile,
+        node: &Node,
+        unresolved: &mut Unresolved,
+    ) {
         let mut cx = Cx {
             diags: &mut self.diagnostics,
         };
@@ -211,20 +257,15 @@ impl PolicySet {
             );
             return;
         }
-        let kind_node = node.get("kind");
-        let Some(kind) = kind_node.and_then(Node::as_str) else {
-            cx.push(
-                Diagnostic::new(Code::MissingField, node.span, "this object has no `kind`")
-                    .label("`kind` missing")
-                    .help("add `kind: CiliumNetworkPolicy`, `CiliumClusterwideNetworkPolicy` or `NetworkPolicy`"),
-            );
-            return;
-        };
-        if kind == "List" || kind.ends_with("List") && node.get("items").is_some() {
+        if node
+            .get("kind")
+            .and_then(Node::as_str)
+            .is_some_and(|k| k == "List" || k.ends_with("List") && node.get("items").is_some())
+        {
             match node.get("items").map(|n| &n.kind) {
                 Some(NodeKind::Seq(items)) => {
                     for item in items {
-                        self.add_object(file, item);
+                        self.add_object(file, source, item, unresolved);
                     }
                 }
                 Some(NodeKind::Null) | None => {}
@@ -240,6 +281,21 @@ impl PolicySet {
             }
             return;
         }
+        // Flux substitutes each object (a List's items one by one) before anything reads it.
+        let substituted = match &self.substitution {
+            Some(vars) => subst::substitute_object(node, vars, file, source),
+            None => subst::ObjectSubst::default(),
+        };
+        let node = substituted.node.as_ref().unwrap_or(node);
+        let kind_node = node.get("kind");
+        let Some(kind) = kind_node.and_then(Node::as_str) else {
+            cx.push(
+                Diagnostic::new(Code::MissingField, node.span, "this object has no `kind`")
+                    .label("`kind` missing")
+                    .help("add `kind: CiliumNetworkPolicy`, `CiliumClusterwideNetworkPolicy` or `NetworkPolicy`"),
+            );
+            return;
+        };
         let Some(kind) = PolicyKind::from_kind(kind) else {
             let api = node.get("apiVersion").and_then(Node::as_str).unwrap_or("");
             if let Some(meant) = kind_typo(api, kind) {
@@ -258,7 +314,28 @@ impl PolicySet {
                 .push((file, kind.to_string(), kind_node.map(|n| n.span)));
             return;
         };
-        if let Some(policy) = decode_policy(node, kind, &mut cx) {
+        // Only policies are checked, so only their variables are reported.
+        let before = cx.diags.len();
+        let policy = decode_policy(node, kind, &mut cx);
+        let decoded = self.diagnostics.split_off(before);
+        self.diagnostics
+            .extend(substituted.diagnostics.iter().cloned());
+        for mut d in decoded {
+            if substituted.suppresses(&d) {
+                continue;
+            }
+            if d.code == Code::WrongType {
+                let inside = |s: &Span| s.start <= d.span.start && d.span.end <= s.end;
+                if let Some(r) = substituted.retyped.iter().find(|r| inside(&r.span)) {
+                    d.help = r.help();
+                }
+            }
+            self.diagnostics.push(d);
+        }
+        for (name, span) in &substituted.unresolved {
+            unresolved.add(name, *span);
+        }
+        if let Some(policy) = policy {
             self.policies.push(policy);
         }
     }
@@ -457,7 +534,12 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
 
 /// Convenience for tests and tools: reads text as if it were the file `name`.
 pub fn load_str(name: &str, text: &str) -> PolicySet {
-    let mut set = PolicySet::default();
+    load_str_with(name, text, &Vars::new())
+}
+
+/// [`load_str`] with values for Flux post-build variables.
+pub fn load_str_with(name: &str, text: &str, vars: &Vars) -> PolicySet {
+    let mut set = PolicySet::with_vars(vars.clone());
     set.add_bytes(PathBuf::from(name), text.as_bytes());
     set.finish_notes();
     set

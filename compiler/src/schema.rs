@@ -46,3 +46,105 @@ pub fn policy_schema() -> Value {
         "definitions": defs,
     })
 }
+
+/// `cnpc schema --expectations`: the JSON Schema of a `cnpc test` expectations file (see
+/// [`crate::expect`]). Written by hand beside the reader, which checks the same things and more
+/// (that names exist in the cluster snapshot); a test holds the two together.
+pub fn expectations_schema() -> Value {
+    let label_map = json!({
+        "type": "object",
+        "additionalProperties": {"type": ["string", "number", "boolean"]},
+    });
+    let peer_string = json!({
+        "type": "string",
+        "pattern": "^(pod|labels|ip|fqdn|entity):.+",
+        "description": "A peer of `cnpc trace`: pod:NAMESPACE/NAME (a pod, or a workload by its controller's name), labels:NAMESPACE:key=value,..., ip:ADDRESS, fqdn:NAME=ADDRESS or entity:NAME",
+    });
+    let workloads = json!({
+        "type": "object",
+        "description": "Every workload of the cluster snapshot in `namespace` (all namespaces without it) whose pod labels match `labels`",
+        "required": ["workloads"],
+        "additionalProperties": false,
+        "properties": {
+            "workloads": {
+                "type": ["object", "null"],
+                "additionalProperties": false,
+                "properties": {
+                    "namespace": {"type": "string", "minLength": 1},
+                    "labels": label_map,
+                },
+            },
+        },
+    });
+    let labels = json!({
+        "type": "object",
+        "description": "Every workload, in any namespace, whose pod labels match",
+        "required": ["labels"],
+        "additionalProperties": false,
+        "properties": {"labels": label_map},
+    });
+    let port = json!({
+        "oneOf": [
+            {"type": "integer", "minimum": 0, "maximum": 65535},
+            {
+                "type": "string",
+                // ECMA-262 has no inline case flag: each letter of a keyword in either case.
+                "pattern": "^([Aa][Nn][Yy]|([Aa][Nn][Yy]|[0-9]+(-[0-9]+)?)(/([Tt][Cc][Pp]|[Uu][Dd][Pp]|[Ss][Cc][Tt][Pp]|[Ii][Cc][Mm][Pp]([Vv]6)?|[Aa][Nn][Yy]))?)$",
+            },
+        ],
+        "description": "80 (TCP), 80/TCP, 8000-8080/UDP, any/TCP (every port), 53/ANY (TCP, UDP and SCTP), 8/ICMP (an ICMP type), or any (all traffic)",
+    });
+    json!({
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "$id": "https://cnpc.dev/schema/expectations.json",
+        "title": "cnpc test expectations",
+        "description": "Reachability expectations that `cnpc test PATHS --cluster FILE --expect FILE` checks against the policies",
+        "type": "object",
+        "required": ["cases"],
+        "additionalProperties": false,
+        "properties": {
+            "cases": {"type": "array", "minItems": 1, "items": {"$ref": "#/definitions/case"}},
+        },
+        "definitions": {
+            "peer": {"oneOf": [peer_string, workloads, labels]},
+            "peers": {
+                "oneOf": [
+                    {"$ref": "#/definitions/peer"},
+                    {"type": "array", "minItems": 1, "items": {"$ref": "#/definitions/peer"}},
+                ],
+            },
+            "port": port,
+            "case": {
+                "type": "object",
+                "required": ["from", "to", "port", "expect"],
+                "additionalProperties": false,
+                "not": {"required": ["http", "dns"]},
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "from": {"$ref": "#/definitions/peers"},
+                    "to": {"$ref": "#/definitions/peers"},
+                    "port": {
+                        "oneOf": [
+                            {"$ref": "#/definitions/port"},
+                            {"type": "array", "minItems": 1, "items": {"$ref": "#/definitions/port"}},
+                        ],
+                    },
+                    "http": {
+                        "type": "object",
+                        "description": "An HTTP request judged against L7 rules",
+                        "required": ["method", "path"],
+                        "additionalProperties": false,
+                        "properties": {
+                            "method": {"type": "string", "minLength": 1},
+                            "path": {"type": "string", "minLength": 1},
+                            "host": {"type": "string", "minLength": 1},
+                            "headers": label_map,
+                        },
+                    },
+                    "dns": {"type": "string", "minLength": 1, "description": "A DNS query name judged against DNS rules"},
+                    "expect": {"enum": ["allowed", "denied"]},
+                },
+            },
+        },
+    })
+}

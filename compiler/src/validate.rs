@@ -29,6 +29,7 @@
 use crate::ast::*;
 use crate::diag::{did_you_mean, Code, Diagnostic};
 use crate::source::Span;
+use crate::subst::is_unresolved as unsubstituted;
 use crate::vocab::{self, IcmpFamily, PortError, PortRef, Protocol};
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -43,6 +44,12 @@ pub fn validate(policies: &[Policy]) -> Vec<Diagnostic> {
     let mut seen: HashMap<(PolicyKind, String, String), Span> = HashMap::new();
     for p in policies {
         v.policy(p);
+        // A value whose Flux variables have no value was reported when it was read; its content
+        // is not checked (here or below), so one missing value is one error.
+        let pending = |s: &Option<SString>| s.as_ref().is_some_and(|s| unsubstituted(&s.value));
+        if pending(&p.metadata.name) || pending(&p.metadata.namespace) {
+            continue;
+        }
         if let Some(name) = &p.metadata.name {
             let ns = match (&p.metadata.namespace, p.kind.is_namespaced()) {
                 (_, false) => String::new(),
@@ -97,7 +104,7 @@ impl Validator {
 
     fn policy(&mut self, p: &Policy) {
         if let Some(name) = &p.metadata.name {
-            if !vocab::is_dns1123_subdomain(&name.value) {
+            if !unsubstituted(&name.value) && !vocab::is_dns1123_subdomain(&name.value) {
                 self.err(
                     Code::InvalidName,
                     name.span,
@@ -116,7 +123,7 @@ impl Validator {
                     "ignored",
                     "cluster-wide policies are not namespaced; remove `namespace`, and add namespace labels to the selectors if you meant to limit the policy",
                 );
-            } else if !vocab::is_dns1123_label(&ns.value) {
+            } else if !unsubstituted(&ns.value) && !vocab::is_dns1123_label(&ns.value) {
                 self.err(
                     Code::InvalidName,
                     ns.span,
@@ -249,7 +256,7 @@ impl Validator {
     fn auth(&mut self, a: &Option<Spanned<Authentication>>) {
         if let Some(mode) = a.as_ref().and_then(|a| a.mode.as_ref()) {
             const MODES: [&str; 3] = ["disabled", "required", "test-always-fail"];
-            if !MODES.contains(&mode.value.as_str()) {
+            if !unsubstituted(&mode.value) && !MODES.contains(&mode.value.as_str()) {
                 self.err(
                     Code::WrongType,
                     mode.span,
@@ -296,6 +303,7 @@ impl Validator {
             for f in &fields.value {
                 let family = match &f.family {
                     None => Some(IcmpFamily::V4),
+                    Some(fam) if unsubstituted(&fam.value) => None,
                     Some(fam) => {
                         let parsed = IcmpFamily::parse(&fam.value);
                         if parsed.is_none() {
@@ -318,7 +326,10 @@ impl Validator {
                         "`type` missing",
                         "add `type:` with a number (8) or a name (EchoRequest)",
                     ),
-                    (Some(t), Some(fam)) if vocab::icmp_type(fam, &t.value.0).is_none() => {
+                    (Some(t), Some(fam))
+                        if !unsubstituted(&t.value.0)
+                            && vocab::icmp_type(fam, &t.value.0).is_none() =>
+                    {
                         let names = vocab::icmp_names(fam);
                         let hint = did_you_mean(&t.value.0, names.iter().map(|(n, _)| *n));
                         let fam_name = if fam == IcmpFamily::V4 {
@@ -584,7 +595,7 @@ impl Validator {
 
     fn entities(&mut self, list: Option<&Spanned<List<String>>>) {
         for e in list.iter().flat_map(|l| l.value.iter()) {
-            if !vocab::ENTITIES.contains(&e.value.as_str()) {
+            if !unsubstituted(&e.value) && !vocab::ENTITIES.contains(&e.value.as_str()) {
                 let help = match did_you_mean(&e.value, vocab::ENTITIES.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("entities are: {}", vocab::ENTITIES.join(", ")),
@@ -607,6 +618,9 @@ impl Validator {
     /// uses `Format=cidr` (net.ParseCIDR); Kubernetes validates ipBlock with
     /// IsValidCIDRForLegacyField and, since 1.33, only warns (GetWarningsForCIDR). Hence a warning.
     fn cidr(&mut self, c: &SString, bare_ip_ok: bool) -> Option<IpNet> {
+        if unsubstituted(&c.value) {
+            return None;
+        }
         match cidr_parse(&c.value) {
             Ok(net) => {
                 if net.trunc() != net {
@@ -749,6 +763,9 @@ impl Validator {
     }
 
     fn dns_name(&mut self, s: &SString, pattern: bool) {
+        if unsubstituted(&s.value) {
+            return;
+        }
         let ok_char = |c: char| {
             c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (pattern && c == '*')
         };
@@ -878,7 +895,13 @@ impl Validator {
                 "name the port the protocol runs on",
             );
         }
-        if has_dns && ports.is_empty() {
+        let pending = pr.ports.iter().flat_map(|l| l.value.iter()).any(|p| {
+            [&p.port, &p.protocol]
+                .into_iter()
+                .flatten()
+                .any(|s| unsubstituted(&s.value))
+        });
+        if has_dns && ports.is_empty() && !pending {
             self.err(
                 Code::L7Protocol,
                 rules.span,
@@ -935,6 +958,7 @@ impl Validator {
         for p in &ports.value {
             let proto = match &p.protocol {
                 None => Some(Protocol::Any),
+                Some(s) if unsubstituted(&s.value) => None,
                 Some(s) => {
                     let parsed = Protocol::parse(&s.value);
                     if parsed.is_none() {
@@ -958,7 +982,9 @@ impl Validator {
                 }
             };
             // A missing port was reported by the decoder.
-            let Some(port) = &p.port else { continue };
+            let Some(port) = p.port.as_ref().filter(|p| !unsubstituted(&p.value)) else {
+                continue;
+            };
             let number = match vocab::parse_port(&port.value) {
                 Ok(PortRef::Number(n)) => Some(n),
                 Ok(PortRef::Name(_)) => None,
@@ -1071,7 +1097,7 @@ impl Validator {
         // PortRuleHTTP.Sanitize compiles method, path and host as (RE2) regular expressions; they
         // match the whole value (Envoy safe_regex), so `^`/`$` are implicit.
         for (field, v) in [("method", &h.method), ("path", &h.path), ("host", &h.host)] {
-            if let Some(v) = v {
+            if let Some(v) = v.as_ref().filter(|v| !unsubstituted(&v.value)) {
                 if let Err(e) = regex::Regex::new(&v.value) {
                     let first = e
                         .to_string()
@@ -1096,7 +1122,8 @@ impl Validator {
                 .split_once(':')
                 .map_or(hdr.value.as_str(), |(n, _)| n)
                 .trim();
-            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            let bad = name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control());
+            if bad && !unsubstituted(&hdr.value) {
                 self.err(
                     Code::InvalidHeader,
                     hdr.span,
@@ -1118,7 +1145,7 @@ impl Validator {
             }
             if let Some(mm) = &m.mismatch {
                 const ACTIONS: [&str; 4] = ["LOG", "ADD", "DELETE", "REPLACE"];
-                if !ACTIONS.contains(&mm.value.as_str()) {
+                if !unsubstituted(&mm.value) && !ACTIONS.contains(&mm.value.as_str()) {
                     self.err(
                         Code::WrongType,
                         mm.span,
@@ -1142,7 +1169,7 @@ impl Validator {
                 "role is shorthand for a set of API keys; keep one",
             );
         }
-        if let Some(role) = &k.role {
+        if let Some(role) = k.role.as_ref().filter(|r| !unsubstituted(&r.value)) {
             if !matches!(
                 role.value.to_ascii_lowercase().as_str(),
                 "produce" | "consume"
@@ -1156,7 +1183,7 @@ impl Validator {
                 );
             }
         }
-        if let Some(key) = &k.api_key {
+        if let Some(key) = k.api_key.as_ref().filter(|k| !unsubstituted(&k.value)) {
             if !KAFKA_API_KEYS.contains(&key.value.to_ascii_lowercase().as_str()) {
                 let help = match did_you_mean(&key.value, KAFKA_API_KEYS.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
@@ -1171,7 +1198,7 @@ impl Validator {
                 );
             }
         }
-        if let Some(t) = &k.topic {
+        if let Some(t) = k.topic.as_ref().filter(|t| !unsubstituted(&t.value)) {
             let ok = t.value.len() <= 255
                 && t.value
                     .chars()
@@ -1189,6 +1216,9 @@ impl Validator {
     }
 
     fn label_key(&mut self, key: &SString) {
+        if unsubstituted(&key.value) {
+            return;
+        }
         if let Some(problem) = vocab::label_key_problem(&key.value) {
             self.err(
                 Code::InvalidLabelKey,
@@ -1203,7 +1233,7 @@ impl Validator {
     fn selector(&mut self, s: &Spanned<LabelSelector>) {
         for (k, v) in s.match_labels.iter().flat_map(|m| m.value.0.iter()) {
             self.label_key(k);
-            if !vocab::is_label_value(&v.value) {
+            if !unsubstituted(&v.value) && !vocab::is_label_value(&v.value) {
                 self.err(
                     Code::InvalidLabelValue,
                     v.span,
@@ -1235,6 +1265,9 @@ impl Validator {
                 continue;
             };
             const OPS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
+            if unsubstituted(&op.value) {
+                continue;
+            }
             if !OPS.contains(&op.value.as_str()) {
                 let help = match OPS.iter().find(|o| o.eq_ignore_ascii_case(&op.value)) {
                     Some(o) => format!("operators are case-sensitive: write `{o}`"),
@@ -1268,7 +1301,7 @@ impl Validator {
                 _ => {}
             }
             for v in req.values.iter().flat_map(|l| l.value.iter()) {
-                if !vocab::is_label_value(&v.value) {
+                if !unsubstituted(&v.value) && !vocab::is_label_value(&v.value) {
                     self.err(
                         Code::InvalidLabelValue,
                         v.span,
@@ -1289,7 +1322,7 @@ impl Validator {
             self.selector(s);
         }
         for t in spec.policy_types.iter().flat_map(|l| l.value.iter()) {
-            if !matches!(t.value.as_str(), "Ingress" | "Egress") {
+            if !unsubstituted(&t.value) && !matches!(t.value.as_str(), "Ingress" | "Egress") {
                 let help = match ["Ingress", "Egress"]
                     .iter()
                     .find(|o| o.eq_ignore_ascii_case(&t.value))
@@ -1366,7 +1399,7 @@ impl Validator {
     }
 
     fn np_port(&mut self, p: &Spanned<NetworkPolicyPort>) {
-        if let Some(proto) = &p.protocol {
+        if let Some(proto) = p.protocol.as_ref().filter(|p| !unsubstituted(&p.value)) {
             if !matches!(proto.value.as_str(), "TCP" | "UDP" | "SCTP") {
                 let upper = proto.value.to_ascii_uppercase();
                 let help = if matches!(upper.as_str(), "TCP" | "UDP" | "SCTP") {
@@ -1385,6 +1418,7 @@ impl Validator {
         }
         let number = match &p.port {
             None => None,
+            Some(port) if unsubstituted(&port.value.0) => return,
             Some(port) => match vocab::parse_port(&port.value.0) {
                 Ok(PortRef::Number(0)) | Err(_) => {
                     self.err(

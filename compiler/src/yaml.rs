@@ -322,8 +322,14 @@ impl MarkedEventReceiver for Builder<'_> {
         }
         let at = self.offset(mark);
         match ev {
-            Event::Scalar(text, style, anchor, _tag) => {
-                let plain = matches!(style, TScalarStyle::Plain);
+            Event::Scalar(text, style, anchor, tag) => {
+                // `!!str 80` (and the non-specific `! 80`) is a string whatever it looks like;
+                // Flux users write it to keep a substituted number a string.
+                let string_tag = tag.as_ref().is_some_and(|t| {
+                    (t.handle == "tag:yaml.org,2002:" && t.suffix == "str")
+                        || (t.handle.is_empty() && t.suffix == "!")
+                });
+                let plain = matches!(style, TScalarStyle::Plain) && !string_tag;
                 let end = self.scalar_end(at, &text, style);
                 let span = self.source.span(self.file, at, end);
                 let kind = if plain && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL")
@@ -492,6 +498,17 @@ mod tests {
         let e = r.unwrap_err();
         let open = e.unclosed.expect("the open bracket");
         assert_eq!((open.line, open.column), (1, 4));
+    }
+
+    #[test]
+    fn str_tags_make_strings() {
+        let (_, docs) = parse("a: !!str 80\nb: !!str\nc: ! true\nd: !!int 5\n");
+        let d = &docs.unwrap()[0];
+        let ty = |k: &str| d.get(k).unwrap().describe();
+        assert_eq!(ty("a"), "a string");
+        assert_eq!(ty("b"), "a string");
+        assert_eq!(ty("c"), "a string");
+        assert_eq!(ty("d"), "an integer");
     }
 
     #[test]
