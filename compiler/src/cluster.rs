@@ -9,7 +9,7 @@ use crate::diag::{Code, Diagnostic};
 use crate::labels::{self, LabelSet};
 use crate::source::{SourceMap, Span};
 use crate::yaml::{parse_documents, Node, NodeKind};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -339,12 +339,29 @@ impl Cluster {
 
     /// The security labels Cilium derives for a workload's pods (see [`crate::labels`]).
     pub fn security_labels(&self, w: &Workload) -> LabelSet {
+        self.security_labels_with(w, &self.namespace_labels(&w.namespace))
+    }
+
+    /// [`Self::security_labels`] of many workloads, looking each namespace up once.
+    pub fn security_labels_of(&self, ws: &[&Workload]) -> Vec<LabelSet> {
+        let mut namespaces: HashMap<&str, BTreeMap<String, String>> = HashMap::new();
+        ws.iter()
+            .map(|w| {
+                let ns = namespaces
+                    .entry(w.namespace.as_str())
+                    .or_insert_with(|| self.namespace_labels(&w.namespace));
+                self.security_labels_with(w, ns)
+            })
+            .collect()
+    }
+
+    fn security_labels_with(&self, w: &Workload, namespace: &BTreeMap<String, String>) -> LabelSet {
         let mut set = LabelSet::default();
         for (k, v) in &w.labels {
             set.insert("k8s", k, v);
         }
         set.insert("k8s", labels::NAMESPACE_LABEL, &w.namespace);
-        for (k, v) in &self.namespace_labels(&w.namespace) {
+        for (k, v) in namespace {
             set.insert("k8s", &format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v);
         }
         set.insert("k8s", labels::SERVICE_ACCOUNT_LABEL, &w.service_account);

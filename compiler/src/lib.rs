@@ -16,6 +16,7 @@ pub mod diff;
 pub mod eval;
 pub mod expect;
 pub mod graph;
+pub mod incremental;
 pub mod labels;
 pub mod lint;
 pub mod load;

@@ -500,7 +500,8 @@ fn is_policy_file(path: &Path) -> bool {
 /// live beside policies but are not meant to be applied (fixtures, drafts, known-broken tests).
 pub const IGNORE_FILE: &str = ".cnpcignore";
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+/// Appends the policy files under `path` (itself when it is a file), in the order `load` reads them.
+pub fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,

@@ -117,10 +117,9 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
         });
     }
     let endpoints = cluster.endpoints();
-    let sets: BTreeSet<LabelSet> = endpoints
-        .iter()
-        .map(|w| cluster.security_labels(w))
-        .collect();
+    // Each endpoint's labels, worked out once (a snapshot has thousands).
+    let labelled = cluster.security_labels_of(&endpoints);
+    let sets: BTreeSet<LabelSet> = labelled.iter().cloned().collect();
     let numbers = allocate(&sets, previous);
     let mut by_set = BTreeMap::new();
     for (set, n) in &numbers {
@@ -131,7 +130,7 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
         });
         by_set.insert(set.clone(), r);
     }
-    for w in endpoints {
+    for (w, labels) in endpoints.into_iter().zip(labelled) {
         let named_ports = w
             .named_ports
             .iter()
@@ -140,8 +139,8 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
         p.endpoints.push(Endpoint {
             name: format!("{}/{}", w.namespace, w.name),
             workload: format!("{}/{}", w.namespace, w.workload),
-            identity: by_set[&cluster.security_labels(w)],
-            labels: cluster.security_labels(w),
+            identity: by_set[&labels],
+            labels,
             ips: w.ips.clone(),
             named_ports,
             is_pod: true,

@@ -119,13 +119,16 @@ pub fn peer_universe_with(
     fqdn: &[FqdnIdentity],
 ) -> Vec<PeerIdentity> {
     let mut out = Vec::new();
+    // Named ports by identity, in one walk over the endpoints (there are thousands of each).
+    let mut ports_of: HashMap<IdentityRef, Vec<(String, Protocol, u16)>> = HashMap::new();
+    for e in program.endpoints.values().filter(|e| e.is_pod) {
+        ports_of
+            .entry(e.identity)
+            .or_default()
+            .extend(e.named_ports.iter().cloned());
+    }
     for (r, id) in program.identities.iter() {
-        let mut named_ports: Vec<(String, Protocol, u16)> = program
-            .endpoints
-            .values()
-            .filter(|e| e.identity == r && e.is_pod)
-            .flat_map(|e| e.named_ports.clone())
-            .collect();
+        let mut named_ports = ports_of.remove(&r).unwrap_or_default();
         named_ports.sort();
         named_ports.dedup();
         out.push(PeerIdentity {
@@ -540,19 +543,21 @@ pub fn table_verdict_of(d: &crate::eval::Decision) -> Option<bool> {
 
 use std::collections::HashMap;
 
-/// Label index over a list of label sets: (key without source, value) → positions.
+/// Label index over a list of label sets: key (without source) → value → positions.
 struct LabelIndex<'a> {
     sets: Vec<&'a LabelSet>,
-    by_kv: HashMap<(&'a str, &'a str), Vec<u32>>,
+    by_kv: HashMap<&'a str, HashMap<&'a str, Vec<u32>>>,
 }
 
 impl<'a> LabelIndex<'a> {
     fn new(sets: Vec<&'a LabelSet>) -> LabelIndex<'a> {
-        let mut by_kv: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+        let mut by_kv: HashMap<&str, HashMap<&str, Vec<u32>>> = HashMap::new();
         for (i, s) in sets.iter().enumerate() {
             for (k, (_, v)) in &s.0 {
                 by_kv
-                    .entry((k.as_str(), v.as_str()))
+                    .entry(k.as_str())
+                    .or_default()
+                    .entry(v.as_str())
                     .or_default()
                     .push(i as u32);
             }
@@ -560,29 +565,73 @@ impl<'a> LabelIndex<'a> {
         LabelIndex { sets, by_kv }
     }
 
-    /// Positions of the sets `sel` matches: candidates from the rarest single-value `In`
-    /// requirement, each verified in full.
+    /// Positions of the sets `sel` matches.
     fn select(&self, sel: &Selector) -> Vec<u32> {
-        let narrowest = sel
-            .requirements
-            .iter()
-            .filter(|(_, op, values)| *op == labels::Operator::In && values.len() == 1)
-            .map(|(k, _, values)| {
-                self.by_kv
-                    .get(&(labels::split_source(k).1, values[0].as_str()))
-                    .map_or(&[][..], |v| &v[..])
-            })
-            .min_by_key(|v| v.len());
-        match narrowest {
-            Some(cands) => cands
-                .iter()
-                .copied()
-                .filter(|&i| sel.matches(self.sets[i as usize]))
-                .collect(),
-            None => (0..self.sets.len() as u32)
-                .filter(|&i| sel.matches(self.sets[i as usize]))
-                .collect(),
+        select_in(
+            sel,
+            |k, v| self.by_kv.get(k)?.get(v),
+            self.sets.len(),
+            |i| self.sets[i as usize],
+        )
+    }
+}
+
+/// The same index, owning its keys, over the peer universe (kept by a [`TableCompiler`]).
+#[derive(Default)]
+struct UniverseIndex {
+    by_kv: HashMap<String, HashMap<String, Vec<u32>>>,
+}
+
+impl UniverseIndex {
+    fn new(universe: &[PeerIdentity]) -> UniverseIndex {
+        let mut by_kv: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::new();
+        for (i, p) in universe.iter().enumerate() {
+            for (k, (_, v)) in &p.labels.0 {
+                by_kv
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default()
+                    .push(i as u32);
+            }
         }
+        UniverseIndex { by_kv }
+    }
+
+    fn select(&self, sel: &Selector, universe: &[PeerIdentity]) -> Vec<u32> {
+        select_in(
+            sel,
+            |k, v| self.by_kv.get(k)?.get(v),
+            universe.len(),
+            |i| &universe[i as usize].labels,
+        )
+    }
+}
+
+/// Positions (of `n` label sets, `set(i)`) that `sel` matches: candidates from the rarest
+/// single-value `In` requirement (`lookup` gives the positions holding a key and value), each
+/// verified in full.
+fn select_in<'s>(
+    sel: &Selector,
+    lookup: impl Fn(&str, &str) -> Option<&'s Vec<u32>>,
+    n: usize,
+    set: impl Fn(u32) -> &'s LabelSet,
+) -> Vec<u32> {
+    let narrowest = sel
+        .requirements
+        .iter()
+        .filter(|(_, op, values)| *op == labels::Operator::In && values.len() == 1)
+        .map(|(k, _, values)| {
+            lookup(labels::split_source(k).1, values[0].as_str()).map_or(&[][..], |v| &v[..])
+        })
+        .min_by_key(|v| v.len());
+    match narrowest {
+        Some(cands) => cands
+            .iter()
+            .copied()
+            .filter(|&i| sel.matches(set(i)))
+            .collect(),
+        None => (0..n as u32).filter(|&i| sel.matches(set(i))).collect(),
     }
 }
 
@@ -614,7 +663,15 @@ impl PeerSet {
 /// requirement, the set of peers it matches.
 pub struct TableCompiler {
     pub universe: Vec<PeerIdentity>,
-    rule_peers: Vec<PeerSet>,
+    /// Per rule, the peers it matches: worked out when a table first needs the rule, so a
+    /// node's loader, which builds the tables of its own few endpoints, pays only for the rules
+    /// that apply to them (issue 12).
+    rule_peers: Vec<std::sync::OnceLock<PeerSet>>,
+    /// For working out `rule_peers`: the universe's labels indexed, and each selector's matches
+    /// (many rules name the same selector: an entity, a namespace).
+    index: UniverseIndex,
+    selector_memo: std::sync::Mutex<HashMap<Selector, std::sync::Arc<[u32]>>>,
+    positions: std::sync::OnceLock<HashMap<NumericIdentity, usize>>,
     requirement_peers: Vec<PeerSet>,
     /// Identities that no longer exist (their positions stay, so the peer sets stay valid).
     removed: std::collections::HashSet<NumericIdentity>,
@@ -640,40 +697,69 @@ impl TableCompiler {
         TableCompiler::with_universe(program, universe)
     }
 
-    fn with_universe<'p>(program: &'p Program, universe: Vec<PeerIdentity>) -> TableCompiler {
+    fn with_universe(program: &Program, universe: Vec<PeerIdentity>) -> TableCompiler {
         let n = universe.len();
-        let index = LabelIndex::new(universe.iter().map(|p| &p.labels).collect());
-        // Many rules name the same selector (an entity, a namespace): match each once.
-        let mut memo: HashMap<&'p Selector, Vec<u32>> = HashMap::new();
-        let mut peer_set = |peers: &'p [Peer]| -> PeerSet {
-            let mut members = Vec::new();
-            for p in peers {
-                match p {
-                    Peer::Any => members.extend(0..n as u32),
-                    Peer::Selector(s) => members.extend(
-                        memo.entry(s)
-                            .or_insert_with(|| index.select(s))
-                            .iter()
-                            .copied(),
-                    ),
-                    Peer::Nodes(_) => {}
-                    Peer::Cidr { .. } | Peer::Fqdn(_) => members
-                        .extend((0..n as u32).filter(|&i| peer_matches(p, &universe[i as usize]))),
-                }
-            }
-            PeerSet::new(members, n)
-        };
-        let rule_peers = program.rules.values().map(|r| peer_set(&r.peers)).collect();
+        let index = UniverseIndex::new(&universe);
         let requirement_peers = program
             .requirements
             .iter()
-            .map(|q| PeerSet::new(index.select(&q.selector), n))
+            .map(|q| PeerSet::new(index.select(&q.selector, &universe), n))
             .collect();
         TableCompiler {
+            rule_peers: program
+                .rules
+                .keys()
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            index,
+            selector_memo: Default::default(),
+            positions: Default::default(),
             universe,
-            rule_peers,
             requirement_peers,
             removed: Default::default(),
+        }
+    }
+
+    /// The peers rule `r` of `program` (the program this compiler was built for) matches.
+    fn rule_peers(&self, program: &Program, r: RuleRef) -> &PeerSet {
+        self.rule_peers[r.index()].get_or_init(|| self.peer_set(&program.rules[r].peers))
+    }
+
+    fn peer_set(&self, peers: &[Peer]) -> PeerSet {
+        let n = self.universe.len();
+        let mut members = Vec::new();
+        for p in peers {
+            match p {
+                Peer::Any => members.extend(0..n as u32),
+                Peer::Selector(s) => {
+                    let known = self
+                        .selector_memo
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(s)
+                        .cloned();
+                    let matched = known.unwrap_or_else(|| {
+                        let m: std::sync::Arc<[u32]> = self.index.select(s, &self.universe).into();
+                        self.selector_memo
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(s.clone(), m.clone());
+                        m
+                    });
+                    members.extend(matched.iter().copied());
+                }
+                Peer::Nodes(_) => {}
+                Peer::Cidr { .. } | Peer::Fqdn(_) => members
+                    .extend((0..n as u32).filter(|&i| peer_matches(p, &self.universe[i as usize]))),
+            }
+        }
+        PeerSet::new(members, n)
+    }
+
+    /// Works out every rule's peers (before the universe changes under them).
+    fn all_rule_peers(&self, program: &Program) {
+        for r in program.rules.keys() {
+            self.rule_peers(program, r);
         }
     }
 
@@ -689,21 +775,28 @@ impl TableCompiler {
         subject: &Endpoint,
         table: &DecisionTable,
     ) -> Vec<Vec<RuleRef>> {
-        let index: HashMap<NumericIdentity, usize> = self
-            .universe
+        let applicable: Vec<RuleRef> = program
+            .rules
             .iter()
-            .enumerate()
-            .map(|(i, u)| (u.numeric, i))
+            .filter(|(_, r)| r.direction == table.direction && r.subject.selects(subject))
+            .map(|(rr, _)| rr)
             .collect();
+        self.row_rules_among(program, table, &applicable)
+    }
+
+    /// [`Self::row_rules`] given the rules of the table's subject and direction, in rule order
+    /// (as [`Self::of_with_rules`] returns them), which saves a walk over every rule.
+    pub fn row_rules_among(
+        &self,
+        program: &Program,
+        table: &DecisionTable,
+        applicable: &[RuleRef],
+    ) -> Vec<Vec<RuleRef>> {
+        let index = self.positions();
         let subject_ports = index
             .get(&table.subject)
             .map(|&i| self.universe[i].named_ports.as_slice())
             .unwrap_or_default();
-        let applicable: Vec<(RuleRef, &Rule)> = program
-            .rules
-            .iter()
-            .filter(|(_, r)| r.direction == table.direction && r.subject.selects(subject))
-            .collect();
         table
             .rows
             .iter()
@@ -724,17 +817,29 @@ impl TableCompiler {
                 let deny = row.verdict == TableVerdict::Deny;
                 applicable
                     .iter()
+                    .map(|&rr| (rr, &program.rules[rr]))
                     .filter(|(rr, r)| {
                         (r.action == Action::Deny) == deny
-                            && self.rule_peers[rr.index()].contains(rep as u32)
+                            && self.rule_peers(program, *rr).contains(rep as u32)
                             && ranges(&r.l4, row.protocol, named)
                                 .iter()
                                 .any(|p| p.lo <= row.ports.lo && row.ports.lo <= p.hi)
                     })
-                    .map(|(rr, _)| *rr)
+                    .map(|(rr, _)| rr)
                     .collect()
             })
             .collect()
+    }
+
+    /// Universe positions by identity number.
+    fn positions(&self) -> &HashMap<NumericIdentity, usize> {
+        self.positions.get_or_init(|| {
+            self.universe
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (u.numeric, i))
+                .collect()
+        })
     }
 
     /// The deny rules of `subject` in `direction`, each with the peer identities it selects
@@ -747,15 +852,26 @@ impl TableCompiler {
         subject: &Endpoint,
         direction: Direction,
     ) -> Vec<DenyRule> {
-        program
+        let applicable: Vec<RuleRef> = program
             .rules
             .iter()
-            .filter(|(_, r)| {
-                r.direction == direction && r.action == Action::Deny && r.subject.selects(subject)
-            })
+            .filter(|(_, r)| r.direction == direction && r.subject.selects(subject))
+            .map(|(rr, _)| rr)
+            .collect();
+        self.deny_rules_among(program, &applicable)
+    }
+
+    /// [`Self::deny_rules`] given the rules of the subject and direction (as
+    /// [`Self::of_with_rules`] returns them).
+    pub fn deny_rules_among(&self, program: &Program, applicable: &[RuleRef]) -> Vec<DenyRule> {
+        applicable
+            .iter()
+            .map(|&rr| (rr, &program.rules[rr]))
+            .filter(|(_, r)| r.action == Action::Deny)
             .map(|(rr, r)| DenyRule {
                 rule: rr,
-                peers: self.rule_peers[rr.index()]
+                peers: self
+                    .rule_peers(program, rr)
                     .members
                     .iter()
                     .map(|&i| self.universe[i as usize].numeric)
@@ -773,6 +889,18 @@ impl TableCompiler {
         self.all_with_inputs(program, None)
             .into_iter()
             .map(|(t, _)| t)
+            .collect()
+    }
+
+    /// [`Self::of`], each table with the rules of its subject and direction, in rule order.
+    pub fn of_with_rules(
+        &self,
+        program: &Program,
+        identities: &BTreeSet<NumericIdentity>,
+    ) -> Vec<(DecisionTable, Vec<RuleRef>)> {
+        self.all_with_inputs(program, Some(identities))
+            .into_iter()
+            .map(|(t, i)| (t, i.rules))
             .collect()
     }
 
@@ -805,9 +933,15 @@ impl TableCompiler {
         // Subjects of each rule, found through the index over the representatives' labels.
         let index = LabelIndex::new(reps.iter().map(|e| &e.labels).collect());
         let mut rules_of: Vec<Vec<RuleRef>> = vec![Vec::new(); reps.len()];
+        // The rules of one policy share its endpointSelector: select each selector once.
+        let mut selected: HashMap<&Selector, Vec<u32>> = HashMap::new();
         for (r, rule) in p.rules.iter() {
             if let Subject::Endpoints(sel) = &rule.subject {
-                for i in index.select(sel) {
+                for &i in selected
+                    .entry(sel)
+                    .or_insert_with(|| index.select(sel))
+                    .iter()
+                {
                     rules_of[i as usize].push(r);
                 }
             }
@@ -873,7 +1007,7 @@ impl TableCompiler {
         let mut split: HashMap<u32, u32> = HashMap::new();
         let sets = rules
             .iter()
-            .map(|r| &self.rule_peers[r.index()])
+            .map(|r| self.rule_peers(p, *r))
             .chain(reqs.iter().map(|q| &self.requirement_peers[*q]));
         for set in sets {
             if set.members.len() == n {
@@ -938,7 +1072,7 @@ impl TableCompiler {
                 .all(|q| self.requirement_peers[*q].contains(rep));
             let matching: Vec<Applicable> = rules
                 .iter()
-                .filter(|r| self.rule_peers[r.index()].contains(rep))
+                .filter(|r| self.rule_peers(p, **r).contains(rep))
                 .map(|&rule| Applicable {
                     rule,
                     r: &p.rules[rule],
@@ -1083,13 +1217,17 @@ impl TableSet {
                     named_ports: named(&self.program, new),
                 };
                 let i = self.peers.universe.len() as u32;
+                // Every rule's set gains the new position: work them all out first.
+                self.peers.all_rule_peers(&self.program);
                 for (set, rule) in self
                     .peers
                     .rule_peers
                     .iter_mut()
                     .zip(self.program.rules.values())
                 {
-                    set.push(i, rule.peers.iter().any(|p| peer_matches(p, &peer)));
+                    if let Some(set) = set.get_mut() {
+                        set.push(i, rule.peers.iter().any(|p| peer_matches(p, &peer)));
+                    }
                 }
                 for (set, q) in self
                     .peers
@@ -1100,6 +1238,15 @@ impl TableSet {
                     set.push(i, q.selector.matches(&peer.labels));
                 }
                 self.peers.universe.push(peer);
+                // What was worked out over the old universe: positions, and the index and
+                // selector matches later rule sets would be worked out with.
+                self.peers.positions = Default::default();
+                self.peers.index = UniverseIndex::new(&self.peers.universe);
+                self.peers
+                    .selector_memo
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
                 i
             }
         };
@@ -1210,7 +1357,7 @@ impl TableSet {
             let matching: Vec<Applicable> = inputs
                 .rules
                 .iter()
-                .filter(|r| self.peers.rule_peers[r.index()].contains(pos))
+                .filter(|r| self.peers.rule_peers(&self.program, **r).contains(pos))
                 .map(|&rule| Applicable {
                     rule,
                     r: &self.program.rules[rule],

@@ -4,6 +4,7 @@
 
 use crate::fqdn::FqdnState;
 use crate::node::{interface_for, Route};
+use cnpc_compiler::incremental::{IncrementalInputs, Update};
 use cnpc_compiler::lower::{self, Allocation};
 use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check_errors, report, Cluster, PolicySet};
@@ -12,6 +13,7 @@ use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Origin};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A pod endpoint of the cluster snapshot.
@@ -30,7 +32,8 @@ pub struct EndpointInfo {
 pub struct Generation {
     pub tables: Vec<DecisionTable>,
     pub ipcache: Vec<(IpNet, NumericIdentity)>,
-    pub endpoints: Vec<EndpointInfo>,
+    /// Shared between generations of the same snapshot (thousands of pods).
+    pub endpoints: Arc<Vec<EndpointInfo>>,
     /// What the L7 proxies need to judge requests under this generation.
     pub proxy: ProxyPolicy,
     /// The FQDN identities its tables know and the `fqdn` map it wants.
@@ -140,6 +143,96 @@ pub fn build(
     // which is where the peak would otherwise be.
     drop(checked);
     let lower_time = start.elapsed() - check_time;
+    let endpoints = endpoint_infos(&program);
+    let allocation = lower::allocation_of(&program);
+    Ok(of_program(
+        &program,
+        routes,
+        fqdn,
+        (endpoints, allocation),
+        start,
+        (check_time, lower_time),
+    ))
+}
+
+/// Policies and a snapshot kept compiled between generations: each compile parses, checks and
+/// lowers only the files whose contents changed ([`IncrementalInputs`]).
+#[derive(Default)]
+pub struct Incremental {
+    inputs: IncrementalInputs,
+    /// What the snapshot's endpoints give every generation, under the inputs' identities
+    /// version they were made for.
+    endpoints: Option<(u64, Arc<Vec<EndpointInfo>>, Allocation)>,
+}
+
+impl Incremental {
+    /// What [`compile`] returns for the same inputs.
+    pub fn compile(
+        &mut self,
+        policies: &[PathBuf],
+        cluster: &Path,
+        previous: &Allocation,
+        routes: Option<&[Route]>,
+        fqdn: Option<&mut FqdnState>,
+    ) -> Result<Generation, CompileError> {
+        let start = Instant::now();
+        match self.inputs.update(policies, cluster, previous)? {
+            Update::Program {
+                program,
+                identities_version,
+                ..
+            } => {
+                let check_time = start.elapsed();
+                let endpoints = match &self.endpoints {
+                    Some((v, e, a)) if *v == identities_version => (e.clone(), a.clone()),
+                    _ => {
+                        let made = (endpoint_infos(program), lower::allocation_of(program));
+                        self.endpoints = Some((identities_version, made.0.clone(), made.1.clone()));
+                        made
+                    }
+                };
+                Ok(of_program(
+                    program,
+                    routes,
+                    fqdn,
+                    endpoints,
+                    start,
+                    (check_time, Duration::ZERO),
+                ))
+            }
+            // The full path reports the errors as `cnpc check` would.
+            Update::Invalid { .. } => compile(policies, cluster, previous, routes, fqdn),
+        }
+    }
+}
+
+/// The pod endpoints of a program, as generations carry them.
+fn endpoint_infos(program: &cnpc_ir::Program) -> Arc<Vec<EndpointInfo>> {
+    Arc::new(
+        program
+            .endpoints
+            .values()
+            .filter(|e| e.is_pod)
+            .map(|e| EndpointInfo {
+                name: e.name.clone(),
+                identity: program.identities[e.identity].numeric,
+                labels: e.labels.to_strings(),
+                ips: e.ips.clone(),
+                interface: e.interface.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// Builds the tables of a lowered program; the rest of [`build`].
+fn of_program(
+    program: &cnpc_ir::Program,
+    routes: Option<&[Route]>,
+    fqdn: Option<&mut FqdnState>,
+    (endpoints, allocation): (Arc<Vec<EndpointInfo>>, Allocation),
+    start: Instant,
+    (check_time, lower_time): (Duration, Duration),
+) -> Generation {
     // Endpoint and node addresses keep their identities: never learned from DNS.
     let excluded = program
         .endpoints
@@ -149,11 +242,19 @@ pub fn build(
         .collect();
     let mut learned = FqdnState::new(0);
     let managed = fqdn.is_some();
-    let (fqdn_identities, mut fqdn) = fqdn.unwrap_or(&mut learned).prepare(&program, excluded);
+    let (fqdn_identities, mut fqdn) = fqdn.unwrap_or(&mut learned).prepare(program, excluded);
     fqdn.managed = managed;
-    let compiler = TableCompiler::with_fqdn(&program, &fqdn_identities);
-    let tables = match routes {
-        None => compiler.all(&program),
+    let compiler = TableCompiler::with_fqdn(program, &fqdn_identities);
+    let tables: Vec<(DecisionTable, Vec<cnpc_ir::RuleRef>)> = match routes {
+        None => {
+            let all = program
+                .endpoints
+                .values()
+                .filter(|e| e.is_pod)
+                .map(|e| program.identities[e.identity].numeric)
+                .collect();
+            compiler.of_with_rules(program, &all)
+        }
         Some(routes) => {
             let local: BTreeSet<NumericIdentity> = program
                 .endpoints
@@ -163,18 +264,16 @@ pub fn build(
                 })
                 .map(|e| program.identities[e.identity].numeric)
                 .collect();
-            compiler.of(&program, &local)
+            compiler.of_with_rules(program, &local)
         }
     };
+    // What `cnpc observe` names: the rule behind each row, and the deny rules folded into a
+    // table's default.
     let row_origins = tables
         .iter()
-        .filter_map(|t| {
-            let subject = program
-                .endpoints
-                .values()
-                .find(|e| e.is_pod && program.identities[e.identity].numeric == t.subject)?;
+        .map(|(t, applicable)| {
             let origins = compiler
-                .row_rules(&program, subject, t)
+                .row_rules_among(program, t, applicable)
                 .into_iter()
                 .map(|refs| {
                     refs.first().map(|r| {
@@ -183,18 +282,14 @@ pub fn build(
                     })
                 })
                 .collect();
-            Some(((t.subject, t.direction), origins))
+            ((t.subject, t.direction), origins)
         })
         .collect();
     let default_denies = tables
         .iter()
-        .filter_map(|t| {
-            let subject = program
-                .endpoints
-                .values()
-                .find(|e| e.is_pod && program.identities[e.identity].numeric == t.subject)?;
+        .filter_map(|(t, applicable)| {
             let denies: Vec<DefaultDeny> = compiler
-                .deny_rules(&program, subject, t.direction)
+                .deny_rules_among(program, applicable)
                 .into_iter()
                 .map(|d| DefaultDeny {
                     origin: program.rules[d.rule].origin.clone(),
@@ -206,32 +301,21 @@ pub fn build(
             (!denies.is_empty()).then_some(((t.subject, t.direction), denies))
         })
         .collect();
-    let mut ipcache = ipcache_entries(&program, &compiler.universe);
+    let tables: Vec<DecisionTable> = tables.into_iter().map(|(t, _)| t).collect();
+    let mut ipcache = ipcache_entries(program, &compiler.universe);
     // Compiled for this node: its own addresses are the host, not a remote node.
     if routes.is_some() {
         crate::node::mark_host(&mut ipcache, &crate::node::local_addresses());
     }
-    let mut proxy = ProxyPolicy::build(&program, &tables, &ipcache);
+    let mut proxy = ProxyPolicy::build(program, &tables, &ipcache);
     proxy.learned = fqdn
         .map
         .iter()
         .filter(|(_, v)| *v & crate::fqdn::ZOMBIE == 0)
         .map(|(ip, v)| (*ip, NumericIdentity(*v)))
         .collect();
-    let endpoints = program
-        .endpoints
-        .values()
-        .filter(|e| e.is_pod)
-        .map(|e| EndpointInfo {
-            name: e.name.clone(),
-            identity: program.identities[e.identity].numeric,
-            labels: e.labels.to_strings(),
-            ips: e.ips.clone(),
-            interface: e.interface.clone(),
-        })
-        .collect();
     let tables_time = start.elapsed() - check_time - lower_time;
-    Ok(Generation {
+    Generation {
         tables,
         ipcache,
         endpoints,
@@ -239,9 +323,91 @@ pub fn build(
         fqdn,
         row_origins,
         default_denies,
-        allocation: lower::allocation_of(&program),
+        allocation,
         check_time,
         lower_time,
         tables_time,
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the loader needs of a generation, comparable (tables, ipcache, endpoints, the L7
+    /// view, the rules behind rows, identity numbers).
+    fn summary(g: &Generation) -> String {
+        let mut rows: Vec<_> = g.row_origins.iter().collect();
+        rows.sort_by_key(|(k, _)| **k);
+        let mut denies: Vec<_> = g
+            .default_denies
+            .iter()
+            .map(|(k, d)| {
+                let d: Vec<_> = d
+                    .iter()
+                    .map(|d| {
+                        let mut peers: Vec<_> = d.peers.iter().collect();
+                        peers.sort();
+                        (&d.origin, d.kind, peers, &d.ports)
+                    })
+                    .collect();
+                (*k, format!("{d:?}"))
+            })
+            .collect();
+        denies.sort();
+        format!(
+            "{:#?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            g.tables, g.ipcache, g.endpoints, g.proxy, rows, denies, g.allocation
+        )
+    }
+
+    /// The loader's incremental compile gives what a full compile gives, before and after
+    /// edits of a policy file and of the snapshot (issue 12).
+    #[test]
+    fn incremental_compile_equals_full_compile() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = std::env::temp_dir().join(format!("cnpc-gen-inc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        for set in ["starwars-l4", "starwars-l7", "dns"] {
+            for e in std::fs::read_dir(root.join("policies").join(set)).unwrap() {
+                let p = e.unwrap().path();
+                if !p.is_file() {
+                    continue;
+                }
+                let name = format!("{set}-{}", p.file_name().unwrap().to_string_lossy());
+                std::fs::copy(&p, dir.join("policies").join(name)).unwrap();
+            }
+        }
+        let cluster = dir.join("cluster.yaml");
+        std::fs::copy(root.join("policies/cluster.yaml"), &cluster).unwrap();
+        let policies = vec![dir.join("policies")];
+        let mut inc = Incremental::default();
+        let mut previous = Allocation::new();
+        let mut check = |previous: &Allocation| {
+            let a = inc
+                .compile(&policies, &cluster, previous, None, None)
+                .unwrap();
+            let b = compile(&policies, &cluster, previous, None, None).unwrap();
+            assert_eq!(summary(&a), summary(&b));
+            a.allocation
+        };
+        previous = check(&previous);
+        check(&previous);
+        // A policy edit: the deathstar opens port 8080 too.
+        let file = dir.join("policies/starwars-l4-deathstar.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let edited = text.replace("port: \"80\"", "port: \"8080\"");
+        assert_ne!(edited, text);
+        std::fs::write(&file, edited).unwrap();
+        check(&previous);
+        // A pod's labels change in the snapshot: a new identity.
+        let text = std::fs::read_to_string(&cluster).unwrap();
+        let edited = text.replacen("class: xwing", "class: xwing-mk2", 1);
+        assert_ne!(edited, text);
+        std::fs::write(&cluster, edited).unwrap();
+        previous = check(&previous);
+        check(&previous);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -324,7 +324,7 @@ impl Loader {
         };
         // Endpoints with an interface on this node.
         let mut local: Vec<(&EndpointInfo, String)> = Vec::new();
-        for e in &g.endpoints {
+        for e in g.endpoints.iter() {
             match interface_for(e.interface.as_deref(), &e.ips, routes) {
                 Some(i) => local.push((e, i)),
                 None => report.not_here += 1,

@@ -104,6 +104,8 @@ struct Runner {
     loader: Loader,
     proxy: Option<l7::ProxySupervisor>,
     allocation: cnpc_compiler::lower::Allocation,
+    /// The policy files and snapshot as last compiled: an edit recompiles only what changed.
+    inputs: generation::Incremental,
     metrics: Arc<LoaderMetrics>,
     /// Addresses learned from DNS (see `fqdn::Learning`).
     learning: fqdn::Learning,
@@ -202,17 +204,19 @@ impl Runner {
     fn reconcile(&mut self, force: bool) -> bool {
         let start = Instant::now();
         let routes = node::routes();
-        let result = generation::compile(
-            &self.args.policies,
-            &self.cluster(),
-            &self.allocation,
-            Some(&routes),
-            Some(&mut self.learning.state),
-        )
-        .map_err(|e| e.to_string());
+        let result = self
+            .inputs
+            .compile(
+                &self.args.policies,
+                &self.cluster(),
+                &self.allocation,
+                Some(&routes),
+                Some(&mut self.learning.state),
+            )
+            .map_err(|e| e.to_string());
         let endpoints = || {
             generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]), None)
-                .map(|g| g.endpoints)
+                .map(|g| Arc::unwrap_or_clone(g.endpoints))
                 .map_err(|e| e.to_string())
         };
         let endpoints = if result.is_err() {
@@ -304,7 +308,7 @@ impl Runner {
             Err(e) => {
                 self.metrics.load_failed();
                 error!(error = %e, "load failed; the last good generation keeps enforcing");
-                self.protect_unenforced(Ok(g.endpoints.clone()));
+                self.protect_unenforced(Ok(g.endpoints.to_vec()));
                 false
             }
         }
@@ -493,6 +497,7 @@ fn main() -> ExitCode {
         loader,
         proxy,
         allocation,
+        inputs: generation::Incremental::default(),
         metrics,
         learning: fqdn::Learning::new(fqdn_state),
         names,
@@ -707,7 +712,7 @@ fn kubernetes(mut runner: Runner) -> ExitCode {
                     empty.by_kind.remove(k.kind);
                 }
                 k8s::desired(&empty, &Default::default(), Some(&[]), None)
-                    .map(|g| g.endpoints)
+                    .map(|g| Arc::unwrap_or_clone(g.endpoints))
                     .map_err(|e| e.to_string())
             };
             let endpoints = if agreed.is_err() {
