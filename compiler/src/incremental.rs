@@ -52,8 +52,10 @@ struct Lowered {
 struct ClusterState {
     hash: u64,
     cluster: Cluster,
-    /// The allocation its identities were numbered against.
+    /// The allocation its identities were numbered against, and the numbers they got: given
+    /// either again, numbering gives the same identities.
     allocation: Allocation,
+    numbered: Allocation,
 }
 
 /// Policy files and a cluster snapshot, compiled file by file and kept across updates. Only
@@ -228,13 +230,14 @@ impl IncrementalInputs {
         let hash = content_hash(text.as_bytes());
         if let Some(c) = &self.cluster {
             if c.hash == hash {
-                if c.allocation == *previous {
+                if c.allocation == *previous || c.numbered == *previous {
                     return Ok((false, false));
                 }
                 self.disassemble();
                 let c = self.cluster.as_mut().expect("checked above");
                 c.allocation = previous.clone();
                 self.program = lower::cluster_program(&c.cluster, previous);
+                c.numbered = lower::allocation_of(&self.program);
                 self.identities_version += 1;
                 return Ok((true, false));
             }
@@ -252,6 +255,7 @@ impl IncrementalInputs {
             hash,
             cluster,
             allocation: previous.clone(),
+            numbered: lower::allocation_of(&self.program),
         });
         Ok((true, services_changed))
     }
