@@ -2,8 +2,8 @@
 //! whenever a file changes (issue 12: an edit enforced within 100 ms at 10,000 policies).
 //!
 //! Each policy file is read, parsed, validated and lowered on its own, and the result is kept
-//! under the file's content hash: the next [`IncrementalInputs::update`] re-reads every file
-//! (cheap) but parses, checks and lowers only the files whose bytes changed. That is exact
+//! with the file's bytes: the next [`IncrementalInputs::update`] re-reads every file (cheap)
+//! but parses, checks and lowers only the files whose bytes changed. That is exact
 //! because everything the loader needs from these phases is per file:
 //! - parse and decode: one file's documents only;
 //! - validation errors: per policy, except `duplicate-name`, which is within one file
@@ -13,7 +13,7 @@
 //!   requirements), reading the cluster snapshot only for `toServices`, so every file is
 //!   compiled again when the snapshot's Services change.
 //!
-//! The cluster snapshot is kept under its hash too, with the identities and endpoints built
+//! The cluster snapshot is kept with its text too, with the identities and endpoints built
 //! from it ([`crate::lower::cluster_program`]) for the allocation they were numbered against.
 //! The assembled [`Program`] is what [`crate::lower::build`] returns for the same inputs, rule
 //! for rule and in the same order (tested below).
@@ -23,15 +23,17 @@ use crate::diag::Severity;
 use crate::load::{collect_files, LoadError, PolicySet};
 use crate::lower::{self, Allocation};
 use crate::source::SourceMap;
+use crate::subst::Vars;
 use cnpc_ir::{Enforcement, Program, Requirement, Rule};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 /// What one policy file compiled to.
 #[derive(Debug)]
 struct FileState {
-    hash: u64,
+    /// The bytes it was compiled from: compared whole (a hash collision would keep a stale
+    /// program), which for the few megabytes of a large policy set costs less than hashing.
+    bytes: Vec<u8>,
     /// Parse and validation errors (warnings do not stop enforcement). Only counted: a caller
     /// that has errors to report reads the files again with the full checker.
     errors: usize,
@@ -50,7 +52,7 @@ struct Lowered {
 
 #[derive(Debug)]
 struct ClusterState {
-    hash: u64,
+    text: String,
     cluster: Cluster,
     /// The allocation its identities were numbered against, and the numbers they got: given
     /// either again, numbering gives the same identities.
@@ -61,8 +63,11 @@ struct ClusterState {
 /// Policy files and a cluster snapshot, compiled file by file and kept across updates. Only
 /// what lowering made of each file is kept (rules name their file and line as text), not its
 /// text or syntax tree: the loader's memory stays that of the program.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct IncrementalInputs {
+    /// Values of Flux variables, as [`PolicySet::load_with`] takes them (none given: defaults
+    /// apply, as with [`PolicySet::load`]).
+    vars: Vars,
     files: HashMap<PathBuf, FileState>,
     /// The files in the program, in its order.
     order: Vec<PathBuf>,
@@ -91,15 +96,17 @@ pub enum Update<'a> {
     Invalid { errors: usize },
 }
 
-fn content_hash(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
-
 impl IncrementalInputs {
     pub fn new() -> IncrementalInputs {
         IncrementalInputs::default()
+    }
+
+    /// Inputs whose Flux variables take these values.
+    pub fn with_vars(vars: Vars) -> IncrementalInputs {
+        IncrementalInputs {
+            vars,
+            ..IncrementalInputs::default()
+        }
     }
 
     /// Reads `policies` (files and directories, as [`PolicySet::load`]) and the snapshot
@@ -114,6 +121,10 @@ impl IncrementalInputs {
         for p in policies {
             collect_files(p, &mut paths)?;
         }
+        // A file named twice (a directory and a file in it) counts once: its rules twice
+        // decide nothing differently, and one cache entry per path stays simple.
+        let mut seen = std::collections::HashSet::new();
+        paths.retain(|p| seen.insert(p.clone()));
         let mut texts = Vec::with_capacity(paths.len());
         for path in &paths {
             let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
@@ -127,9 +138,7 @@ impl IncrementalInputs {
         let changed: Vec<bool> = paths
             .iter()
             .zip(&texts)
-            .map(|(p, b)| {
-                services_changed || self.files.get(p).is_none_or(|f| f.hash != content_hash(b))
-            })
+            .map(|(p, b)| services_changed || self.files.get(p).is_none_or(|f| f.bytes != *b))
             .collect();
         let reassemble = cluster_changed || paths != self.order || changed.iter().any(|c| *c);
         if reassemble {
@@ -227,9 +236,8 @@ impl IncrementalInputs {
             path: path.to_path_buf(),
             source,
         })?;
-        let hash = content_hash(text.as_bytes());
         if let Some(c) = &self.cluster {
-            if c.hash == hash {
+            if c.text == text {
                 if c.allocation == *previous || c.numbered == *previous {
                     return Ok((false, false));
                 }
@@ -252,7 +260,7 @@ impl IncrementalInputs {
         self.program = lower::cluster_program(&cluster, previous);
         self.identities_version += 1;
         self.cluster = Some(ClusterState {
-            hash,
+            text,
             cluster,
             allocation: previous.clone(),
             numbered: lower::allocation_of(&self.program),
@@ -262,7 +270,7 @@ impl IncrementalInputs {
 
     /// Parses, checks and lowers one file on its own.
     fn compile_file(&self, path: &Path, bytes: &[u8]) -> FileState {
-        let mut set = PolicySet::default();
+        let mut set = PolicySet::with_vars(self.vars.clone());
         set.add_bytes(path.to_path_buf(), bytes);
         let errors = set
             .diagnostics
@@ -287,7 +295,7 @@ impl IncrementalInputs {
             };
         }
         FileState {
-            hash: content_hash(bytes),
+            bytes: bytes.to_vec(),
             errors,
             lowered,
             in_program: None,
@@ -379,6 +387,37 @@ mod tests {
         std::fs::remove_file(dir.join("zz-new.yaml")).unwrap();
         let (p4, _) = program(inc.update(&paths, Path::new(CLUSTER), &alloc).unwrap());
         assert_same(&p4, &full(&paths, &alloc));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Flux defaults apply as in a full load (`${ORG:=empire}` is `empire`), and a file named
+    /// twice (its directory and itself) counts once.
+    #[test]
+    fn flux_defaults_and_files_named_twice() {
+        let dir =
+            std::env::temp_dir().join(format!("cnpc-incremental-flux-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy = |name: &str, org: &str| {
+            format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      org: empire\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: {org}\n"
+            )
+        };
+        std::fs::write(dir.join("a.yaml"), policy("a", "${ORG:=empire}")).unwrap();
+        std::fs::write(dir.join("b.yaml"), policy("b", "alliance")).unwrap();
+        let alloc = Allocation::new();
+        let mut inc = IncrementalInputs::new();
+        let once = vec![dir.clone()];
+        let (p, _) = program(inc.update(&once, Path::new(CLUSTER), &alloc).unwrap());
+        assert_same(&p, &full(&once, &alloc));
+        assert!(format!("{p:?}").contains("\"empire\""));
+        let twice = vec![dir.clone(), dir.join("a.yaml")];
+        let (p, _) = program(inc.update(&twice, Path::new(CLUSTER), &alloc).unwrap());
+        assert_same(&p, &full(&once, &alloc));
+        std::fs::write(dir.join("c.yaml"), policy("c", "rebel")).unwrap();
+        let (p, compiled) = program(inc.update(&twice, Path::new(CLUSTER), &alloc).unwrap());
+        assert_eq!(compiled, 1);
+        assert_same(&p, &full(&once, &alloc));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -541,17 +541,20 @@ pub fn table_verdict_of(d: &crate::eval::Decision) -> Option<bool> {
 // universe with the peer sets of a subject's rules, so rows are computed once per group of peers
 // that every rule treats alike.
 
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 
-/// Label index over a list of label sets: key (without source) → value → positions.
+/// Label index over a list of label sets: key (without source) → value → positions. Its maps
+/// hash with rustc's FxHash: every rule's subject is looked up in it at every compile, and the
+/// keys are label strings of the program, not chosen to collide.
 struct LabelIndex<'a> {
     sets: Vec<&'a LabelSet>,
-    by_kv: HashMap<&'a str, HashMap<&'a str, Vec<u32>>>,
+    by_kv: FxHashMap<&'a str, FxHashMap<&'a str, Vec<u32>>>,
 }
 
 impl<'a> LabelIndex<'a> {
     fn new(sets: Vec<&'a LabelSet>) -> LabelIndex<'a> {
-        let mut by_kv: HashMap<&str, HashMap<&str, Vec<u32>>> = HashMap::new();
+        let mut by_kv: FxHashMap<&str, FxHashMap<&str, Vec<u32>>> = FxHashMap::default();
         for (i, s) in sets.iter().enumerate() {
             for (k, (_, v)) in &s.0 {
                 by_kv
@@ -579,12 +582,12 @@ impl<'a> LabelIndex<'a> {
 /// The same index, owning its keys, over the peer universe (kept by a [`TableCompiler`]).
 #[derive(Default)]
 struct UniverseIndex {
-    by_kv: HashMap<String, HashMap<String, Vec<u32>>>,
+    by_kv: FxHashMap<String, FxHashMap<String, Vec<u32>>>,
 }
 
 impl UniverseIndex {
     fn new(universe: &[PeerIdentity]) -> UniverseIndex {
-        let mut by_kv: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::new();
+        let mut by_kv: FxHashMap<String, FxHashMap<String, Vec<u32>>> = FxHashMap::default();
         for (i, p) in universe.iter().enumerate() {
             for (k, (_, v)) in &p.labels.0 {
                 by_kv
@@ -933,15 +936,9 @@ impl TableCompiler {
         // Subjects of each rule, found through the index over the representatives' labels.
         let index = LabelIndex::new(reps.iter().map(|e| &e.labels).collect());
         let mut rules_of: Vec<Vec<RuleRef>> = vec![Vec::new(); reps.len()];
-        // The rules of one policy share its endpointSelector: select each selector once.
-        let mut selected: HashMap<&Selector, Vec<u32>> = HashMap::new();
         for (r, rule) in p.rules.iter() {
             if let Subject::Endpoints(sel) = &rule.subject {
-                for &i in selected
-                    .entry(sel)
-                    .or_insert_with(|| index.select(sel))
-                    .iter()
-                {
+                for i in index.select(sel) {
                     rules_of[i as usize].push(r);
                 }
             }
