@@ -82,6 +82,11 @@ pub fn run_test(a: TestArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // Nothing to check would pass a CI job that checks nothing (an --expect directory without
+    // expectation files, say): that is a usage error, like an empty `cases:` list.
+    if checks.is_empty() {
+        return usage("no expectation case found in the --expect paths; nothing would be checked");
+    }
     let mut bpf = Bpf;
     let engine: Option<&mut dyn expect::Engine> = match a.engine {
         Engine::Bpf => Some(&mut bpf),

@@ -806,3 +806,26 @@ fn the_bpf_engine_agrees_on_the_star_wars_expectations() {
         }
     }
 }
+
+/// An --expect directory holding no expectation file checks nothing: a usage error (exit 2),
+/// not a pass a CI job would take for green.
+#[test]
+fn no_expectations_found_is_a_usage_error() {
+    let dir = scratch("empty");
+    std::fs::write(dir.join("README.txt"), "expectations go here\n").unwrap();
+    let run = cnpc(&[
+        "test",
+        "policies/starwars-l4",
+        "--cluster",
+        "policies/cluster.yaml",
+        "--expect",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("nothing would be checked"),
+        "{}",
+        run.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -58,9 +58,10 @@
 //! # Sources of values
 //!
 //! [`Vars`] gathers values from `--vars-file` files (in the order given) and then from `--var
-//! NAME=VALUE` pairs; a later source overrides an earlier one, so `--var` wins over every file,
-//! as Flux's inline `substitute` wins over `substituteFrom`. Within a file, later entries and
-//! documents override earlier ones. A file named `*.yaml`, `*.yml` or `*.json` holds Kubernetes
+//! NAME=VALUE` pairs; a later source overrides an earlier one, so `--var` wins over every file.
+//! Within files, later entries and documents override earlier ones, except that a Flux
+//! Kustomization's inline `postBuild.substitute` wins over every ConfigMap and Secret, whatever
+//! the order, as it does in Flux (kustomize-controller `kustomize_varsub.go`). A file named `*.yaml`, `*.yml` or `*.json` holds Kubernetes
 //! objects (ConfigMap, Secret, Flux Kustomization; other kinds are ignored); any other file is
 //! dotenv: `NAME=VALUE` lines, optionally `export`ed, `#` comments, values unquoted, `'single'`
 //! (literal) or `"double"` quoted (with `\n`, `\t`, `\"`, `\\`, `\$` escapes), no expansion.
@@ -85,6 +86,11 @@ pub const DISABLED: &str = "disabled";
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Vars {
     values: BTreeMap<String, String>,
+    /// Names a Flux Kustomization's inline `postBuild.substitute` set: Flux lets those win over
+    /// its `substituteFrom` ConfigMaps and Secrets whatever their order
+    /// (kustomize-controller, `kustomize_varsub.go`), so a file's ConfigMap does not override
+    /// them; `--var` still does.
+    inline: std::collections::BTreeSet<String>,
 }
 
 /// Values may be secrets: debug output names the variables only.
@@ -156,15 +162,27 @@ impl Vars {
         self.values.keys().map(String::as_str)
     }
 
-    /// Sets a variable, replacing an earlier value. `at` says where it came from, for the error
-    /// about an invalid name. Newlines are removed from the value, as Flux removes them.
+    /// Sets a variable from a file of values (a ConfigMap, a Secret, dotenv), replacing an
+    /// earlier value but not one a Kustomization's inline `substitute` set. `at` says where it
+    /// came from, for the error about an invalid name.
     pub fn set(&mut self, name: &str, value: &str, at: &str) -> Result<(), VarsError> {
-        if !is_valid_name(name) {
-            return Err(VarsError::Name {
-                name: name.to_string(),
-                at: at.to_string(),
-            });
+        if self.inline.contains(name) {
+            return check_name(name, at);
         }
+        self.set_over(name, value, at)
+    }
+
+    /// Sets a variable from a Kustomization's inline `postBuild.substitute`.
+    fn set_inline(&mut self, name: &str, value: &str, at: &str) -> Result<(), VarsError> {
+        self.set_over(name, value, at)?;
+        self.inline.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Sets a variable whatever set it before (`--var`). Newlines are removed from the value,
+    /// as Flux removes them.
+    fn set_over(&mut self, name: &str, value: &str, at: &str) -> Result<(), VarsError> {
+        check_name(name, at)?;
         self.values
             .insert(name.to_string(), value.replace('\n', ""));
         Ok(())
@@ -177,12 +195,13 @@ impl Vars {
                 arg: arg.to_string(),
             });
         };
-        self.set(name, value, "--var")
+        self.set_over(name, value, "--var")
     }
 
     /// Takes every value of `other`, overriding values of the same names.
     pub fn extend(&mut self, other: Vars) {
         self.values.extend(other.values);
+        self.inline.extend(other.inline);
     }
 
     /// Reads a file of values: Kubernetes objects for `.yaml`, `.yml` and `.json`, dotenv for
@@ -354,11 +373,23 @@ impl Vars {
                     .and_then(|s| s.get("postBuild"))
                     .and_then(|p| p.get("substitute"));
                 for e in string_map(path, substitute, "postBuild.substitute")? {
-                    self.set(&e.key, &e.value, &at(e.line))?;
+                    self.set_inline(&e.key, &e.value, &at(e.line))?;
                 }
             }
         }
         Ok(1)
+    }
+}
+
+/// An error unless `name` is a name Flux accepts for a variable.
+fn check_name(name: &str, at: &str) -> Result<(), VarsError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(VarsError::Name {
+            name: name.to_string(),
+            at: at.to_string(),
+        })
     }
 }
 
@@ -1781,5 +1812,18 @@ metadata: {name: ignored}
         let y = &diags[1];
         assert_eq!(&f.text[y.span.start as usize..y.span.end as usize], "${Y}");
         assert_eq!(out.poisoned.len(), 3);
+    }
+
+    /// Flux lets a Kustomization's inline `substitute` win over its `substituteFrom` objects
+    /// whatever the order (kustomize-controller `kustomize_varsub.go`); `--var` wins over all.
+    #[test]
+    fn inline_substitute_wins_over_configmaps_and_var_over_both() {
+        let text = "apiVersion: kustomize.toolkit.fluxcd.io/v1\nkind: Kustomization\nmetadata: {name: apps}\nspec:\n  postBuild:\n    substitute: {X: inline}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {X: from-configmap, Y: from-configmap}\n";
+        let mut v = Vars::new();
+        v.add_yaml(Path::new("flux.yaml"), text).unwrap();
+        assert_eq!(v.get("X"), Some("inline"));
+        assert_eq!(v.get("Y"), Some("from-configmap"));
+        v.set_assignment("X=given").unwrap();
+        assert_eq!(v.get("X"), Some("given"));
     }
 }

@@ -42,6 +42,8 @@ const MAX_ICMP_FIELDS: usize = 40;
 pub fn validate(policies: &[Policy]) -> Vec<Diagnostic> {
     let mut v = Validator { out: Vec::new() };
     let mut seen: HashMap<(PolicyKind, String, String), Span> = HashMap::new();
+    let mut seen_in_file: HashMap<(crate::source::FileId, (PolicyKind, String, String)), Span> =
+        HashMap::new();
     for p in policies {
         v.policy(p);
         // A value whose Flux variables have no value was reported when it was read; its content
@@ -57,25 +59,31 @@ pub fn validate(policies: &[Policy]) -> Vec<Diagnostic> {
                 (None, true) => "default".to_string(),
             };
             let key = (p.kind, ns, name.value.clone());
-            if let Some(first) = seen.get(&key) {
-                let (code, help) = if first.file == name.span.file {
-                    (Code::DuplicateName, "names are unique per kind and namespace; applying this file keeps only the last, so rename one")
-                } else {
-                    (Code::NameClash, "names are unique per kind and namespace; applying these files together keeps only the one applied last, so rename one")
-                };
-                v.out.push(
-                    Diagnostic::new(
-                        code,
-                        name.span,
-                        format!("a second {} named `{}`", p.kind.as_str(), p.display_name()),
-                    )
-                    .label("same kind, namespace and name")
-                    .related(*first, "first defined here")
-                    .help(help),
-                );
-            } else {
-                seen.insert(key, name.span);
-            }
+            // Within one file a second name is an error, decided against that file's own first
+            // one (so the error is the same whether the file is checked alone, as the loader's
+            // incremental compile does, or with others); across files it is a warning.
+            let (first, code, help) = match (seen_in_file.get(&(name.span.file, key.clone())), seen.get(&key)) {
+                (Some(first), _) => (*first, Code::DuplicateName, "names are unique per kind and namespace; applying this file keeps only the last, so rename one"),
+                (None, Some(first)) => (*first, Code::NameClash, "names are unique per kind and namespace; applying these files together keeps only the one applied last, so rename one"),
+                (None, None) => {
+                    seen_in_file.insert((name.span.file, key.clone()), name.span);
+                    seen.insert(key, name.span);
+                    continue;
+                }
+            };
+            seen_in_file
+                .entry((name.span.file, key))
+                .or_insert(name.span);
+            v.out.push(
+                Diagnostic::new(
+                    code,
+                    name.span,
+                    format!("a second {} named `{}`", p.kind.as_str(), p.display_name()),
+                )
+                .label("same kind, namespace and name")
+                .related(first, "first defined here")
+                .help(help),
+            );
         }
     }
     v.out

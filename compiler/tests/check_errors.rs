@@ -52,3 +52,31 @@ fn check_errors_finds_every_error_check_finds() {
         "some fixture has lint warnings that check_errors skips"
     );
 }
+
+/// A name used twice in one file is an error whatever other files hold: a third file naming it
+/// first must not turn the in-file duplicate into a cross-file warning (the loader checks a
+/// changed file alone and must find the same errors as a full check).
+#[test]
+fn duplicate_names_within_a_file_are_errors_whatever_other_files_hold() {
+    let policy = |name: &str, port: u16| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts:\n    - ports:\n      - port: \"{port}\"\n"
+        )
+    };
+    let mut set = PolicySet::default();
+    set.add_bytes("a.yaml".into(), policy("x", 80).as_bytes());
+    set.add_bytes(
+        "b.yaml".into(),
+        format!("{}---\n{}", policy("x", 81), policy("x", 82)).as_bytes(),
+    );
+    let codes: Vec<&str> = check_errors(set, None)
+        .diagnostics
+        .iter()
+        .map(|d| d.code.as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        ["cnpc::name-clash", "cnpc::duplicate-name"],
+        "b.yaml's first x clashes with a.yaml's; its second duplicates its first"
+    );
+}

@@ -155,11 +155,17 @@ fn protocol_name(p: u8) -> String {
 /// The rule that decided a flow and its kind.
 type Decided = (PolicyRef, MatchKind);
 
+/// A pod's namespace, name and labels.
+type PodName = (String, String, Vec<String>);
+
 /// What a generation knows for naming flows: pods by address, and the rule behind each row
 /// of each table.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
-    by_ip: HashMap<IpAddr, (String, String, Vec<String>)>,
+    /// Pods by address, shared between generations of the same snapshot (`pods_of` says which
+    /// endpoint list it was made from).
+    by_ip: Arc<HashMap<IpAddr, PodName>>,
+    pods_of: Option<Arc<Vec<crate::generation::EndpointInfo>>>,
     rows: HashMap<(u32, bool), Vec<Option<Decided>>>,
     denies: HashMap<(u32, bool), Vec<crate::generation::DefaultDeny>>,
 }
@@ -175,7 +181,8 @@ impl Names {
             }
         }
         Names {
-            by_ip,
+            by_ip: Arc::new(by_ip),
+            pods_of: None,
             rows: HashMap::new(),
             denies: HashMap::new(),
         }
@@ -183,7 +190,20 @@ impl Names {
 
     /// From a generation: its pods and its tables' row rules.
     pub fn of(g: &crate::generation::Generation) -> Names {
-        let mut names = Names::new(&g.endpoints);
+        Names::after(g, &Names::default())
+    }
+
+    /// [`Names::of`], taking the pods from `previous` when it was made from the same endpoint
+    /// list (a policy edit leaves the snapshot's thousands of pods as they were).
+    pub fn after(g: &crate::generation::Generation, previous: &Names) -> Names {
+        let mut names = match &previous.pods_of {
+            Some(e) if Arc::ptr_eq(e, &g.endpoints) => Names {
+                by_ip: previous.by_ip.clone(),
+                ..Names::default()
+            },
+            _ => Names::new(&g.endpoints),
+        };
+        names.pods_of = Some(g.endpoints.clone());
         names.rows = g
             .row_origins
             .iter()

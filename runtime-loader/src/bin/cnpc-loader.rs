@@ -118,6 +118,21 @@ impl Runner {
         self.args.state_dir.join("identities.json")
     }
 
+    /// Writes the identity allocation (temp file + rename), so a restart keeps the numbers.
+    fn save_allocation(&self) {
+        let Ok(text) = serde_json::to_string_pretty(&self.allocation) else {
+            return;
+        };
+        let path = self.allocation_path();
+        let tmp = path.with_extension("json.tmp");
+        if std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            warn!(path = %path.display(), "cannot save the identity allocation");
+        }
+    }
+
     fn cluster(&self) -> PathBuf {
         self.args.cluster.clone().unwrap_or_default()
     }
@@ -252,7 +267,10 @@ impl Runner {
         };
         match self.loader.apply(&g, routes, force) {
             Ok(r) => {
-                *self.names.write().unwrap_or_else(|p| p.into_inner()) = events::Names::of(&g);
+                {
+                    let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+                    *names = events::Names::after(&g, &names);
+                }
                 // The programs know the generation's FQDN identities now: the map may name them.
                 use std::os::fd::AsFd;
                 match self
@@ -263,16 +281,10 @@ impl Runner {
                     Err(e) => error!(error = %e, "cannot write learned addresses to the fqdn map"),
                 }
                 let elapsed = start.elapsed();
-                self.allocation = g.allocation.clone();
-                if let Ok(text) = serde_json::to_string_pretty(&self.allocation) {
-                    let path = self.allocation_path();
-                    let tmp = path.with_extension("json.tmp");
-                    if std::fs::write(&tmp, text)
-                        .and_then(|_| std::fs::rename(&tmp, &path))
-                        .is_err()
-                    {
-                        warn!(path = %path.display(), "cannot save the identity allocation");
-                    }
+                // Saved when it changed (thousands of identities: not on every edit).
+                if self.allocation != g.allocation {
+                    self.allocation = g.allocation.clone();
+                    self.save_allocation();
                 }
                 self.metrics.applied(metrics::Applied {
                     generation: r.generation,
