@@ -10,7 +10,10 @@
 //! DIR/maps/fqdn.bin        addresses learned from DNS: empty at compile time (the loader fills
 //!                          the node's shared map at run time), listed so every map the
 //!                          programs read has an entry and an image
-//! DIR/maps/<name>.bin      images of the maps large tables are decided with (`cls_*`, `rul_*`)
+//! DIR/maps/<name>.bin      images of the maps large tables are decided with: `cls_*`
+//!                          (identity → class), `prt_*` (exact ports), `rng_*` (port
+//!                          prefixes), keyed by identity or by class as the program's
+//!                          `map_keys` says in the manifest (`gen::MapKeys`)
 //! ```
 //!
 //! Byte-identical for identical inputs; written to a temporary directory beside DIR and renamed
@@ -22,7 +25,7 @@ use crate::gen;
 use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Program};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -134,6 +137,18 @@ pub fn ipcache_images(
     (prefixes, hosts)
 }
 
+/// What a subject's programs depend on: its tables without the subject (programs name no
+/// identity of their own, see [`gen`]'s events) and whether it tracks connections.
+type ProgramKey<'t> = (
+    Vec<(
+        Direction,
+        &'t cnpc_ir::TableVerdict,
+        &'t [cnpc_ir::IdentityClass],
+        &'t [cnpc_ir::TableRow],
+    )>,
+    bool,
+);
+
 /// Everything `cnpc compile` writes, in memory: relative path → bytes.
 pub fn render(
     program: &Program,
@@ -148,11 +163,32 @@ pub fn render(
     for t in tables {
         by_subject.entry(t.subject).or_default().push(t);
     }
-    let mut objects: BTreeMap<Vec<u8>, String> = BTreeMap::new();
+    // Identities whose tables are equal get equal programs: each is generated once (a table
+    // shared by many identities would otherwise be generated, written and compared again for
+    // every one of them).
+    let mut done: HashMap<ProgramKey, (String, Vec<Value>)> = HashMap::new();
+    let mut objects: HashMap<Vec<u8>, String> = HashMap::new();
     let mut own_maps: BTreeMap<String, gen::MapImage> = BTreeMap::new();
     let mut program_entries = Vec::new();
     for (subject, ts) in by_subject {
         let track = gen::needs_tracking(ts.iter().copied());
+        let key: ProgramKey = (
+            ts.iter()
+                .map(|t| {
+                    (
+                        t.direction,
+                        &t.default,
+                        t.classes.as_slice(),
+                        t.rows.as_slice(),
+                    )
+                })
+                .collect(),
+            track,
+        );
+        if let Some((file, sections)) = done.get(&key) {
+            program_entries.push(json!({"identity": subject.0, "file": file, "conntrack": track, "programs": sections}));
+            continue;
+        }
         let generated: Vec<(Direction, gen::Generated)> = ts
             .iter()
             .map(|t| (t.direction, gen::generate(t, track)))
@@ -169,10 +205,7 @@ pub fn render(
             .collect();
         let mut maps = shared.clone();
         for (_, g) in &generated {
-            for m in &g.maps {
-                maps.push(m.def.clone());
-                own_maps.insert(m.def.name.clone(), m.clone());
-            }
+            maps.extend(g.maps.iter().map(|m| m.def.clone()));
         }
         let bytes = elf::write_object(&named, &maps)?;
         let file = match objects.get(&bytes) {
@@ -187,26 +220,44 @@ pub fn render(
         let sections: Vec<Value> = generated
             .iter()
             .map(|(d, g)| {
-                json!({
+                let mut s = json!({
                     "section": format!("classifier/{}", d.as_str()),
                     "direction": d.as_str(),
                     "instructions": g.program.slot_count(),
                     "strategy": g.strategy.as_str(),
                     "maps": g.maps.iter().map(|m| m.def.name.clone()).collect::<Vec<_>>(),
                     "sha256": sha256(&g.program.bytes()),
-                })
+                });
+                if let Some(keys) = g.map_keys() {
+                    s["map_keys"] = json!(keys.as_str());
+                }
+                s
             })
             .collect();
         program_entries.push(
             json!({"identity": subject.0, "file": file, "conntrack": track, "programs": sections}),
         );
+        for (_, g) in generated {
+            for m in g.maps {
+                own_maps.entry(m.def.name.clone()).or_insert(m);
+            }
+        }
+        done.insert(key, (file, sections));
     }
     let (entries, hosts) = ipcache_images(ipcache);
+    // Pod endpoints per identity, in endpoint order, gathered once.
+    let mut endpoints_of: HashMap<cnpc_ir::IdentityRef, Vec<&str>> = HashMap::new();
+    for e in program.endpoints.values().filter(|e| e.is_pod) {
+        endpoints_of
+            .entry(e.identity)
+            .or_default()
+            .push(e.name.as_str());
+    }
     let identities: Vec<Value> = program
         .identities
         .iter()
         .map(|(r, id)| {
-            let endpoints: Vec<&str> = program.endpoints.values().filter(|e| e.identity == r && e.is_pod).map(|e| e.name.as_str()).collect();
+            let endpoints = endpoints_of.get(&r).map_or(&[][..], Vec::as_slice);
             json!({"identity": id.numeric.0, "labels": id.labels.to_strings(), "endpoints": endpoints})
         })
         .collect();
@@ -320,4 +371,65 @@ pub fn write_dir(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<(), Ar
         let _ = std::fs::remove_dir_all(&old);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnpc_ir::{IdentityClass, PortRange, Protocol, TableRow, TableVerdict};
+
+    fn table(subject: u32, direction: Direction, members: u32, lo: u16, hi: u16) -> DecisionTable {
+        DecisionTable {
+            subject: NumericIdentity(subject),
+            direction,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: (1000..1000 + members).map(NumericIdentity).collect(),
+            }],
+            rows: vec![TableRow {
+                class: 0,
+                protocol: Protocol::Tcp,
+                ports: PortRange { lo, hi },
+                verdict: TableVerdict::Allow,
+            }],
+        }
+    }
+
+    /// Identities with equal tables share one object and one manifest entry's sections; a
+    /// table decided by maps says how they are keyed, and its images are written.
+    #[test]
+    fn equal_tables_share_programs_and_maps_say_their_keys() {
+        let mut tables = Vec::new();
+        for subject in [300, 301] {
+            tables.push(table(subject, Direction::Ingress, 200, 1025, 9000));
+            tables.push(table(subject, Direction::Egress, 3, 80, 80));
+        }
+        tables.push(table(302, Direction::Ingress, 200, 1025, 9001));
+        tables.push(table(302, Direction::Egress, 3, 80, 80));
+        let files = render(&Program::default(), &tables, &[], &[]).expect("rendered in memory");
+        let objects: Vec<&String> = files.keys().filter(|f| f.ends_with(".o")).collect();
+        assert_eq!(objects, ["programs/300.o", "programs/302.o"]);
+        let manifest: Value =
+            serde_json::from_slice(&files["manifest.json"]).expect("the manifest is JSON");
+        let programs = manifest["programs"].as_array().expect("programs");
+        assert_eq!(programs.len(), 3);
+        assert_eq!(programs[1]["file"], "programs/300.o");
+        assert_eq!(programs[0]["programs"], programs[1]["programs"]);
+        assert_ne!(programs[0]["programs"], programs[2]["programs"]);
+        let ingress = &programs[0]["programs"][0];
+        assert_eq!(ingress["strategy"], "maps");
+        assert_eq!(ingress["map_keys"], "class");
+        assert!(programs[0]["programs"][1].get("map_keys").is_none());
+        for name in ingress["maps"].as_array().expect("maps") {
+            let name = name.as_str().expect("a map name");
+            assert!(files.contains_key(&format!("maps/{name}.bin")), "{name}");
+        }
+        // 200 members once, plus the range's prefixes: not 200 × the prefixes.
+        let bytes: usize = files
+            .iter()
+            .filter(|(f, _)| f.starts_with("maps/cls_") || f.starts_with("maps/rng_"))
+            .map(|(_, b)| b.len())
+            .sum();
+        assert!(bytes < 200 * 8 + 2 * 20 * 20, "{bytes} bytes of images");
+    }
 }

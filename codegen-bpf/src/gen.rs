@@ -104,9 +104,11 @@
 //! chains for a few peers, binary-search trees over identities and port ranges for up to
 //! [`TREE_MAX_MEMBERS`] peers and [`TREE_MAX_SEGMENTS`] port segments, and map lookups beyond:
 //! (identity, protocol, port) in a hash map for single ports, then an LPM trie whose port prefixes
-//! cover each range exactly; keyed by class after an identity-to-class lookup when keying by
-//! identity would take more than [`FLAT_MAX_ENTRIES`] entries. Code size is bounded either way,
-//! so no program needs tail calls to stay under the verifier's limits.
+//! cover each range exactly; keyed by class after an identity-to-class lookup when that takes
+//! less than half the bytes ([`map_keys`]): a range is one record per aligned prefix, so keying
+//! it by identity multiplies those by the members of its class, while keying by class costs
+//! one record per member once. Code size is bounded either way, so no program needs tail calls to
+//! stay under the verifier's limits.
 
 use crate::asm::{Asm, Label, Program};
 use crate::elf::MapDef;
@@ -286,7 +288,8 @@ pub enum Strategy {
     Branches,
     /// Binary-search trees over identities and port ranges.
     BinarySearch,
-    /// Identity to class in a hash map, then an LPM trie over (class, protocol, port prefix).
+    /// Hash-map and LPM-trie lookups of (peer, protocol, port or port prefix), the peer being
+    /// its identity or, after an identity-to-class hash lookup, its class ([`MapKeys`]).
     Maps,
     /// Cilium's way, for the datapath benchmark: hash lookups of (identity, port, protocol),
     /// then (identity, any port, protocol), then (identity, any), then (any).
@@ -548,8 +551,29 @@ fn verdict_jump(a: &mut Asm, tails: &Tails, verdict: &TableVerdict, row: Option<
     a.goto(tails.of(verdict));
 }
 
-/// The program for `table` decided the `strategy` way; [`generate`] picks the strategy.
+/// The program for `table` decided the `strategy` way; [`generate`] picks the strategy (and,
+/// for maps, how they are keyed: [`map_keys`]).
 pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generated {
+    build_inner(table, track, strategy, None)
+}
+
+/// [`build`] with the maps of [`Strategy::Maps`] keyed the `keys` way whatever their sizes
+/// (tests and benchmarks compare the layouts); other strategies ignore `keys`.
+pub fn build_keyed(
+    table: &DecisionTable,
+    track: bool,
+    strategy: Strategy,
+    keys: MapKeys,
+) -> Generated {
+    build_inner(table, track, strategy, Some(keys))
+}
+
+fn build_inner(
+    table: &DecisionTable,
+    track: bool,
+    strategy: Strategy,
+    keys: Option<MapKeys>,
+) -> Generated {
     let strategy = match (strategy, &table.default) {
         // Handing a packet to the proxy takes the parsed packet: see `generate`.
         (Strategy::Constant, TableVerdict::Proxy(_)) => Strategy::Branches,
@@ -750,7 +774,7 @@ pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generate
     let tails = Tails::new(&mut a);
     let maps = match strategy {
         Strategy::HashBaseline => baseline_decision(&mut a, table, &tails),
-        _ => decision(&mut a, table, strategy, &tails),
+        _ => decision(&mut a, table, strategy, keys, &tails),
     };
     verdict_tails(&mut a, &tails, egress, track, trusted);
     Generated {
@@ -1396,6 +1420,7 @@ fn decision(
     a: &mut Asm,
     table: &DecisionTable,
     strategy: Strategy,
+    keys: Option<MapKeys>,
     tails: &Tails,
 ) -> Vec<MapImage> {
     let default = a.label();
@@ -1403,7 +1428,9 @@ fn decision(
     let members = membership(table);
     let mut maps = Vec::new();
     if strategy == Strategy::Maps {
-        maps = map_decision(a, table, &segments, &members, tails, default);
+        let by_class = by_class(&members);
+        let keys = keys.unwrap_or_else(|| choose_keys(&segments, &by_class));
+        maps = map_decision(a, table, &segments, &by_class, keys, tails, default);
     } else {
         let labels: Vec<Label> = table.classes.iter().map(|_| a.label()).collect();
         let keys: Vec<(u32, Label)> = members
@@ -1434,10 +1461,6 @@ fn decision(
     maps
 }
 
-/// Entries of a flattened map (keyed by identity rather than class) up to which the generator
-/// saves the identity-to-class lookup.
-pub const FLAT_MAX_ENTRIES: usize = 1 << 16;
-
 fn verdict_code(v: &TableVerdict) -> u32 {
     match v {
         TableVerdict::Allow => 0,
@@ -1446,57 +1469,176 @@ fn verdict_code(v: &TableVerdict) -> u32 {
     }
 }
 
+/// How a table decided by maps keys its map records: by the peer's identity, or by its class
+/// after an identity-to-class lookup. Chosen per table by the bytes of the maps
+/// ([`map_keys`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MapKeys {
+    /// `be32 identity, ...`: one lookup fewer per packet; the records grow with members ×
+    /// port segments (a range takes one record per aligned prefix).
+    Identity,
+    /// `be32 class, ...` after the `cls_*` hash map (identity → class): one record per member
+    /// of a class with rows, then records grow with classes × port segments.
+    Class,
+}
+
+impl MapKeys {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapKeys::Identity => "identity",
+            MapKeys::Class => "class",
+        }
+    }
+}
+
+/// Name prefixes of a map table's maps: identity to class, exact ports, port prefixes.
+pub const CLASS_MAP_PREFIX: &str = "cls_";
+pub const PORT_MAP_PREFIX: &str = "prt_";
+pub const RANGE_MAP_PREFIX: &str = "rng_";
+
+/// Bytes of one record (key and value) of the identity-to-class map, the exact-port map and
+/// the port-prefix trie.
+const CLASS_RECORD_BYTES: usize = 8;
+const PORT_RECORD_BYTES: usize = 16;
+const RANGE_RECORD_BYTES: usize = 20;
+
+impl Generated {
+    /// How the maps of a [`Strategy::Maps`] program are keyed; `None` for other strategies
+    /// and for a program whose table has no rows (it reads no map of its own).
+    pub fn map_keys(&self) -> Option<MapKeys> {
+        if self.strategy != Strategy::Maps || self.maps.is_empty() {
+            return None;
+        }
+        Some(
+            if self
+                .maps
+                .iter()
+                .any(|m| m.def.name.starts_with(CLASS_MAP_PREFIX))
+            {
+                MapKeys::Class
+            } else {
+                MapKeys::Identity
+            },
+        )
+    }
+}
+
+/// Bytes of the records one (class, protocol)'s segments take when keyed once: an exact
+/// record per single port, a record per aligned prefix of a range.
+fn segment_bytes(segs: &[Segment]) -> usize {
+    segs.iter()
+        .map(|s| {
+            if s.lo == s.hi {
+                PORT_RECORD_BYTES
+            } else {
+                RANGE_RECORD_BYTES * port_prefix_count(s.lo, s.hi)
+            }
+        })
+        .sum()
+}
+
+/// The bytes of a map table's records keyed each way: (by identity, by class).
+fn layout_bytes(
+    segments: &BTreeMap<(u32, Protocol), Vec<Segment>>,
+    by_class: &BTreeMap<u32, Vec<u32>>,
+) -> (usize, usize) {
+    let mut per_class: BTreeMap<u32, usize> = BTreeMap::new();
+    for ((class, _), segs) in segments {
+        *per_class.entry(*class).or_default() += segment_bytes(segs);
+    }
+    let (mut identity, mut class) = (0usize, 0usize);
+    for (c, bytes) in per_class {
+        let members = by_class.get(&c).map_or(0, Vec::len);
+        identity = identity.saturating_add(members.saturating_mul(bytes));
+        class = class.saturating_add(members * CLASS_RECORD_BYTES + bytes);
+    }
+    (identity, class)
+}
+
+/// Class keys when they take less than half the bytes of identity keys
+/// ([`CLASS_KEYS_MIN_SAVING`]); identity keys otherwise, which save a lookup per packet.
+fn choose_keys(
+    segments: &BTreeMap<(u32, Protocol), Vec<Segment>>,
+    by_class: &BTreeMap<u32, Vec<u32>>,
+) -> MapKeys {
+    let (identity, class) = layout_bytes(segments, by_class);
+    if class.saturating_mul(CLASS_KEYS_MIN_SAVING) < identity {
+        MapKeys::Class
+    } else {
+        MapKeys::Identity
+    }
+}
+
+/// How many times smaller class-keyed maps must be than identity-keyed ones for the generator
+/// to key by class. The class lookup costs a hash lookup on every packet the maps decide
+/// (about as much as the decision itself), and a class map holds every member anyway: for a
+/// table of single ports keying by class at most halves the bytes (8 bytes per member instead
+/// of 16 per member and port), not worth the lookup; port ranges (a record per aligned prefix,
+/// often a dozen or more per range) and several ports per class multiply identity-keyed
+/// records, and there class keys win by far more than this.
+pub const CLASS_KEYS_MIN_SAVING: usize = 2;
+
+/// How [`generate`] keys the maps of `table` if it decides it with maps: by class when that
+/// takes less than half the bytes ([`CLASS_KEYS_MIN_SAVING`]; port ranges multiply
+/// identity-keyed records by their prefixes), by identity otherwise.
+pub fn map_keys(table: &DecisionTable) -> MapKeys {
+    choose_keys(&segments(table), &by_class(&membership(table)))
+}
+
 /// The decision as map lookups. Keys are `be32 id, u8 protocol, u8 zero, be16 port`, where `id`
-/// is the peer's identity when the table is small enough to key by identity (one lookup fewer),
-/// its class otherwise (after an identity-to-class hash lookup). Single ports are exact keys of a
-/// hash map; port ranges are prefixes in an LPM trie (the same key behind a prefix length),
-/// consulted only on a miss and only when the table has ranges. Segments are disjoint, so a
-/// port is in at most one of the two.
+/// is the peer's identity ([`MapKeys::Identity`]) or its class, after an identity-to-class hash
+/// lookup ([`MapKeys::Class`]). Single ports are exact keys of a hash map; port ranges are
+/// prefixes in an LPM trie (the same key behind a prefix length), consulted only on a miss and
+/// only when the table has ranges. Segments are disjoint, so a port is in at most one of the
+/// two. A peer in no class with rows misses (the class map holds only those), and gets the
+/// default.
 fn map_decision(
     a: &mut Asm,
     table: &DecisionTable,
     segments: &BTreeMap<(u32, Protocol), Vec<Segment>>,
-    members: &[(u32, u32)],
+    by_class: &BTreeMap<u32, Vec<u32>>,
+    keys: MapKeys,
     tails: &Tails,
     default: Label,
 ) -> Vec<MapImage> {
     let mut maps = Vec::new();
-    let by_class = by_class(members);
     let of_class = |c: u32| by_class.get(&c).map_or(&[][..], Vec::as_slice);
-    let flat_entries: usize = segments
-        .iter()
-        .map(|((c, _), segs)| of_class(*c).len() * segs.len())
-        .sum();
-    let flat = flat_entries <= FLAT_MAX_ENTRIES;
     // Key data at SCRATCH + 4 (the LPM prefix length sits in front of it).
-    if flat {
-        a.mov(R3, Src::Reg(R1));
-    } else {
-        let classes: Vec<Record> = members
-            .iter()
-            .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
-            .collect();
-        let class_map = content_name("cls", &classes);
-        a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
-        a.ld_map(R1, &class_map);
-        a.mov(R2, Src::Reg(R10))
-            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
-        a.call(MAP_LOOKUP_ELEM);
-        a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
-        a.load(Size::W, R3, R0, 0);
-        maps.push(MapImage {
-            def: MapDef {
-                name: class_map,
-                map_type: BPF_MAP_TYPE_HASH,
-                key_size: 4,
-                value_size: 4,
-                max_entries: classes.len().max(1) as u32,
-                flags: 0,
-            },
-            records: classes,
-            key_layout: "u32 identity",
-            value_layout: "u32 class",
-        });
+    match keys {
+        MapKeys::Identity => {
+            a.mov(R3, Src::Reg(R1));
+        }
+        MapKeys::Class => {
+            let with_rows: std::collections::BTreeSet<u32> =
+                segments.keys().map(|(c, _)| *c).collect();
+            let mut classes: Vec<Record> = with_rows
+                .iter()
+                .flat_map(|c| of_class(*c).iter().map(move |m| (*m, *c)))
+                .map(|(m, c)| (m.to_le_bytes().to_vec(), c.to_le_bytes().to_vec()))
+                .collect();
+            classes.sort();
+            let class_map = content_name(&CLASS_MAP_PREFIX[..3], &classes);
+            a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
+            a.ld_map(R1, &class_map);
+            a.mov(R2, Src::Reg(R10))
+                .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+            a.call(MAP_LOOKUP_ELEM);
+            a.jump_if(Cond::Eq, R0, Src::Imm(0), default);
+            a.load(Size::W, R3, R0, 0);
+            maps.push(MapImage {
+                def: MapDef {
+                    name: class_map,
+                    map_type: BPF_MAP_TYPE_HASH,
+                    key_size: 4,
+                    value_size: 4,
+                    max_entries: classes.len().max(1) as u32,
+                    flags: 0,
+                },
+                records: classes,
+                key_layout: "u32 identity",
+                value_layout: "u32 class",
+            });
+        }
     }
     a.push(Insn::ToBe { dst: R3, bits: 32 })
         .store(Size::W, R10, SCRATCH + 4, Src::Reg(R3));
@@ -1512,30 +1654,50 @@ fn map_decision(
         .store(Size::H, R10, SCRATCH + 10, Src::Reg(R1));
     let (mut exact, mut ranges) = (Vec::new(), Vec::new());
     for ((class, proto), segs) in segments {
-        let ids: Vec<u32> = if flat {
-            of_class(*class).to_vec()
-        } else {
-            vec![*class]
-        };
-        for id in ids {
-            for s in segs {
-                let mut data = id.to_be_bytes().to_vec();
-                data.extend([ip_proto(*proto) as u8, 0]);
+        // Each segment's value and port keys once, then one record per key id: (value, [(port,
+        // None for an exact port or Some(prefix bits))]).
+        type PortKeys = Vec<(u16, Option<u32>)>;
+        let entries: Vec<(Vec<u8>, PortKeys)> = segs
+            .iter()
+            .map(|s| {
                 let mut v = verdict_code(&table.rows[s.row].verdict)
                     .to_le_bytes()
                     .to_vec();
                 v.extend((s.row as u32).to_le_bytes());
-                if s.lo == s.hi {
-                    let mut k = data.clone();
-                    k.extend(s.lo.to_be_bytes());
-                    exact.push((k, v));
-                    continue;
-                }
-                for (port, bits) in port_prefixes(s.lo, s.hi) {
-                    let mut k = (48 + bits).to_le_bytes().to_vec();
-                    k.extend(&data);
-                    k.extend(port.to_be_bytes());
-                    ranges.push((k, v.clone()));
+                let ports = if s.lo == s.hi {
+                    vec![(s.lo, None)]
+                } else {
+                    port_prefixes(s.lo, s.hi)
+                        .into_iter()
+                        .map(|(port, bits)| (port, Some(bits)))
+                        .collect()
+                };
+                (v, ports)
+            })
+            .collect();
+        let one = [*class];
+        let ids: &[u32] = match keys {
+            MapKeys::Identity => of_class(*class),
+            MapKeys::Class => &one,
+        };
+        for id in ids {
+            let mut data = id.to_be_bytes().to_vec();
+            data.extend([ip_proto(*proto) as u8, 0]);
+            for (v, ports) in &entries {
+                for (port, bits) in ports {
+                    match bits {
+                        None => {
+                            let mut k = data.clone();
+                            k.extend(port.to_be_bytes());
+                            exact.push((k, v.clone()));
+                        }
+                        Some(bits) => {
+                            let mut k = (48 + bits).to_le_bytes().to_vec();
+                            k.extend(&data);
+                            k.extend(port.to_be_bytes());
+                            ranges.push((k, v.clone()));
+                        }
+                    }
                 }
             }
         }
@@ -1543,14 +1705,19 @@ fn map_decision(
     exact.sort();
     ranges.sort();
     let hit = a.label();
-    let layout = if flat {
-        "be32 identity, u8 protocol, u8 zero, be16 port"
-    } else {
-        "be32 class, u8 protocol, u8 zero, be16 port"
+    let (layout, range_layout) = match keys {
+        MapKeys::Identity => (
+            "be32 identity, u8 protocol, u8 zero, be16 port",
+            "u32 prefix length (48 + port bits), be32 identity, u8 protocol, u8 zero, be16 port",
+        ),
+        MapKeys::Class => (
+            "be32 class, u8 protocol, u8 zero, be16 port",
+            "u32 prefix length (48 + port bits), be32 class, u8 protocol, u8 zero, be16 port",
+        ),
     };
     let value_layout = "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row";
     if !exact.is_empty() {
-        let name = content_name("prt", &exact);
+        let name = content_name(&PORT_MAP_PREFIX[..3], &exact);
         a.ld_map(R1, &name);
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH + 4)));
@@ -1571,7 +1738,7 @@ fn map_decision(
         });
     }
     if !ranges.is_empty() {
-        let name = content_name("rng", &ranges);
+        let name = content_name(&RANGE_MAP_PREFIX[..3], &ranges);
         a.ld_map(R1, &name);
         a.mov(R2, Src::Reg(R10))
             .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
@@ -1587,11 +1754,7 @@ fn map_decision(
                 flags: BPF_F_NO_PREALLOC,
             },
             records: ranges,
-            key_layout: if flat {
-                "u32 prefix length (48 + port bits), be32 identity, u8 protocol, u8 zero, be16 port"
-            } else {
-                "u32 prefix length (48 + port bits), be32 class, u8 protocol, u8 zero, be16 port"
-            },
+            key_layout: range_layout,
             value_layout,
         });
     }
@@ -1606,6 +1769,25 @@ fn map_decision(
     a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
     tails.dispatch(a);
     maps
+}
+
+/// How many aligned prefix blocks [`port_prefixes`] splits `[lo, hi]` into.
+fn port_prefix_count(lo: u16, hi: u16) -> usize {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut n = 0;
+    while lo <= hi {
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        lo += size;
+        n += 1;
+    }
+    n
 }
 
 /// `[lo, hi]` as aligned prefix blocks: (first port, prefix bits).
@@ -1769,20 +1951,33 @@ mod tests {
                             .collect(),
                     };
                     for track in [false, true] {
-                        for strategy in [
+                        let forms = [
                             Strategy::Constant,
                             Strategy::Branches,
                             Strategy::BinarySearch,
                             Strategy::Maps,
                             Strategy::HashBaseline,
                             Strategy::ParseOnly,
-                        ] {
-                            let g = build(&table, track, strategy);
+                        ]
+                        .map(|s| (s, None))
+                        .into_iter()
+                        .chain([
+                            (Strategy::Maps, Some(MapKeys::Identity)),
+                            (Strategy::Maps, Some(MapKeys::Class)),
+                        ]);
+                        for (strategy, keys) in forms {
+                            let g = match keys {
+                                Some(k) => build_keyed(&table, track, strategy, k),
+                                None => build(&table, track, strategy),
+                            };
                             if let Err(e) = crate::check::check(&g.program) {
                                 panic!(
-                                    "{direction:?} {default:?} {rows:?} track={track} {strategy:?}: {e:?}\n{}",
+                                    "{direction:?} {default:?} {rows:?} track={track} {strategy:?} {keys:?}: {e:?}\n{}",
                                     crate::disasm::listing(&g.program)
                                 );
+                            }
+                            if keys.is_some() && !rows.is_empty() {
+                                assert_eq!(g.map_keys(), keys, "the layout asked for");
                             }
                             checked += 1;
                         }
@@ -1790,8 +1985,232 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 2 * 3 * 5 * 2 * 6);
+        assert_eq!(checked, 2 * 3 * 5 * 2 * 8);
         crate::check::check(&proxy_device_program()).expect("the proxy device program");
+    }
+
+    /// A table of large classes with port ranges, single ports, overlapping deny and allow
+    /// rows, a proxy row and several protocols.
+    fn large_table() -> DecisionTable {
+        use cnpc_ir::*;
+        let ids = |from: u32, n: u32| (from..from + n).map(NumericIdentity).collect();
+        let row = |class, protocol, lo, hi, verdict| TableRow {
+            class,
+            protocol,
+            ports: PortRange { lo, hi },
+            verdict,
+        };
+        DecisionTable {
+            subject: NumericIdentity(300),
+            direction: Direction::Egress,
+            default: TableVerdict::Deny,
+            classes: vec![
+                IdentityClass {
+                    members: ids(1000, 150),
+                },
+                IdentityClass {
+                    members: ids(2000, 70),
+                },
+                IdentityClass {
+                    members: vec![NumericIdentity(2), NumericIdentity(1 << 24)],
+                },
+                IdentityClass {
+                    members: ids(5000, 3),
+                },
+            ],
+            rows: vec![
+                row(0, Protocol::Tcp, 2000, 2999, TableVerdict::Deny),
+                row(0, Protocol::Tcp, 1025, 9000, TableVerdict::Allow),
+                row(0, Protocol::Udp, 53, 53, TableVerdict::Proxy(Vec::new())),
+                row(1, Protocol::Tcp, 30000, 32767, TableVerdict::Allow),
+                row(1, Protocol::Tcp, 80, 80, TableVerdict::Allow),
+                row(1, Protocol::Sctp, 0, 65535, TableVerdict::Allow),
+                row(2, Protocol::Udp, 5001, 5038, TableVerdict::Allow),
+                row(2, Protocol::Icmp, 8, 8, TableVerdict::Allow),
+                row(3, Protocol::Tcp, 443, 443, TableVerdict::Allow),
+            ],
+        }
+    }
+
+    /// Map images indexed for lookups the way the program makes them.
+    struct Images {
+        class: Option<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
+        exact: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+        /// Port-prefix records by their key (prefix length first).
+        ranges: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    }
+
+    impl Images {
+        fn new(g: &Generated) -> Images {
+            let of = |prefix: &str| {
+                g.maps
+                    .iter()
+                    .find(|m| m.def.name.starts_with(prefix))
+                    .map(|m| m.records.iter().cloned().collect())
+            };
+            Images {
+                class: of(CLASS_MAP_PREFIX),
+                exact: of(PORT_MAP_PREFIX).unwrap_or_default(),
+                ranges: of(RANGE_MAP_PREFIX).unwrap_or_default(),
+            }
+        }
+
+        /// The identity-to-class map (class keys), the exact-port hash map, then the longest
+        /// matching port prefix: the verdict code and row, or `None` for the default.
+        fn lookup(&self, peer: u32, proto: Protocol, port: u16) -> Option<(u32, u32)> {
+            let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let id = match &self.class {
+                Some(cls) => word(cls.get(&peer.to_le_bytes().to_vec())?),
+                None => peer,
+            };
+            let value = |v: &Vec<u8>| (word(&v[0..4]), word(&v[4..8]));
+            let mut key = id.to_be_bytes().to_vec();
+            key.extend([proto.number(), 0]);
+            if let Some(v) = self.exact.get(&[&key[..], &port.to_be_bytes()].concat()) {
+                return Some(value(v));
+            }
+            (0..=16u32).rev().find_map(|bits| {
+                let masked = if bits == 0 {
+                    0
+                } else {
+                    port & (u16::MAX << (16 - bits))
+                };
+                let k = [&(48 + bits).to_le_bytes()[..], &key, &masked.to_be_bytes()].concat();
+                self.ranges.get(&k).map(value)
+            })
+        }
+    }
+
+    /// Both layouts of the maps give every peer, protocol and boundary port the table's own
+    /// verdict and row (the kernel's agreement with the evaluator on both is in this crate's
+    /// tests/map_layouts.rs).
+    #[test]
+    fn map_images_decide_like_the_table_in_both_layouts() {
+        let table = large_table();
+        let mut peers: Vec<u32> = table
+            .classes
+            .iter()
+            .flat_map(|c| c.members.iter().map(|m| m.0))
+            .collect();
+        peers.extend([1, 3, 999, 1150, 4999, 7000]);
+        let mut ports: Vec<u16> = vec![0, 1, 65535];
+        for r in &table.rows {
+            ports.extend([r.ports.lo, r.ports.hi]);
+            ports.extend(r.ports.lo.checked_sub(1));
+            ports.extend(r.ports.hi.checked_add(1));
+        }
+        for keys in [MapKeys::Identity, MapKeys::Class] {
+            let g = build_keyed(&table, true, Strategy::Maps, keys);
+            assert_eq!(g.map_keys(), Some(keys));
+            let images = Images::new(&g);
+            for &peer in &peers {
+                for proto in Protocol::ALL {
+                    for &port in &ports {
+                        let want = table.lookup(cnpc_ir::NumericIdentity(peer), proto, port);
+                        let got = images.lookup(peer, proto, port);
+                        assert_eq!(
+                            got.map_or(verdict_code(&table.default), |(v, _)| v),
+                            verdict_code(want),
+                            "{keys:?} peer {peer} {proto:?} {port}"
+                        );
+                        if let Some((_, row)) = got {
+                            assert_eq!(&table.rows[row as usize].verdict, want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ranges towards large classes are keyed by class, and the images then grow with classes
+    /// and prefixes, plus one record per member; tables of single ports to single peers (the
+    /// datapath benchmark's) keep identity keys, which save the class lookup.
+    #[test]
+    fn class_keys_when_they_take_less_than_half_the_bytes() {
+        let table = large_table();
+        assert_eq!(map_keys(&table), MapKeys::Class);
+        let g = generate(&table, true);
+        assert_eq!(g.strategy, Strategy::Maps);
+        assert_eq!(g.map_keys(), Some(MapKeys::Class));
+        let records = |g: &Generated| g.maps.iter().map(|m| m.records.len()).sum::<usize>();
+        let members: usize = table.classes.iter().map(|c| c.members.len()).sum();
+        let prefixes: usize = segments(&table)
+            .values()
+            .flatten()
+            .map(|s| port_prefix_count(s.lo, s.hi))
+            .sum();
+        assert_eq!(records(&g), members + prefixes);
+        let flat = build_keyed(&table, true, Strategy::Maps, MapKeys::Identity);
+        assert!(
+            records(&flat) > 10 * records(&g),
+            "{} records by identity, {} by class",
+            records(&flat),
+            records(&g)
+        );
+
+        use cnpc_ir::*;
+        let single = DecisionTable {
+            subject: NumericIdentity(300),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: (0..1000)
+                .map(|i| IdentityClass {
+                    members: vec![NumericIdentity(1000 + i)],
+                })
+                .collect(),
+            rows: (0..1000)
+                .map(|i| TableRow {
+                    class: i,
+                    protocol: Protocol::Tcp,
+                    ports: PortRange::single(8000 + i as u16),
+                    verdict: TableVerdict::Allow,
+                })
+                .collect(),
+        };
+        assert_eq!(map_keys(&single), MapKeys::Identity);
+        let g = generate(&single, true);
+        assert_eq!(g.map_keys(), Some(MapKeys::Identity));
+        assert_eq!(records(&g), 1000);
+
+        // One large class on one port: class keys would halve the bytes at the price of a
+        // lookup per packet; the generator keeps identity keys. On a range it keys by class.
+        let mut wide = DecisionTable {
+            subject: NumericIdentity(300),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: vec![IdentityClass {
+                members: (1000..6000).map(NumericIdentity).collect(),
+            }],
+            rows: vec![TableRow {
+                class: 0,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(80),
+                verdict: TableVerdict::Allow,
+            }],
+        };
+        assert_eq!(map_keys(&wide), MapKeys::Identity);
+        // A range record (20 bytes) per member against one class record (8).
+        wide.rows[0].ports = PortRange { lo: 80, hi: 81 };
+        assert_eq!(map_keys(&wide), MapKeys::Class, "one prefix");
+        wide.rows[0].ports = PortRange { lo: 79, hi: 81 };
+        let g = generate(&wide, true);
+        assert_eq!(g.map_keys(), Some(MapKeys::Class), "two prefixes");
+        assert_eq!(records(&g), 5000 + 2);
+    }
+
+    #[test]
+    fn prefix_count_matches_the_prefixes() {
+        for lo in (0u16..200).chain([1000, 1025, 30000, 65000, 65535]) {
+            for hi in [
+                lo,
+                lo.saturating_add(1),
+                lo.saturating_add(37),
+                lo.saturating_add(1000),
+                65535,
+            ] {
+                assert_eq!(port_prefix_count(lo, hi), port_prefixes(lo, hi).len());
+            }
+        }
     }
 
     #[test]

@@ -285,42 +285,98 @@ pub fn trace_text(flow: &Flow, v: &Verdict) -> String {
 // cnpc tables
 
 use crate::tables::PeerIdentity;
-use cnpc_ir::{DecisionTable, Program, TableVerdict};
+use cnpc_ir::{DecisionTable, NumericIdentity, Program, TableVerdict};
+use std::collections::HashMap;
 
-/// A short name for a peer identity: its endpoints' workloads, a reserved name, a CIDR or a DNS
-/// matcher.
-fn peer_name(program: &Program, universe: &[PeerIdentity], n: cnpc_ir::NumericIdentity) -> String {
-    let mut workloads: Vec<&str> = program
-        .endpoints
-        .values()
-        .filter(|e| e.is_pod && program.identities[e.identity].numeric == n)
-        .map(|e| e.workload.as_str())
-        .collect();
-    workloads.sort_unstable();
-    workloads.dedup();
-    if !workloads.is_empty() {
-        return workloads.join(" ");
+/// Short names of peer identities: their endpoints' workloads, a reserved name, a CIDR or a DNS
+/// matcher. Endpoints and the universe are indexed by numeric identity once, and each name is
+/// made once: a listing of every table names each peer once per table that mentions it, and
+/// scanning every endpoint for each mention was quadratic in identities.
+struct PeerNames<'a> {
+    /// Workloads of pod endpoints per identity, sorted and deduplicated.
+    workloads: HashMap<NumericIdentity, Vec<&'a str>>,
+    /// The first universe entry of each identity.
+    universe: HashMap<NumericIdentity, &'a PeerIdentity>,
+    /// Per identity, `"<number> <name>"` as class lines list it, and where the name starts.
+    names: HashMap<NumericIdentity, (String, usize)>,
+}
+
+impl<'a> PeerNames<'a> {
+    fn new(program: &'a Program, universe: &'a [PeerIdentity]) -> PeerNames<'a> {
+        let mut workloads: HashMap<NumericIdentity, Vec<&str>> = HashMap::new();
+        for e in program.endpoints.values().filter(|e| e.is_pod) {
+            workloads
+                .entry(program.identities[e.identity].numeric)
+                .or_default()
+                .push(e.workload.as_str());
+        }
+        for list in workloads.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        let mut index = HashMap::with_capacity(universe.len());
+        for p in universe {
+            index.entry(p.numeric).or_insert(p);
+        }
+        PeerNames {
+            workloads,
+            universe: index,
+            names: HashMap::new(),
+        }
     }
-    let Some(p) = universe.iter().find(|p| p.numeric == n) else {
-        return "?".into();
-    };
-    if !p.fqdn.is_empty() {
-        let names: Vec<String> = p
-            .fqdn
-            .iter()
-            .map(|m| match m {
-                cnpc_ir::DnsMatcher::Name(s) | cnpc_ir::DnsMatcher::Pattern(s) => {
-                    format!("fqdn:{s}")
-                }
-            })
-            .chain(p.cidr.map(|c| format!("cidr:{c}")))
-            .collect();
-        return names.join(",");
+
+    /// `"<number> <name>"` of `n` and where the name starts in it, made on first use.
+    fn entry(&mut self, n: NumericIdentity) -> &(String, usize) {
+        let (workloads, universe) = (&self.workloads, &self.universe);
+        self.names.entry(n).or_insert_with(|| {
+            let number = n.0.to_string();
+            let start = number.len() + 1;
+            (
+                format!("{number} {}", Self::make(workloads, universe, n)),
+                start,
+            )
+        })
     }
-    if let Some(c) = p.cidr {
-        return format!("cidr:{c}");
+
+    /// `"<number> <name>"`, as class lines list members.
+    fn numbered(&mut self, n: NumericIdentity) -> &str {
+        &self.entry(n).0
     }
-    p.labels.to_strings().join(",")
+
+    fn name(&mut self, n: NumericIdentity) -> &str {
+        let (s, start) = self.entry(n);
+        &s[*start..]
+    }
+
+    fn make(
+        workloads: &HashMap<NumericIdentity, Vec<&str>>,
+        universe: &HashMap<NumericIdentity, &PeerIdentity>,
+        n: NumericIdentity,
+    ) -> String {
+        if let Some(w) = workloads.get(&n).filter(|w| !w.is_empty()) {
+            return w.join(" ");
+        }
+        let Some(p) = universe.get(&n) else {
+            return "?".into();
+        };
+        if !p.fqdn.is_empty() {
+            let names: Vec<String> = p
+                .fqdn
+                .iter()
+                .map(|m| match m {
+                    cnpc_ir::DnsMatcher::Name(s) | cnpc_ir::DnsMatcher::Pattern(s) => {
+                        format!("fqdn:{s}")
+                    }
+                })
+                .chain(p.cidr.map(|c| format!("cidr:{c}")))
+                .collect();
+            return names.join(",");
+        }
+        if let Some(c) = p.cidr {
+            return format!("cidr:{c}");
+        }
+        p.labels.to_strings().join(",")
+    }
 }
 
 fn verdict_text(program: &Program, v: &TableVerdict) -> String {
@@ -348,29 +404,40 @@ pub fn tables_text(
     universe: &[PeerIdentity],
     tables: &[DecisionTable],
 ) -> String {
+    let mut names = PeerNames::new(program, universe);
     let mut out = String::new();
+    // Writing into a String cannot fail: the results of `write!` are ignored below.
     for t in tables {
-        let name = peer_name(program, universe, t.subject);
         let default = match t.default {
             TableVerdict::Deny => "default deny",
             _ => "default allow",
         };
         let _ = writeln!(
             out,
-            "identity {} ({name}) {}: {default}, {} classes, {} rows",
+            "identity {} ({}) {}: {default}, {} classes, {} rows",
             t.subject.0,
+            names.name(t.subject),
             t.direction.as_str(),
             t.classes.len(),
             t.rows.len()
         );
+        // Rows by class, in table order, without a scan of the rows per class.
+        let mut rows_of: Vec<Vec<&cnpc_ir::TableRow>> = vec![Vec::new(); t.classes.len()];
+        for row in &t.rows {
+            if let Some(list) = rows_of.get_mut(row.class as usize) {
+                list.push(row);
+            }
+        }
         for (i, class) in t.classes.iter().enumerate() {
-            let members: Vec<String> = class
-                .members
-                .iter()
-                .map(|m| format!("{} {}", m.0, peer_name(program, universe, *m)))
-                .collect();
-            let _ = writeln!(out, "  class {i}: {}", members.join("; "));
-            for row in t.rows.iter().filter(|r| r.class == i as u32) {
+            let _ = write!(out, "  class {i}: ");
+            for (k, m) in class.members.iter().enumerate() {
+                if k > 0 {
+                    out.push_str("; ");
+                }
+                out.push_str(names.numbered(*m));
+            }
+            out.push('\n');
+            for row in &rows_of[i] {
                 let ports = if row.ports.lo == row.ports.hi {
                     row.ports.lo.to_string()
                 } else {
@@ -481,4 +548,51 @@ pub fn diff_text(changes: &[Change], old_tables: &str, new_tables: &str) -> Stri
         let _ = writeln!(out, "\n{unified}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Peers are named by their workloads (sorted, once each, however many pods), by CIDR, or
+    /// `?` when nothing knows the identity; each mention of a peer uses the same name.
+    #[test]
+    fn tables_name_peers_by_workloads_and_prefixes() {
+        let policies = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: ns0}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: db}}]\n    toPorts: [{ports: [{port: \"5432\", protocol: TCP}]}]\n  - toCIDR: [192.0.2.0/24]\n";
+        let cluster = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: ns0}}\n- {apiVersion: v1, kind: Pod, metadata: {name: web2, namespace: ns0, labels: {app: web}}, status: {podIPs: [{ip: 10.0.0.2}]}}\n- {apiVersion: v1, kind: Pod, metadata: {name: web1, namespace: ns0, labels: {app: web}}, status: {podIPs: [{ip: 10.0.0.1}]}}\n- {apiVersion: v1, kind: Pod, metadata: {name: db1, namespace: ns0, labels: {app: db}}, status: {podIPs: [{ip: 10.0.0.3}]}}\n";
+        let mut set = crate::load_str("p.yaml", policies);
+        let mut c = crate::Cluster::default();
+        c.add_str(&mut set.sources, std::path::Path::new("c.yaml"), cluster);
+        let r = crate::check(set, Some(c));
+        assert_eq!(r.errors(), 0);
+        let program = crate::lower::build(
+            &r.set.policies,
+            &r.set.sources,
+            r.cluster.as_ref().expect("a cluster"),
+            &Default::default(),
+        );
+        let universe = crate::tables::peer_universe(&program);
+        let tables = crate::tables::all_tables(&program);
+        let text = tables_text(&program, &universe, &tables);
+        let numeric = |w: &str| {
+            program
+                .endpoints
+                .values()
+                .find(|e| e.name.ends_with(w))
+                .map(|e| program.identities[e.identity].numeric.0)
+                .expect("the pod")
+        };
+        let (web, db) = (numeric("web1"), numeric("db1"));
+        assert_eq!(web, numeric("web2"), "one identity for both web pods");
+        assert!(
+            text.contains(&format!("identity {web} (ns0/web1 ns0/web2) egress")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{db} ns0/db1")), "{text}");
+        assert!(text.contains(" cidr:192.0.2.0/24"), "{text}");
+        let mut names = PeerNames::new(&program, &universe);
+        assert_eq!(names.name(NumericIdentity(web)), "ns0/web1 ns0/web2");
+        assert_eq!(names.numbered(NumericIdentity(db)), format!("{db} ns0/db1"));
+        assert_eq!(names.name(NumericIdentity(99_999)), "?");
+    }
 }
