@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-/// Upper bound on nodes one file may expand to through aliases (guards against "billion laughs").
+/// Upper bound on nodes one file may add through aliases (guards against "billion laughs");
+/// nodes written out in the file are bounded by its size and not counted.
 const MAX_NODES: usize = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +161,15 @@ fn unclosed_bracket(text: &str, end: usize) -> Option<usize> {
 
 /// Parses every document of a YAML stream. Empty documents (a stray `---`) are dropped.
 pub fn parse_documents(file: FileId, source: &SourceFile) -> Result<Vec<Node>, YamlError> {
+    parse_documents_within(file, source, MAX_NODES)
+}
+
+/// [`parse_documents`] allowing aliases to add at most `max_alias_nodes` nodes.
+fn parse_documents_within(
+    file: FileId,
+    source: &SourceFile,
+    max_alias_nodes: usize,
+) -> Result<Vec<Node>, YamlError> {
     let mut builder = Builder {
         file,
         source,
@@ -167,6 +177,7 @@ pub fn parse_documents(file: FileId, source: &SourceFile) -> Result<Vec<Node>, Y
         docs: Vec::new(),
         anchors: HashMap::new(),
         nodes: 0,
+        max_alias_nodes,
         error: None,
     };
     let mut parser = Parser::new_from_str(&source.text);
@@ -216,7 +227,9 @@ struct Builder<'a> {
     stack: Vec<Frame>,
     docs: Vec<Node>,
     anchors: HashMap<usize, Node>,
+    /// Nodes added through aliases so far, and how many may be.
     nodes: usize,
+    max_alias_nodes: usize,
     error: Option<YamlError>,
 }
 
@@ -259,16 +272,6 @@ impl Builder<'_> {
     }
 
     fn push_node(&mut self, node: Node, anchor: usize) {
-        self.nodes += 1;
-        if self.nodes > MAX_NODES && self.error.is_none() {
-            self.error = Some(YamlError {
-                message: format!(
-                    "the document expands to more than {MAX_NODES} nodes through aliases"
-                ),
-                span: node.span,
-                unclosed: None,
-            });
-        }
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
         }
@@ -412,7 +415,19 @@ impl MarkedEventReceiver for Builder<'_> {
             }
             Event::Alias(id) => match self.anchors.get(&id).cloned() {
                 Some(node) => {
+                    // Only aliases multiply nodes beyond the file's own size: nodes written out
+                    // cost a byte of the file each, however many a large snapshot holds.
                     self.nodes += count_nodes(&node);
+                    if self.nodes > self.max_alias_nodes && self.error.is_none() {
+                        self.error = Some(YamlError {
+                            message: format!(
+                                "the document expands to more than {} nodes through aliases",
+                                self.max_alias_nodes
+                            ),
+                            span: self.source.span(self.file, at, at + 1),
+                            unclosed: None,
+                        });
+                    }
                     self.push_node(node, 0);
                 }
                 None => {
@@ -518,5 +533,29 @@ mod tests {
         assert_eq!(d.get("b").unwrap().get("k").unwrap().as_str(), Some("v"));
         let (_, r) = parse("a: *nope\n");
         assert!(r.is_err());
+    }
+
+    /// Aliases that multiply nodes ("billion laughs") are refused; a file that simply holds
+    /// more nodes than aliases may add (a large cluster snapshot) is read. The bound is made
+    /// small here so the test is quick; the real one is [`MAX_NODES`].
+    #[test]
+    fn alias_bombs_are_refused_but_large_files_are_read() {
+        let within = |text: &str| {
+            let f = SourceFile::new("t.yaml", text);
+            parse_documents_within(FileId(0), &f, 1000)
+        };
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..5 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let e = within(&bomb).err().expect("refused");
+        assert!(e.message.contains("through aliases"), "{}", e.message);
+
+        let big = format!("[{}]\n", vec!["0"; 5000].join(","));
+        match &within(&big).expect("read")[0].kind {
+            NodeKind::Seq(items) => assert_eq!(items.len(), 5000),
+            other => panic!("{other:?}"),
+        }
     }
 }
