@@ -242,6 +242,8 @@ impl IncrementalInputs {
                     return Ok((false, false));
                 }
                 self.disassemble();
+                // The old identities and endpoints go before the new are made (the peak).
+                self.program = Program::default();
                 let c = self.cluster.as_mut().expect("checked above");
                 c.allocation = previous.clone();
                 self.program = lower::cluster_program(&c.cluster, previous);
@@ -250,13 +252,14 @@ impl IncrementalInputs {
                 return Ok((true, false));
             }
         }
+        // The old snapshot, identities and endpoints go before the new are made (the peak);
+        // only the Services are kept, to compare.
+        self.disassemble();
+        self.program = Program::default();
+        let old_services = self.cluster.take().map(|old| old.cluster.services);
         let mut cluster = Cluster::default();
         cluster.add_str(&mut SourceMap::new(), path, &text);
-        let services_changed = self
-            .cluster
-            .as_ref()
-            .is_some_and(|old| old.cluster.services != cluster.services);
-        self.disassemble();
+        let services_changed = old_services.is_some_and(|old| old != cluster.services);
         self.program = lower::cluster_program(&cluster, previous);
         self.identities_version += 1;
         self.cluster = Some(ClusterState {
