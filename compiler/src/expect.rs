@@ -32,7 +32,7 @@ use crate::diag::{did_you_mean, Code, Diagnostic};
 use crate::eval::{self, Flow, HttpRequest, Party, Verdict};
 use crate::labels::NAMESPACE_LABEL;
 use crate::source::{FileId, SourceMap, Span};
-use crate::yaml::{parse_documents, Node, NodeKind};
+use crate::yaml::{Node, NodeKind};
 use crate::{Cluster, LoadError};
 use cnpc_ir::labels::{Operator, Selector};
 use cnpc_ir::{protocols_cover, Direction, L4Term, PortRange, Program, Protocol};
@@ -172,47 +172,21 @@ impl Expectations {
 
     /// Adds one file's contents.
     pub fn add_bytes(&mut self, path: PathBuf, bytes: &[u8]) {
-        let (text, bad_utf8) = match std::str::from_utf8(bytes) {
-            Ok(t) => (t.to_string(), None),
-            Err(e) => (
-                String::from_utf8_lossy(bytes).into_owned(),
-                Some(e.valid_up_to()),
-            ),
-        };
-        let file = self.sources.add(path, text);
+        let (file, docs) = crate::load::read_yaml(
+            &mut self.sources,
+            path,
+            bytes,
+            "no case of this file was read",
+        );
         self.files.push(file);
-        let source = self.sources.get(file).clone();
-        if let Some(at) = bad_utf8 {
-            self.diagnostics.push(
-                Diagnostic::new(
-                    Code::YamlSyntax,
-                    source.span(file, at, at + 1),
-                    "the file is not valid UTF-8",
-                )
-                .label("invalid byte sequence")
-                .help("save the file as UTF-8"),
-            );
-            return;
-        }
-        let docs = match parse_documents(file, &source) {
+        let docs = match docs {
             Ok(d) => d,
-            Err(e) => {
-                self.diagnostics.push(
-                    Diagnostic::new(
-                        Code::YamlSyntax,
-                        e.unclosed.unwrap_or(e.span),
-                        format!("malformed YAML: {}", e.message),
-                    )
-                    .label(if e.unclosed.is_some() {
-                        "this bracket is never closed"
-                    } else {
-                        "the parser stopped here"
-                    })
-                    .help("fix the YAML syntax here; no case of this file was read"),
-                );
+            Err(d) => {
+                self.diagnostics.push(d);
                 return;
             }
         };
+        let source = self.sources.get(file).clone();
         let before = self.cases.len();
         let mut cx = Cx {
             file,

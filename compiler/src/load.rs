@@ -194,38 +194,16 @@ impl PolicySet {
     /// variables are substituted when the set was made for files ([`PolicySet::with_vars`],
     /// `load`, `load_spec`, [`load_str`]), not in a [`PolicySet::default`].
     pub fn add_bytes(&mut self, path: PathBuf, bytes: &[u8]) {
-        let (text, bad_utf8) = match std::str::from_utf8(bytes) {
-            Ok(t) => (t.to_string(), None),
-            Err(e) => (
-                String::from_utf8_lossy(bytes).into_owned(),
-                Some(e.valid_up_to()),
-            ),
-        };
-        let file = self.sources.add(path, text);
-        let source = self.sources.get(file).clone();
-        if let Some(at) = bad_utf8 {
-            self.diagnostics.push(
-                Diagnostic::new(
-                    Code::YamlSyntax,
-                    source.span(file, at, at + 1),
-                    "the file is not valid UTF-8",
-                )
-                .label("invalid byte sequence")
-                .help("save the file as UTF-8"),
-            );
-            return;
-        }
-        match parse_documents(file, &source) {
-            Err(e) => self.diagnostics.push(match e.unclosed {
-                Some(open) => Diagnostic::new(Code::YamlSyntax, open, format!("malformed YAML: {}", e.message))
-                    .label("this bracket is never closed")
-                    .related(e.span, "the parser gave up here")
-                    .help("close the bracket on the same logical item (or switch to a block list with `- ` items); nothing in this file was checked"),
-                None => Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
-                    .label("the parser stopped here")
-                    .help("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); nothing in this file was checked"),
-            }),
+        let (file, docs) = read_yaml(
+            &mut self.sources,
+            path,
+            bytes,
+            "nothing in this file was checked",
+        );
+        match docs {
+            Err(d) => self.diagnostics.push(d),
             Ok(docs) => {
+                let source = self.sources.get(file).clone();
                 let mut unresolved = Unresolved::default();
                 for doc in &docs {
                     self.add_object(file, &source, doc, &mut unresolved);
@@ -531,6 +509,48 @@ pub fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadErro
         }
     }
     Ok(())
+}
+
+/// Reads one file's bytes into `sources` and parses its YAML documents. A file that is not
+/// UTF-8 or not well-formed YAML is one `yaml-syntax` diagnostic, whose help ends saying what
+/// was not read (`unread`). Policy files and `cnpc test` expectation files are read this way.
+pub fn read_yaml(
+    sources: &mut SourceMap,
+    path: PathBuf,
+    bytes: &[u8],
+    unread: &str,
+) -> (FileId, Result<Vec<Node>, Diagnostic>) {
+    let (text, bad_utf8) = match std::str::from_utf8(bytes) {
+        Ok(t) => (t.to_string(), None),
+        Err(e) => (
+            String::from_utf8_lossy(bytes).into_owned(),
+            Some(e.valid_up_to()),
+        ),
+    };
+    let file = sources.add(path, text);
+    let source = sources.get(file);
+    if let Some(at) = bad_utf8 {
+        return (
+            file,
+            Err(Diagnostic::new(
+                Code::YamlSyntax,
+                source.span(file, at, at + 1),
+                "the file is not valid UTF-8",
+            )
+            .label("invalid byte sequence")
+            .help("save the file as UTF-8")),
+        );
+    }
+    let docs = parse_documents(file, source).map_err(|e| match e.unclosed {
+        Some(open) => Diagnostic::new(Code::YamlSyntax, open, format!("malformed YAML: {}", e.message))
+            .label("this bracket is never closed")
+            .related(e.span, "the parser gave up here")
+            .help(format!("close the bracket on the same logical item (or switch to a block list with `- ` items); {unread}")),
+        None => Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
+            .label("the parser stopped here")
+            .help(format!("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); {unread}")),
+    });
+    (file, docs)
 }
 
 /// Convenience for tests and tools: reads text as if it were the file `name`.

@@ -549,7 +549,7 @@ mod tests {
             let refs = vec![format!("*a{}", i - 1); 10].join(", ");
             bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
         }
-        let e = within(&bomb).err().expect("refused");
+        let e = within(&bomb).expect_err("refused");
         assert!(e.message.contains("through aliases"), "{}", e.message);
 
         let big = format!("[{}]\n", vec!["0"; 5000].join(","));
