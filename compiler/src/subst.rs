@@ -36,9 +36,11 @@
 //!   `${NAME:-default}`, `${NAME=default}` (and `:?`, `:+`, which envsubst treats the same way)
 //!   use the default when the variable is unset *or empty*; a default may hold `${...}` itself.
 //!   cnpc also evaluates the other envsubst operators a policy might use: `${#NAME}`, case
-//!   (`^`, `^^`, `,`, `,,`), substrings (`${NAME:1:3}`), replacement (`/`, `//`, `/#`, `/%`) and
-//!   prefix/suffix trimming (`#`, `##`, `%`, `%%`) with a literal pattern; a glob pattern in a
-//!   trim is reported as something cnpc does not evaluate.
+//!   (`^`, `^^`, `,`, `,,`), substrings (`${NAME:1:3}`, a negative length counting back from the
+//!   end), replacement (`/`, `//`, `/#`, `/%`, an empty pattern allowed: `${NAME/#/v}`
+//!   prepends) and prefix/suffix trimming (`#`, `##`, `%`, `%%`) with a literal pattern, as
+//!   current fluxcd/pkg envsubst does; a glob pattern in a trim (which it matches with its own
+//!   `path.Match`) is reported as something cnpc does not evaluate.
 //! - **Values.** Newlines are removed from every value (Flux does this to `substitute` and to
 //!   ConfigMap and Secret data). A ConfigMap's `data`, a Secret's `data` (base64; the API server
 //!   merges `stringData` into it, `stringData` winning) and a Flux Kustomization's
@@ -693,7 +695,14 @@ impl ExprParser<'_> {
                     e.op.push(c);
                     self.pos += 1;
                 }
-                e.args.push(self.param(&['/'], true)?);
+                // An empty pattern (`${X/#/v}`, prepending) is the next rune being the
+                // delimiter: current fluxcd/pkg envsubst (parse.go `parseReplaceFunc`) keeps
+                // it as an empty argument.
+                if self.peek() == Some('/') {
+                    e.args.push(Piece::Text(String::new()));
+                } else {
+                    e.args.push(self.param(&['/'], true)?);
+                }
                 if self.peek() != Some('/') {
                     return self.fail("bad substitution (a replacement needs `/pattern/string`)");
                 }
@@ -931,12 +940,18 @@ fn substring(v: &str, args: &[String]) -> Result<String, &'static str> {
     let Ok(length) = length.parse::<i64>() else {
         return Ok(v.to_string());
     };
+    if length < 0 {
+        // A negative length counts back from the end (`${X:1:-1}` drops the first and last
+        // character); an end before the start is empty (current fluxcd/pkg envsubst
+        // funcs.go `toSubstr`, as bash).
+        let end = len + length;
+        if end < pos {
+            return Ok(String::new());
+        }
+        return Ok(String::from_utf8_lossy(&bytes[pos as usize..end as usize]).into_owned());
+    }
     if pos.saturating_add(length) >= len {
         return Ok(rest(pos));
-    }
-    if length < 0 {
-        // Go panics slicing backwards; Flux's controller reports the failure.
-        return Err("a negative substring length");
     }
     Ok(String::from_utf8_lossy(&bytes[pos as usize..(pos + length) as usize]).into_owned())
 }
@@ -1590,6 +1605,11 @@ mod tests {
         assert_eq!(eval("${A#Hello.}", &v).0, "World");
         assert_eq!(eval("${A%%.World}", &v).0, "Hello");
         assert_eq!(eval("${A#*.}", &v).2, 1, "glob trims are not evaluated");
+        // Current fluxcd/pkg envsubst: an empty replace pattern, and negative lengths.
+        assert_eq!(eval("${A/#/v}", &v).0, "vHello.World");
+        assert_eq!(eval("${A/%/!}", &v).0, "Hello.World!");
+        assert_eq!(eval("${A:1:-1}", &v).0, "ello.Worl");
+        assert_eq!(eval("${A:6:-6}", &v).0, "");
     }
 
     #[test]
