@@ -70,7 +70,7 @@ pub fn run_test(a: TestArgs) -> ExitCode {
             && std::env::var_os("NO_COLOR").is_none();
         eprint!(
             "{}",
-            expect::render(&diagnostics, &expectations.sources, color)
+            cnpc_compiler::report::render(&diagnostics, &expectations.sources, color)
         );
         eprintln!(
             "error: {} in the expectations; no case was run",

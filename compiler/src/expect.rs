@@ -40,7 +40,7 @@ use miette::{GraphicalReportHandler, GraphicalTheme};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The verdict a case expects.
@@ -152,12 +152,12 @@ const PEER_FORMS: &[&str] = &["pod", "labels", "ip", "fqdn", "entity"];
 
 impl Expectations {
     /// Reads expectations files; a directory stands for its `.yaml`, `.yml` and `.json` files
-    /// (recursively, sorted). Only a path that cannot be read is an error; problems inside the
+    /// (recursively, sorted, as policy directories are walked). Only a path that cannot be read is an error; problems inside the
     /// files are diagnostics.
     pub fn load(paths: &[PathBuf]) -> Result<Expectations, LoadError> {
         let mut files = Vec::new();
         for p in paths {
-            collect(p, &mut files)?;
+            crate::load::collect_files(p, &mut files)?;
         }
         let mut e = Expectations::default();
         for path in files {
@@ -270,35 +270,6 @@ impl Expectations {
         }
         (checks, diags)
     }
-}
-
-fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let io = |source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_dir() {
-        out.push(path.to_path_buf());
-        return Ok(());
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            collect(&p, out)?;
-        } else if p
-            .extension()
-            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-        {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// Reading one file's documents into cases, reporting what is malformed.
@@ -1513,23 +1484,6 @@ fn escape(s: &str, attribute: bool) -> String {
     out
 }
 
-/// Renders diagnostics over the expectations' sources, as `cnpc check` renders policy
-/// diagnostics.
-pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
-    let theme = if color {
-        GraphicalTheme::unicode()
-    } else {
-        GraphicalTheme::unicode_nocolor()
-    };
-    let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
-    let mut out = String::new();
-    for d in diagnostics {
-        let _ = handler.render_report(&mut out, &d.to_report(sources));
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1607,7 +1561,11 @@ spec:
         let mut set = PolicySet::default();
         set.add_bytes(PathBuf::from("policy.yaml"), policy.as_bytes());
         let mut cluster = Cluster::default();
-        cluster.add_str(&mut set.sources, Path::new("cluster.yaml"), CLUSTER);
+        cluster.add_str(
+            &mut set.sources,
+            std::path::Path::new("cluster.yaml"),
+            CLUSTER,
+        );
         let report = check(set, Some(cluster));
         assert_eq!(report.errors(), 0, "{:?}", report.diagnostics);
         let cluster = report.cluster.expect("a cluster");

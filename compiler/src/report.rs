@@ -2,7 +2,7 @@
 //! scanning (SARIF 2.1.0). Library code, because every caller that reports policy problems (the
 //! CLI, the loader's status, golden tests) must say them the same way.
 
-use crate::{CheckReport, Code, Diagnostic, Severity};
+use crate::{CheckReport, Code, Diagnostic, Severity, SourceMap};
 use miette::{GraphicalReportHandler, GraphicalTheme};
 use serde_json::{json, Value};
 use std::fmt::Write;
@@ -20,8 +20,9 @@ fn end_of(report: &CheckReport, d: &Diagnostic) -> (u32, u32) {
         .line_col(d.span.end as usize)
 }
 
-/// The human form: one miette report per diagnostic, notes, and a summary line.
-pub fn human(report: &CheckReport, color: bool) -> String {
+/// One miette report per diagnostic, each followed by a blank line (policy and expectation
+/// files alike).
+pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
     let theme = if color {
         GraphicalTheme::unicode()
     } else {
@@ -29,12 +30,17 @@ pub fn human(report: &CheckReport, color: bool) -> String {
     };
     let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
     let mut out = String::new();
-    for d in &report.diagnostics {
-        let r = d.to_report(&report.set.sources);
+    for d in diagnostics {
         // Writing into a String cannot fail.
-        let _ = handler.render_report(&mut out, &r);
+        let _ = handler.render_report(&mut out, &d.to_report(sources));
         out.push('\n');
     }
+    out
+}
+
+/// The human form: one miette report per diagnostic, notes, and a summary line.
+pub fn human(report: &CheckReport, color: bool) -> String {
+    let mut out = render(&report.diagnostics, &report.set.sources, color);
     for n in &report.set.notes {
         match n.span {
             Some(s) => {

@@ -845,27 +845,11 @@ impl TableCompiler {
         })
     }
 
-    /// The deny rules of `subject` in `direction`, each with the peer identities it selects
-    /// and the (protocol, ports) it covers. A table folds a peer that deny rules drop
-    /// everywhere into its default, so an event of the default row says "default" where an
-    /// explicit deny decided; these name the rule (`cnpc observe`).
-    pub fn deny_rules(
-        &self,
-        program: &Program,
-        subject: &Endpoint,
-        direction: Direction,
-    ) -> Vec<DenyRule> {
-        let applicable: Vec<RuleRef> = program
-            .rules
-            .iter()
-            .filter(|(_, r)| r.direction == direction && r.subject.selects(subject))
-            .map(|(rr, _)| rr)
-            .collect();
-        self.deny_rules_among(program, &applicable)
-    }
-
-    /// [`Self::deny_rules`] given the rules of the subject and direction (as
-    /// [`Self::of_with_rules`] returns them).
+    /// The deny rules among `applicable` (the rules of a table's subject and direction, as
+    /// [`Self::of_with_rules`] returns them), each with the peer identities it selects and the
+    /// (protocol, ports) it covers. A table folds a peer that deny rules drop everywhere into
+    /// its default, so an event of the default row says "default" where an explicit deny
+    /// decided; these name the rule (`cnpc observe`).
     pub fn deny_rules_among(&self, program: &Program, applicable: &[RuleRef]) -> Vec<DenyRule> {
         applicable
             .iter()
