@@ -403,14 +403,7 @@ pub struct Request {
 
 /// Serves `hub` on the unix socket `path` (mode 0600), one thread per subscriber.
 pub fn serve(path: &Path, hub: Arc<Hub>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixListener;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = crate::sys::root_only_socket(path)?;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let hub = hub.clone();

@@ -476,14 +476,7 @@ pub struct Pending {
 /// each line is a [`LearnRequest`], handed to `to_loader`; each reply is written back as a
 /// line. A malformed line gets an error reply (id 0) and the connection stays open.
 pub fn serve(path: &Path, to_loader: mpsc::Sender<Pending>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixListener;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = crate::sys::root_only_socket(path)?;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let to_loader = to_loader.clone();

@@ -77,31 +77,17 @@ macro_rules! label_value {
     };
 }
 
-/// The direction of a verdict, from the endpoint's side.
+/// The direction of a verdict, from the endpoint's side, as a label value: a newtype, since the
+/// orphan rule keeps `EncodeLabelValue` off `cnpc_ir::Direction` itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
+struct DirectionLabel(IrDirection);
 
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        }
+impl DirectionLabel {
+    fn as_str(self) -> &'static str {
+        self.0.as_str()
     }
 }
-
-impl From<IrDirection> for Direction {
-    fn from(d: IrDirection) -> Direction {
-        match d {
-            IrDirection::Ingress => Direction::Ingress,
-            IrDirection::Egress => Direction::Egress,
-        }
-    }
-}
-label_value!(Direction);
+label_value!(DirectionLabel);
 
 /// A datapath verdict as the programs report it (`cnpc_codegen_bpf::gen::event`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -207,7 +193,7 @@ struct VerdictLabels {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PolicyVerdictLabels {
-    direction: Direction,
+    direction: DirectionLabel,
     verdict: Verdict,
     r#match: MatchKind,
 }
@@ -418,9 +404,9 @@ impl LoaderMetrics {
         }
         for verdict in Verdict::ALL {
             let _ = verdict_events.get_or_create(&VerdictLabels { verdict });
-            for direction in [Direction::Ingress, Direction::Egress] {
+            for direction in [IrDirection::Ingress, IrDirection::Egress] {
                 let _ = policy_verdicts.get_or_create(&PolicyVerdictLabels {
-                    direction,
+                    direction: DirectionLabel(direction),
                     verdict,
                     r#match: MatchKind::All,
                 });
@@ -539,10 +525,10 @@ impl LoaderMetrics {
     }
 
     /// A policy verdict of the datapath (Cilium's `cilium_policy_verdict`).
-    pub fn policy_verdict(&self, direction: Direction, verdict: Verdict, match_kind: MatchKind) {
+    pub fn policy_verdict(&self, direction: IrDirection, verdict: Verdict, match_kind: MatchKind) {
         self.policy_verdicts
             .get_or_create(&PolicyVerdictLabels {
-                direction,
+                direction: DirectionLabel(direction),
                 verdict,
                 r#match: match_kind,
             })
@@ -570,8 +556,8 @@ impl LoaderMetrics {
         let verdict = Verdict::from_event(*event.get(event::VERDICT)?)?;
         let direction_byte = *event.get(event::DIRECTION)?;
         let direction = match direction_byte {
-            0 => Direction::Ingress,
-            1 => Direction::Egress,
+            0 => IrDirection::Ingress,
+            1 => IrDirection::Egress,
             _ => return None,
         };
         self.verdict_events

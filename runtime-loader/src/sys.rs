@@ -681,3 +681,19 @@ pub fn mount_bpffs(dir: &std::path::Path) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Binds a unix socket at `path` that only root may use (mode 0600): the state directory is
+/// made if missing and a stale socket of an earlier run replaced. The loader's event stream and
+/// the DNS proxy's learning socket are served this way.
+pub fn root_only_socket(
+    path: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
