@@ -114,6 +114,13 @@ fn image_bytes(records: &[gen::Record]) -> Vec<u8> {
         .collect()
 }
 
+/// Whether an ipcache entry goes to the host map ([`gen::HOSTS_MAP`]): endpoints and nodes
+/// only. A CIDR rule's /32 (a local-scope identity) goes to the trie, after the learned
+/// addresses.
+pub fn is_host_entry(net: IpNet, id: NumericIdentity) -> bool {
+    net.prefix_len() == net.max_prefix_len() && id.0 < cnpc_ir::FIRST_LOCAL_IDENTITY
+}
+
 /// The ipcache as map records: (prefix LPM records, host hash records), each sorted.
 pub fn ipcache_images(
     ipcache: &[(IpNet, NumericIdentity)],
@@ -122,9 +129,7 @@ pub fn ipcache_images(
     for (n, id) in ipcache {
         let key = ipcache_key(*n);
         let value = id.0.to_le_bytes().to_vec();
-        // Endpoints and nodes only: a CIDR rule's /32 (a local-scope identity) goes to the
-        // trie, after the learned addresses (gen::HOSTS_MAP).
-        if n.prefix_len() == n.max_prefix_len() && id.0 < cnpc_ir::FIRST_LOCAL_IDENTITY {
+        if is_host_entry(*n, *id) {
             hosts.push((key[4..].to_vec(), value));
         } else {
             prefixes.push((key.to_vec(), value));

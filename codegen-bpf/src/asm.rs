@@ -151,6 +151,19 @@ impl Asm {
         })
     }
 
+    /// `if (u32)dst cond (u32)src goto target`: compares the low 32 bits only (BPF_JMP32, Linux
+    /// 5.1), so an immediate from 2^31 up is not sign-extended against a zero-extended register.
+    pub fn jump32_if(&mut self, cond: Cond, dst: Reg, src: Src, target: Label) -> &mut Asm {
+        self.fixups.push((self.insns.len(), target));
+        self.push(Insn::Jmp {
+            cond,
+            wide: false,
+            dst,
+            src,
+            off: 0,
+        })
+    }
+
     pub fn goto(&mut self, target: Label) -> &mut Asm {
         self.fixups.push((self.insns.len(), target));
         self.push(Insn::Ja { off: 0 })

@@ -31,6 +31,47 @@
 //! direction are decided by the table every time, so a policy change applies to established
 //! connections at once. ICMP is not tracked: an echo reply is decided by the table.
 //!
+//! Conntrack is consulted for every tracked packet, also the allowed packets of established
+//! connections in the opening direction, and this is kept on purpose. Skipping it for packets
+//! that cannot open a TCP connection (no SYN) was measured (the lookup is about 30 ns of a
+//! packet's 60–90) and rejected, because the lookup is what keeps these promises:
+//! - an allowed packet that finds no entry creates one and reports a new connection, whatever
+//!   its flags, as Cilium does (bpf/lib/conntrack.h, `ct_lookup4` answers CT_NEW for any packet
+//!   without an entry and bpf/bpf_lxc.c creates the entry with `ct_create4`; a TCP entry seen
+//!   without SYN only gets the long lifetime sooner). Entries go missing while connections
+//!   live: the LRU map evicts under pressure, and connections opened before the programs were
+//!   attached never had one. Created only on SYN, such a connection would never get its entry
+//!   back, and its replies would be dropped from then on wherever the reverse table denies them
+//!   (a policy change on an open connection included); a lookup on every packet also keeps a
+//!   live connection's entry recent in the LRU;
+//! - a connection handed to the proxy ([`CT_FLAG_PROXIED`]) goes on to the proxy whatever the
+//!   table says now. No condition the loader can state proves that no such entry exists for a
+//!   program: entries outlive generations, the identities and programs of an address change,
+//!   and the Proxy tail flags a connection opened directly before it knows the handoff works.
+//!
+//! # Peers by address
+//! [`generate`] looks every peer up as above. [`generate_inlined`] (opt-in: the loader passes
+//! the ipcache's host addresses, [`HostAddresses`]) first looks for the peer's address among
+//! the addresses of the identities the table's rows name, and only a miss takes the lookup
+//! (the slow path: every other peer, the world, prefixes, learned names, addresses added after
+//! generation). Up to [`INLINE_MAX_ADDRESSES`] per family the addresses are compared in code
+//! (a binary-search tree of 32-bit compares over the address's words; a hit sets the identity
+//! and goes on to the decision); beyond, their single-port rows go into an address map
+//! (`adr_*`, key `u32 family, u8[16] address, u8 protocol, u8 zero, be16 port`, value `u32
+//! verdict, u32 row, u32 identity`, at most [`Inline::max_map_records`] records), whose hit is
+//! the verdict itself and whose miss (a range, a default, another peer) takes the lookup and
+//! the table's usual decision. Only host entries are held: the host map is read first, so an
+//! address found there has that identity whatever the fqdn map and the prefixes say, and
+//! holding it changes no answer. Everything after the identity (conntrack, proxies, events,
+//! which carry the identity the address has) is the same code.
+//!
+//! The program is thus valid for the host entries it was generated from
+//! ([`Generated::inlined`]): when an address it holds changes identity or leaves the host map,
+//! the program must be generated again and replace the old one; until then it decides that
+//! address as it would have with the old host map, as a program of the previous generation
+//! does until it is replaced. An address added for an identity a row names needs nothing: it
+//! misses and takes the lookup, which finds it.
+//!
 //! # L7 proxies
 //! Designed after Cilium's bpf/lib/proxy.h (`__ctx_redirect_to_proxy`, `assign_socket_tcp`) and
 //! its hairpin for the ingress side (bpf/lib/proxy_hairpin.h); ports and marks are the
@@ -114,9 +155,10 @@ use crate::asm::{Asm, Label, Program};
 use crate::elf::MapDef;
 use crate::insn::*;
 use cnpc_ir::proxy::contract;
-use cnpc_ir::{DecisionTable, Direction, Protocol, TableVerdict};
+use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Protocol, TableVerdict};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
@@ -278,6 +320,9 @@ const SCRATCH: i16 = -120; // map keys of the decision, up to 12 bytes
 const TUPLE: i16 = -160; // struct bpf_sock_tuple of a socket lookup, 36 bytes
 const HANDOFF_NEW: i16 = -164; // u32: the handoff opens a connection (1) or continues one (0)
 const ZOMBIE: i16 = -168; // u32: a zombie's fqdn map value, while identity_lookup uses it
+/// The key of the address map (24 bytes), built before the decision: TUPLE's bytes are free
+/// until a handoff, which comes after it.
+const ADDR_KEY: i16 = TUPLE;
 
 /// How a program decides, chosen by the table's size; `cnpc verify` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -333,6 +378,11 @@ pub struct Generated {
     /// Maps of this program's own, named by a hash of their contents (so identical tables still
     /// give identical programs).
     pub maps: Vec<MapImage>,
+    /// The host addresses whose identity the program holds in its code or maps instead of
+    /// reading the ipcache ([`generate_inlined`]), sorted: while the [`HOSTS_MAP`] gives each
+    /// of them this identity, the program decides exactly as one that looks them up. Empty
+    /// for programs generated without host addresses.
+    pub inlined: Vec<(IpAddr, NumericIdentity)>,
 }
 
 /// The maps every program shares.
@@ -431,14 +481,36 @@ fn need(a: &mut Asm, base: Reg, end_off: i32, fail: Label) {
 /// The classifier for `table` (its direction says which address is the peer's), tracking
 /// connections when `track` (see [`needs_tracking`]).
 pub fn generate(table: &DecisionTable, track: bool) -> Generated {
+    build(table, track, strategy_for(table, track))
+}
+
+/// [`generate`], deciding the peers at `inline.hosts`' addresses without the ipcache lookup
+/// (module doc, "Peers by address"). The program is valid while the [`HOSTS_MAP`] gives every
+/// address of [`Generated::inlined`] that identity: when one of them changes identity or leaves
+/// the map, the program must be generated again and replace this one.
+pub fn generate_inlined(table: &DecisionTable, track: bool, inline: &Inline) -> Generated {
+    build_inner(table, track, strategy_for(table, track), None, Some(inline))
+}
+
+/// [`build`] with peers decided by address as in [`generate_inlined`] (tests and benchmarks
+/// compare forms); [`Strategy::HashBaseline`] and [`Strategy::ParseOnly`] ignore `inline`.
+pub fn build_inlined(
+    table: &DecisionTable,
+    track: bool,
+    strategy: Strategy,
+    inline: &Inline,
+) -> Generated {
+    build_inner(table, track, strategy, None, Some(inline))
+}
+
+fn strategy_for(table: &DecisionTable, track: bool) -> Strategy {
     // A Proxy default needs the parsed packet to find the proxy's socket: no constant program.
     let proxy_default = matches!(table.default, TableVerdict::Proxy(_));
-    let strategy = if table.rows.is_empty() && !track && !proxy_default {
+    if table.rows.is_empty() && !track && !proxy_default {
         Strategy::Constant
     } else {
         choose(table)
-    };
-    build(table, track, strategy)
+    }
 }
 
 /// The strategy the generator picks for `table`'s rows.
@@ -554,7 +626,7 @@ fn verdict_jump(a: &mut Asm, tails: &Tails, verdict: &TableVerdict, row: Option<
 /// The program for `table` decided the `strategy` way; [`generate`] picks the strategy (and,
 /// for maps, how they are keyed: [`map_keys`]).
 pub fn build(table: &DecisionTable, track: bool, strategy: Strategy) -> Generated {
-    build_inner(table, track, strategy, None)
+    build_inner(table, track, strategy, None, None)
 }
 
 /// [`build`] with the maps of [`Strategy::Maps`] keyed the `keys` way whatever their sizes
@@ -565,7 +637,7 @@ pub fn build_keyed(
     strategy: Strategy,
     keys: MapKeys,
 ) -> Generated {
-    build_inner(table, track, strategy, Some(keys))
+    build_inner(table, track, strategy, Some(keys), None)
 }
 
 fn build_inner(
@@ -573,6 +645,7 @@ fn build_inner(
     track: bool,
     strategy: Strategy,
     keys: Option<MapKeys>,
+    inline: Option<&Inline>,
 ) -> Generated {
     let strategy = match (strategy, &table.default) {
         // Handing a packet to the proxy takes the parsed packet: see `generate`.
@@ -584,6 +657,7 @@ fn build_inner(
             program: constant(&table.default),
             strategy,
             maps: Vec::new(),
+            inlined: Vec::new(),
         };
     }
     let mut a = Asm::new();
@@ -730,6 +804,7 @@ fn build_inner(
             program: a.finish().expect("generated code assembles"),
             strategy,
             maps: Vec::new(),
+            inlined: Vec::new(),
         };
     }
     let found = a.label();
@@ -761,6 +836,14 @@ fn build_inner(
         a.goto(decide);
         a.bind(ipcache);
     }
+    let tails = Tails::new(&mut a);
+    let mut maps = Vec::new();
+    let mut inlined = Vec::new();
+    if let (Some(inline), false) = (inline, strategy == Strategy::HashBaseline) {
+        let (m, peers) = by_address(&mut a, table, inline, &tails, decide);
+        maps.extend(m);
+        inlined = peers;
+    }
     identity_lookup(&mut a, found, decide);
     a.mov(R1, Src::Imm(WORLD)).goto(decide);
     a.bind(found);
@@ -771,19 +854,19 @@ fn build_inner(
     a.store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
     // R1 = identity, R2 = port, PROTO = protocol.
     a.load(Size::W, R2, R10, PORT);
-    let tails = Tails::new(&mut a);
-    let maps = match strategy {
+    maps.extend(match strategy {
         Strategy::HashBaseline => baseline_decision(&mut a, table, &tails),
         _ => decision(&mut a, table, strategy, keys, &tails),
-    };
+    });
     verdict_tails(&mut a, &tails, egress, track, trusted);
     Generated {
         // The assembler fails only on an unbound label (every label above is bound) or a jump
-        // longer than 32,767 slots: code size is bounded by TREE_MAX_MEMBERS and
-        // TREE_MAX_SEGMENTS, far below that.
+        // longer than 32,767 slots: code size is bounded by TREE_MAX_MEMBERS,
+        // TREE_MAX_SEGMENTS and INLINE_MAX_ADDRESSES, far below that.
         program: a.finish().expect("generated code assembles"),
         strategy,
         maps,
+        inlined,
     }
 }
 
@@ -820,6 +903,296 @@ fn identity_lookup(a: &mut Asm, found: Label, known: Label) {
     a.bind(prefixes);
     lookup(a, IPCACHE_MAP, KEY);
     a.jump_if(Cond::Ne, R0, Src::Imm(0), found);
+}
+
+/// Host addresses per identity: what the [`HOSTS_MAP`] holds (endpoints and nodes; the rule of
+/// [`crate::artifacts::is_host_entry`]), indexed for [`generate_inlined`]. Built once per
+/// ipcache and shared by every program generated from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostAddresses {
+    by_identity: BTreeMap<u32, Vec<IpAddr>>,
+}
+
+impl HostAddresses {
+    /// The host entries of `ipcache`. An address listed twice with different identities is
+    /// left out (the map would hold one of them, whichever was written last): its packets take
+    /// the lookup.
+    pub fn new(ipcache: &[(IpNet, NumericIdentity)]) -> HostAddresses {
+        let mut by_address: BTreeMap<IpAddr, Option<u32>> = BTreeMap::new();
+        for (net, id) in ipcache {
+            if !crate::artifacts::is_host_entry(*net, *id) {
+                continue;
+            }
+            by_address
+                .entry(net.addr())
+                .and_modify(|known| {
+                    if *known != Some(id.0) {
+                        *known = None;
+                    }
+                })
+                .or_insert(Some(id.0));
+        }
+        let mut by_identity: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
+        for (ip, id) in by_address {
+            if let Some(id) = id {
+                by_identity.entry(id).or_default().push(ip);
+            }
+        }
+        HostAddresses { by_identity }
+    }
+
+    /// The addresses of `id`, sorted.
+    pub fn of(&self, id: NumericIdentity) -> &[IpAddr] {
+        self.by_identity.get(&id.0).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The input of [`generate_inlined`]: the ipcache's host addresses and how much a program may
+/// spend on them.
+#[derive(Clone, Copy, Debug)]
+pub struct Inline<'a> {
+    pub hosts: &'a HostAddresses,
+    /// Addresses per family up to which they are compared in code ([`INLINE_MAX_ADDRESSES`]).
+    pub max_code_addresses: usize,
+    /// Records the address map may hold when the addresses are too many for code: one per
+    /// address and single port of its class ([`INLINE_MAX_MAP_RECORDS`]; 0: no address map,
+    /// those programs look every peer up).
+    pub max_map_records: usize,
+}
+
+impl<'a> Inline<'a> {
+    /// `hosts` with the default bounds.
+    pub fn new(hosts: &'a HostAddresses) -> Inline<'a> {
+        Inline {
+            hosts,
+            max_code_addresses: INLINE_MAX_ADDRESSES,
+            max_map_records: INLINE_MAX_MAP_RECORDS,
+        }
+    }
+}
+
+/// Addresses per family up to which known peers are compared in code (a search tree of at most
+/// seven levels); beyond, a table decided by maps puts them in its address map, and a table
+/// decided in code looks them up.
+pub const INLINE_MAX_ADDRESSES: usize = 64;
+/// The default of [`Inline::max_map_records`]: an address map's records cost about 100 bytes
+/// each in the kernel (key, value and hash-table element), so this bounds one program's map
+/// at about 3 MiB.
+pub const INLINE_MAX_MAP_RECORDS: usize = 32_768;
+/// Name prefix of the address map ([`by_address`]).
+pub const ADDRESS_MAP_PREFIX: &str = "adr_";
+
+/// The peers of `table` found in `inline.hosts`: (address, identity, class) for every member
+/// of a class with rows, sorted by address. Other peers (the world, reserved identities,
+/// prefixes, learned names, and identities no row names) are looked up as before.
+fn peers_by_address(table: &DecisionTable, hosts: &HostAddresses) -> Vec<(IpAddr, u32, u32)> {
+    let with_rows: std::collections::BTreeSet<u32> = table.rows.iter().map(|r| r.class).collect();
+    let mut out: Vec<(IpAddr, u32, u32)> = membership(table)
+        .into_iter()
+        // Identities are moved into registers as sign-extended immediates.
+        .filter(|(m, c)| with_rows.contains(c) && *m < 1 << 31)
+        .flat_map(|(m, c)| {
+            hosts
+                .of(NumericIdentity(m))
+                .iter()
+                .map(move |ip| (*ip, m, c))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The address as the program holds it: 32-bit words as loaded from the packet (network-order
+/// bytes read little-endian), one for IPv4, four for IPv6.
+fn address_words(ip: IpAddr) -> Vec<u32> {
+    let bytes = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    bytes
+        .chunks(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The fast path of [`generate_inlined`] (module doc, "Peers by address"), emitted before the
+/// ipcache lookup, which follows as the slow path: with the peer's address at KEY, either a
+/// search tree in code that jumps to `decide` with r1 = the identity the address has, or a
+/// lookup in the address map whose hit is the verdict itself. Anything else falls through.
+/// Returns the address map, if any, and the addresses held.
+fn by_address(
+    a: &mut Asm,
+    table: &DecisionTable,
+    inline: &Inline,
+    tails: &Tails,
+    decide: Label,
+) -> (Vec<MapImage>, Vec<(IpAddr, NumericIdentity)>) {
+    let peers = peers_by_address(table, inline.hosts);
+    let (v4, v6): (Vec<_>, Vec<_>) = peers.iter().partition(|(ip, _, _)| ip.is_ipv4());
+    if peers.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let slow = a.label();
+    let code = inline.max_code_addresses.min(INLINE_MAX_ADDRESSES);
+    if v4.len() <= code && v6.len() <= code {
+        let not_v4 = a.label();
+        a.load(Size::W, R1, R10, KEY + 4);
+        for (family, peers, regs, next) in [
+            (4, &v4, &[R2][..], not_v4),
+            (6, &v6, &[R2, R3, R4, R5][..], slow),
+        ] {
+            if family == 6 {
+                a.bind(not_v4);
+            }
+            if peers.is_empty() {
+                if family == 4 {
+                    a.goto(next);
+                }
+                continue;
+            }
+            a.jump_if(Cond::Ne, R1, Src::Imm(family), next);
+            for (w, r) in regs.iter().enumerate() {
+                a.load(Size::W, *r, R10, KEY + 8 + 4 * w as i16);
+            }
+            let hits: Vec<(Vec<u32>, Label, u32)> = peers
+                .iter()
+                .map(|(ip, id, _)| (address_words(*ip), a.label(), *id))
+                .collect();
+            let mut keys: Vec<(Vec<u32>, Label)> =
+                hits.iter().map(|(w, l, _)| (w.clone(), *l)).collect();
+            keys.sort_by(|x, y| x.0.cmp(&y.0));
+            address_search(a, regs, &keys, slow);
+            for (_, label, id) in hits {
+                a.bind(label);
+                a.mov(R1, Src::Imm(id as i32)).goto(decide);
+            }
+        }
+        a.bind(slow);
+        let held = peers
+            .iter()
+            .map(|(ip, id, _)| (*ip, NumericIdentity(*id)))
+            .collect();
+        return (Vec::new(), held);
+    }
+    // Too many addresses for code: an address map of the single ports (a port range is many
+    // ports: those packets take the lookup, as do ports no single-port row names).
+    let segments = segments(table);
+    let mut singles: BTreeMap<u32, Vec<(Protocol, u16, &TableVerdict, usize)>> = BTreeMap::new();
+    for ((class, proto), segs) in &segments {
+        for s in segs.iter().filter(|s| s.lo == s.hi) {
+            singles.entry(*class).or_default().push((
+                *proto,
+                s.lo,
+                &table.rows[s.row].verdict,
+                s.row,
+            ));
+        }
+    }
+    let records_wanted: usize = peers
+        .iter()
+        .map(|(_, _, c)| singles.get(c).map_or(0, Vec::len))
+        .sum();
+    if records_wanted == 0 || records_wanted > inline.max_map_records {
+        return (Vec::new(), Vec::new());
+    }
+    let mut records: Vec<Record> = Vec::with_capacity(records_wanted);
+    let mut held = Vec::new();
+    for (ip, id, class) in &peers {
+        let Some(ports) = singles.get(class) else {
+            continue;
+        };
+        held.push((*ip, NumericIdentity(*id)));
+        let mut address = crate::artifacts::fqdn_key(*ip);
+        for (proto, port, verdict, row) in ports {
+            let mut k = address.clone();
+            k.extend([ip_proto(*proto) as u8, 0]);
+            k.extend(port.to_be_bytes());
+            let mut v = verdict_code(verdict).to_le_bytes().to_vec();
+            v.extend((*row as u32).to_le_bytes());
+            v.extend(id.to_le_bytes());
+            records.push((k, v));
+        }
+        address.clear();
+    }
+    records.sort();
+    let name = content_name(&ADDRESS_MAP_PREFIX[..3], &records);
+    // Key: the host map's key (family word, 16 address bytes), protocol, zero, be16 port.
+    for w in 0..5 {
+        a.load(Size::W, R1, R10, KEY + 4 + 4 * w).store(
+            Size::W,
+            R10,
+            ADDR_KEY + 4 * w,
+            Src::Reg(R1),
+        );
+    }
+    a.store(Size::B, R10, ADDR_KEY + 20, Src::Reg(PROTO)).store(
+        Size::B,
+        R10,
+        ADDR_KEY + 21,
+        Src::Imm(0),
+    );
+    a.load(Size::W, R1, R10, PORT)
+        .push(Insn::ToBe { dst: R1, bits: 16 })
+        .store(Size::H, R10, ADDR_KEY + 22, Src::Reg(R1));
+    a.ld_map(R1, &name);
+    a.mov(R2, Src::Reg(R10))
+        .alu(AluOp::Add, R2, Src::Imm(i32::from(ADDR_KEY)));
+    a.call(MAP_LOOKUP_ELEM);
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), slow);
+    a.load(Size::W, R1, R0, 8)
+        .store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
+    a.load(Size::W, R3, R0, 4).load(Size::W, R1, R0, 0);
+    tails.dispatch(a);
+    a.bind(slow);
+    let map = MapImage {
+        def: MapDef {
+            name,
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: 24,
+            value_size: 12,
+            max_entries: records.len() as u32,
+            flags: 0,
+        },
+        records,
+        key_layout: "u32 family, u8[16] address, u8 protocol, u8 zero, be16 port",
+        value_layout: "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row, u32 identity",
+    };
+    (vec![map], held)
+}
+
+/// Emits `if address == key goto target` for each `(key, target)` of `keys` (sorted; a key is
+/// the address's words, compared as unsigned 32-bit words in order) as a binary-search tree,
+/// the address's words being in `regs`; a miss goes to `miss`.
+fn address_search(a: &mut Asm, regs: &[Reg], keys: &[(Vec<u32>, Label)], miss: Label) {
+    let imm = |w: u32| Src::Imm(w as i32);
+    if keys.len() <= 2 {
+        for (key, target) in keys {
+            let next = a.label();
+            for (r, w) in regs.iter().zip(key) {
+                a.jump32_if(Cond::Ne, *r, imm(*w), next);
+            }
+            a.goto(*target);
+            a.bind(next);
+        }
+        a.goto(miss);
+        return;
+    }
+    let mid = keys.len() / 2;
+    let (lower, upper) = (a.label(), a.label());
+    let (key, target) = &keys[mid];
+    let last = regs.len() - 1;
+    for (i, (r, w)) in regs.iter().zip(key).enumerate() {
+        a.jump32_if(Cond::Lt, *r, imm(*w), lower);
+        if i < last {
+            a.jump32_if(Cond::Gt, *r, imm(*w), upper);
+        } else {
+            a.jump32_if(Cond::Eq, *r, imm(*w), *target);
+        }
+    }
+    a.bind(upper);
+    address_search(a, regs, &keys[mid + 1..], miss);
+    a.bind(lower);
+    address_search(a, regs, &keys[..mid], miss);
 }
 
 /// What happens after the decision: the conntrack check, the handoff to a proxy, events, the
@@ -1965,19 +2338,47 @@ mod tests {
                             (Strategy::Maps, Some(MapKeys::Identity)),
                             (Strategy::Maps, Some(MapKeys::Class)),
                         ]);
-                        for (strategy, keys) in forms {
-                            let g = match keys {
-                                Some(k) => build_keyed(&table, track, strategy, k),
-                                None => build(&table, track, strategy),
-                            };
+                        let hosts = HostAddresses::new(&[
+                            ("10.0.0.4/32".parse().unwrap(), NumericIdentity(400)),
+                            ("10.0.0.5/32".parse().unwrap(), NumericIdentity(401)),
+                            ("fd00::4/128".parse().unwrap(), NumericIdentity(400)),
+                        ]);
+                        let in_code = Inline::new(&hosts);
+                        let in_map = Inline {
+                            max_code_addresses: 0,
+                            ..in_code
+                        };
+                        let inlined = [(Strategy::Branches, in_code), (Strategy::Maps, in_map)]
+                            .map(|(s, i)| build_inlined(&table, track, s, &i));
+                        let plain = forms.map(|(strategy, keys)| match keys {
+                            Some(k) => build_keyed(&table, track, strategy, k),
+                            None => build(&table, track, strategy),
+                        });
+                        for (i, g) in plain.into_iter().chain(inlined).enumerate() {
+                            let (strategy, keys) = (g.strategy, g.map_keys());
                             if let Err(e) = crate::check::check(&g.program) {
                                 panic!(
                                     "{direction:?} {default:?} {rows:?} track={track} {strategy:?} {keys:?}: {e:?}\n{}",
                                     crate::disasm::listing(&g.program)
                                 );
                             }
-                            if keys.is_some() && !rows.is_empty() {
-                                assert_eq!(g.map_keys(), keys, "the layout asked for");
+                            let asked = [None, None, None, None, None, None]
+                                .into_iter()
+                                .chain([Some(MapKeys::Identity), Some(MapKeys::Class)])
+                                .nth(i)
+                                .flatten();
+                            if asked.is_some() && !rows.is_empty() {
+                                assert_eq!(keys, asked, "the layout asked for");
+                            }
+                            // Rows name the members: the inlined forms hold their addresses,
+                            // in code or in the address map.
+                            if i >= 8 && !rows.is_empty() && strategy != Strategy::Constant {
+                                assert_eq!(g.inlined.len(), 3, "{i}");
+                                let map = g
+                                    .maps
+                                    .iter()
+                                    .any(|m| m.def.name.starts_with(ADDRESS_MAP_PREFIX));
+                                assert_eq!(map, i == 9);
                             }
                             checked += 1;
                         }
@@ -1985,7 +2386,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 2 * 3 * 5 * 2 * 8);
+        assert_eq!(checked, 2 * 3 * 5 * 2 * 10);
         crate::check::check(&proxy_device_program()).expect("the proxy device program");
     }
 

@@ -110,13 +110,15 @@ impl Kernel {
             program: program.clone(),
             strategy: gen::Strategy::Constant,
             maps: Vec::new(),
+            inlined: Vec::new(),
         })
     }
 
     /// Adds one ipcache entry (an address learned from DNS, say).
     pub fn insert(&self, net: IpNet, id: NumericIdentity) -> Result<(), RunError> {
         let key = artifacts::ipcache_key(net);
-        let (map, key) = if net.prefix_len() == net.max_prefix_len() {
+        // Where the loader puts it (artifacts::ipcache_images).
+        let (map, key) = if artifacts::is_host_entry(net, id) {
             (gen::HOSTS_MAP, &key[4..])
         } else {
             (gen::IPCACHE_MAP, &key[..])
@@ -141,6 +143,21 @@ impl Kernel {
     /// [`gen::needs_tracking`] says for the endpoint's tables.
     pub fn load(&mut self, table: &DecisionTable, track: bool) -> Result<OwnedFd, RunError> {
         self.load_generated(&gen::generate(table, track))
+    }
+
+    /// [`Kernel::load`], deciding the peers at `hosts`' addresses by address
+    /// ([`gen::generate_inlined`], with the default bound on address map records).
+    pub fn load_inlined(
+        &mut self,
+        table: &DecisionTable,
+        track: bool,
+        hosts: &gen::HostAddresses,
+    ) -> Result<OwnedFd, RunError> {
+        self.load_generated(&gen::generate_inlined(
+            table,
+            track,
+            &gen::Inline::new(hosts),
+        ))
     }
 
     /// Creates and fills the maps of a generated program, checks it and loads it.

@@ -95,8 +95,10 @@ spec:
       rules: {dns: [{matchPattern: \"*\"}]}
 ";
 
-/// Compiles, checks and loads every table of a policy set; `None` when the kernel refuses us.
-fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> {
+/// Compiles, checks and loads every table of a policy set, with the peers its tables tell
+/// apart decided by address when `inline` (gen::generate_inlined, as the loader may
+/// generate); `None` when the kernel refuses us.
+fn load_set(source: &str, inline: bool) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> {
     let mut set = if source.starts_with("policies/") {
         PolicySet::load(&[root().join(source)]).unwrap()
     } else {
@@ -133,13 +135,24 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
         }
     }
     kernel.set_proxy_device(PROXY_DEVICE).expect("proxy_config");
+    let hosts = gen::HostAddresses::new(&entries);
     let mut programs = BTreeMap::new();
     let mut insns = 0;
+    // Peer addresses the programs hold (inline only).
+    let mut held = 0;
     let tables = compiler.all(&program);
     for t in &tables {
         let track = gen::needs_tracking(tables.iter().filter(|o| o.subject == t.subject));
-        insns += gen::generate(t, track).program.slot_count();
-        match kernel.load(t, track) {
+        let loaded = if inline {
+            let g = gen::generate_inlined(t, track, &gen::Inline::new(&hosts));
+            held += g.inlined.len();
+            insns += g.program.slot_count();
+            kernel.load_generated(&g)
+        } else {
+            insns += gen::generate(t, track).program.slot_count();
+            kernel.load(t, track)
+        };
+        match loaded {
             Ok(fd) => {
                 programs.insert((t.subject, t.direction), fd);
             }
@@ -153,6 +166,9 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
                 cnpc_codegen_bpf::disasm::listing(&gen::generate(t, track).program)
             ),
         }
+    }
+    if inline {
+        assert!(held > 0, "no program holds a peer's address");
     }
     Some((
         program,
@@ -168,6 +184,17 @@ fn load_set(source: &str) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> 
 
 #[test]
 fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
+    agree_on_every_example_set(false);
+}
+
+/// The same with the peers the tables tell apart decided by address, as the loader may
+/// generate programs (gen::generate_inlined).
+#[test]
+fn programs_holding_peer_addresses_agree_with_the_evaluator_on_every_example_set() {
+    agree_on_every_example_set(true);
+}
+
+fn agree_on_every_example_set(inline: bool) {
     let mut total = 0usize;
     for dir in [
         "policies/starwars-l4",
@@ -177,7 +204,7 @@ fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
         "policies/dns/match-pattern-443",
         WORLD_POLICIES,
     ] {
-        let Some((program, cluster, loaded, insns)) = load_set(dir) else {
+        let Some((program, cluster, loaded, insns)) = load_set(dir, inline) else {
             return;
         };
         let mut parties: Vec<Party> = Vec::new();

@@ -1914,3 +1914,325 @@ pub mod udp_handoff {
         }
     }
 }
+
+mod by_address {
+    //! Peers decided by address (cnpc_codegen_bpf::gen, "Peers by address"): every form (looked
+    //! up, compared in code, the address map) gives the same verdicts, events and conntrack
+    //! entries, including for the peers it must leave to the lookup (an identity no row names,
+    //! the world, an address added after generation, a port range, a default), for replies,
+    //! for proxied connections, and a program generated with addresses decides by them until
+    //! it is generated again (the loader's contract).
+    use super::sys;
+    use cnpc_codegen_bpf::gen::{
+        self, event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS, CT_OPENED_BY_INGRESS, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, TO_PROXY_MARK,
+    };
+    use cnpc_ir::*;
+    use cnpc_runtime_loader::testrun::{craft_ports, Kernel};
+    use std::net::IpAddr;
+    use std::os::fd::OwnedFd;
+
+    const SUBJECT: u32 = 400;
+    const PEER: u32 = 300;
+    const OTHER: u32 = 301;
+    /// In the ipcache, in no class of the table.
+    const STRANGER: u32 = 302;
+    const OK: u32 = TC_ACT_OK as u32;
+    const SHOT: u32 = TC_ACT_SHOT as u32;
+    const REDIRECT: u32 = TC_ACT_REDIRECT as u32;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Form {
+        LookedUp,
+        InCode,
+        InMap,
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn entries() -> Vec<(IpNet, NumericIdentity)> {
+        [
+            ("10.0.0.1/32", PEER),
+            ("fd00::1/128", PEER),
+            ("10.0.0.3/32", OTHER),
+            ("10.0.0.7/32", STRANGER),
+            ("10.0.0.2/32", SUBJECT),
+            ("fd00::2/128", SUBJECT),
+        ]
+        .map(|(net, id)| (net.parse().unwrap(), NumericIdentity(id)))
+        .to_vec()
+    }
+
+    /// Ingress: PEER on TCP 80, 1000-2000 (a range) and 8080 (proxied); OTHER denied on 80
+    /// and allowed on 81; the rest denied.
+    fn ingress() -> DecisionTable {
+        let row = |class, lo, hi, verdict| TableRow {
+            class,
+            protocol: Protocol::Tcp,
+            ports: PortRange { lo, hi },
+            verdict,
+        };
+        DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: vec![
+                IdentityClass {
+                    members: vec![NumericIdentity(PEER)],
+                },
+                IdentityClass {
+                    members: vec![NumericIdentity(OTHER)],
+                },
+            ],
+            rows: vec![
+                row(0, 80, 80, TableVerdict::Allow),
+                row(0, 1000, 2000, TableVerdict::Allow),
+                row(0, 8080, 8080, TableVerdict::Proxy(Vec::new())),
+                row(1, 80, 80, TableVerdict::Deny),
+                row(1, 81, 81, TableVerdict::Allow),
+            ],
+        }
+    }
+
+    /// Egress denies everything: replies pass only through conntrack.
+    fn egress() -> DecisionTable {
+        DecisionTable {
+            direction: Direction::Egress,
+            classes: Vec::new(),
+            rows: Vec::new(),
+            ..ingress()
+        }
+    }
+
+    fn generate(form: Form, t: &DecisionTable, hosts: &gen::HostAddresses) -> gen::Generated {
+        let inline = gen::Inline::new(hosts);
+        match form {
+            Form::LookedUp => gen::generate(t, true),
+            Form::InCode => gen::generate_inlined(t, true, &inline),
+            Form::InMap => gen::generate_inlined(
+                t,
+                true,
+                &gen::Inline {
+                    max_code_addresses: 0,
+                    ..inline
+                },
+            ),
+        }
+    }
+
+    fn load(kernel: &mut Kernel, g: &gen::Generated) -> Option<OwnedFd> {
+        match kernel.load_generated(g) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.to_string().contains("Operation not permitted") => {
+                sys::skip_or_fail(&format!("BPF_PROG_LOAD not permitted: {e}"));
+                None
+            }
+            Err(e) => panic!(
+                "rejected: {e}\n{}",
+                cnpc_codegen_bpf::disasm::listing(&g.program)
+            ),
+        }
+    }
+
+    fn field(e: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]])
+    }
+
+    /// The ct key of a connection, from the endpoint's side (gen::CT_MAP).
+    fn ct_key(local: IpAddr, peer: IpAddr, local_port: u16, peer_port: u16) -> Vec<u8> {
+        let bytes = |a: IpAddr| match a {
+            IpAddr::V4(v) => {
+                let mut b = v.octets().to_vec();
+                b.resize(16, 0);
+                b
+            }
+            IpAddr::V6(v) => v.octets().to_vec(),
+        };
+        let mut k = bytes(local);
+        k.extend(bytes(peer));
+        k.extend(local_port.to_be_bytes());
+        k.extend(peer_port.to_be_bytes());
+        k.extend([6, if local.is_ipv4() { 4 } else { 6 }, 0, 0]);
+        k
+    }
+
+    fn ct_value(opened_by: u32, flags: u32) -> Vec<u8> {
+        let mut v = opened_by.to_le_bytes().to_vec();
+        v.extend(flags.to_le_bytes());
+        v
+    }
+
+    /// (peer address, port, code, mark, opens a connection, its event: (peer, row, verdict)).
+    type Case = (&'static str, u16, u32, u32, bool, Option<(u32, u32, u8)>);
+
+    #[test]
+    fn every_form_decides_alike() {
+        for form in [Form::LookedUp, Form::InCode, Form::InMap] {
+            let mut entries = entries();
+            let Ok(mut kernel) = Kernel::new(&entries) else {
+                return sys::skip_or_fail("cannot create the maps");
+            };
+            kernel.set_proxy_device(7).unwrap();
+            let hosts = gen::HostAddresses::new(&entries);
+            let g = generate(form, &ingress(), &hosts);
+            let mut held: Vec<(IpAddr, u32)> = g.inlined.iter().map(|(a, i)| (*a, i.0)).collect();
+            held.sort();
+            let want: Vec<(IpAddr, u32)> = match form {
+                Form::LookedUp => Vec::new(),
+                _ => vec![
+                    (ip("10.0.0.1"), PEER),
+                    (ip("10.0.0.3"), OTHER),
+                    (ip("fd00::1"), PEER),
+                ],
+            };
+            assert_eq!(held, want, "{form:?}: the peers the table tells apart");
+            assert_eq!(
+                g.maps
+                    .iter()
+                    .any(|m| m.def.name.starts_with(gen::ADDRESS_MAP_PREFIX)),
+                form == Form::InMap
+            );
+            let Some(ing) = load(&mut kernel, &g) else {
+                return;
+            };
+            let Some(eg) = load(&mut kernel, &generate(form, &egress(), &hosts)) else {
+                return;
+            };
+            let mut ring = kernel.events().unwrap();
+            ring.drain();
+            let me4 = ip("10.0.0.2");
+            let cases: Vec<Case> = vec![
+                ("10.0.0.1", 80, OK, 0, true, Some((PEER, 0, 0))),
+                ("fd00::1", 80, OK, 0, true, Some((PEER, 0, 0))),
+                ("10.0.0.1", 81, SHOT, 0, false, Some((PEER, u32::MAX, 1))),
+                ("10.0.0.1", 1500, OK, 0, true, Some((PEER, 1, 0))),
+                ("10.0.0.1", 2001, SHOT, 0, false, Some((PEER, u32::MAX, 1))),
+                (
+                    "10.0.0.1",
+                    8080,
+                    REDIRECT,
+                    TO_PROXY_MARK as u32 | PEER,
+                    true,
+                    Some((PEER, 2, 2)),
+                ),
+                ("10.0.0.3", 80, SHOT, 0, false, Some((OTHER, 3, 1))),
+                ("10.0.0.3", 81, OK, 0, true, Some((OTHER, 4, 0))),
+                (
+                    "10.0.0.7",
+                    80,
+                    SHOT,
+                    0,
+                    false,
+                    Some((STRANGER, u32::MAX, 1)),
+                ),
+                (
+                    "10.9.9.9",
+                    80,
+                    SHOT,
+                    0,
+                    false,
+                    Some((gen::WORLD as u32, u32::MAX, 1)),
+                ),
+            ];
+            for (peer, port, code, mark, opens, event) in cases {
+                let peer = ip(peer);
+                let me = if peer.is_ipv4() { me4 } else { ip("fd00::2") };
+                let what = format!("{form:?}: {peer} -> {port}");
+                let packet = craft_ports(peer, me, Protocol::Tcp, 5555, port);
+                let out = kernel.run_keep(&ing, &packet).unwrap();
+                assert_eq!((out.code, out.mark), (code, mark), "{what}");
+                let conns = kernel.connections().unwrap();
+                assert_eq!(conns.len(), usize::from(opens), "{what}: conntrack");
+                if let Some((k, v)) = conns.first() {
+                    assert_eq!(k, &ct_key(me, peer, port, 5555), "{what}");
+                    assert_eq!(field(v, 0), CT_OPENED_BY_INGRESS, "{what}");
+                }
+                let got: Vec<(u32, u32, u8)> = ring
+                    .drain()
+                    .iter()
+                    .map(|e| {
+                        assert_eq!(field(e, event::SUBJECT), SUBJECT, "{what}");
+                        (
+                            field(e, event::PEER),
+                            field(e, event::ROW),
+                            e[event::VERDICT],
+                        )
+                    })
+                    .collect();
+                assert_eq!(got, Vec::from_iter(event), "{what}: events");
+                if opens && code == OK {
+                    // The reply passes through the egress program, which denies everything.
+                    let reply = craft_ports(me, peer, Protocol::Tcp, port, 5555);
+                    assert_eq!(kernel.run_keep(&eg, &reply).unwrap().code, OK, "{what}");
+                    // The connection's next packet: established, no event, no new entry.
+                    assert_eq!(kernel.run_keep(&ing, &packet).unwrap().code, code);
+                    assert!(ring.drain().is_empty(), "{what}: established");
+                    assert_eq!(kernel.connections().unwrap().len(), 1, "{what}");
+                }
+                kernel.forget_connections().unwrap();
+            }
+
+            let peer = ip("10.0.0.1");
+            let packet = |port| craft_ports(peer, me4, Protocol::Tcp, 5555, port);
+            // A connection handed to the proxy stays there though the table allows its port
+            // now; without the flag the table decides.
+            let key = ct_key(me4, peer, 80, 5555);
+            kernel
+                .insert_connection(&key, &ct_value(CT_OPENED_BY_INGRESS, CT_FLAG_PROXIED))
+                .unwrap();
+            let out = kernel.run_keep(&ing, &packet(80)).unwrap();
+            assert_eq!(
+                (out.code, out.mark),
+                (REDIRECT, TO_PROXY_MARK as u32 | PEER),
+                "{form:?}: proxied"
+            );
+            // A reply (the endpoint opened the connection) passes where the table denies.
+            let key81 = ct_key(me4, peer, 81, 5555);
+            assert_eq!(kernel.run_keep(&ing, &packet(81)).unwrap().code, SHOT);
+            kernel
+                .insert_connection(&key81, &ct_value(CT_OPENED_BY_EGRESS, 0))
+                .unwrap();
+            assert_eq!(
+                kernel.run_keep(&ing, &packet(81)).unwrap().code,
+                OK,
+                "{form:?}: a reply"
+            );
+            kernel.forget_connections().unwrap();
+            ring.drain();
+
+            // An address of PEER the ipcache learns after generation: looked up, allowed.
+            let late = ip("10.0.0.5");
+            kernel
+                .insert(IpNet::from(late), NumericIdentity(PEER))
+                .unwrap();
+            let out = kernel
+                .run(&ing, &craft_ports(late, me4, Protocol::Tcp, 5555, 80))
+                .unwrap();
+            assert_eq!(out.code, OK, "{form:?}: a late address");
+
+            // 10.0.0.1 becomes STRANGER's. A program holding its address decides it as PEER
+            // until it is generated again (the loader regenerates the programs whose
+            // `inlined` holds a changed address); the looked-up one follows the map at once.
+            kernel
+                .insert(IpNet::from(peer), NumericIdentity(STRANGER))
+                .unwrap();
+            let stale = kernel.run(&ing, &packet(80)).unwrap().code;
+            assert_eq!(stale, if form == Form::LookedUp { SHOT } else { OK });
+            entries.retain(|(n, _)| n.addr() != peer);
+            entries.push((IpNet::from(peer), NumericIdentity(STRANGER)));
+            let hosts = gen::HostAddresses::new(&entries);
+            let again = generate(form, &ingress(), &hosts);
+            assert!(again.inlined.iter().all(|(a, _)| *a != peer));
+            let Some(fresh) = load(&mut kernel, &again) else {
+                return;
+            };
+            assert_eq!(
+                kernel.run(&fresh, &packet(80)).unwrap().code,
+                SHOT,
+                "{form:?}: regenerated"
+            );
+        }
+    }
+}

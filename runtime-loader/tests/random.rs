@@ -50,19 +50,27 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
         proptest::collection::vec(policy_gen(), 0..4),
     );
     let mut packets = 0usize;
+    // Addresses the inlined forms held: they must hold some for the test to mean anything.
+    let mut inlined = 0usize;
     // Each form of decision the generator has, in turn: small random tables would otherwise
-    // never reach the binary-search and map forms.
+    // never reach the binary-search and map forms. The last two find the peers the tables tell
+    // apart by address (gen::generate_inlined), compared in code or in the address map (which
+    // small tables reach only when code is allowed no address).
     let forms = [
-        None,
-        Some(gen::Strategy::BinarySearch),
-        Some(gen::Strategy::Maps),
+        (None, None),
+        (Some(gen::Strategy::BinarySearch), None),
+        (Some(gen::Strategy::Maps), None),
+        (None, Some(gen::INLINE_MAX_ADDRESSES)),
+        (Some(gen::Strategy::Maps), Some(0)),
     ];
     for case in 0..cases {
         let form = forms[case as usize % forms.len()];
         let (pods, policies) = strategy.new_tree(&mut runner).expect("a value").current();
         let (program, cluster, yaml) = build(&pods, &policies);
         let compiler = TableCompiler::new(&program);
-        let mut kernel = match Kernel::new(&ipcache_entries(&program, &compiler.universe)) {
+        let entries = ipcache_entries(&program, &compiler.universe);
+        let hosts = gen::HostAddresses::new(&entries);
+        let mut kernel = match Kernel::new(&entries) {
             Ok(k) => k,
             Err(e) => return sys::skip_or_fail(&e.to_string()),
         };
@@ -76,9 +84,22 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
             let track = gen::needs_tracking(tables.iter().filter(|o| o.subject == t.subject));
             tracking.insert(t.subject, track);
             let generated = match form {
-                None => gen::generate(t, track),
-                Some(s) => gen::build(t, track, s),
+                (None, None) => gen::generate(t, track),
+                (Some(s), None) => gen::build(t, track, s),
+                (strategy, Some(max_code_addresses)) => {
+                    let inline = gen::Inline {
+                        max_code_addresses,
+                        ..gen::Inline::new(&hosts)
+                    };
+                    match strategy {
+                        None => gen::generate_inlined(t, track, &inline),
+                        Some(s) => gen::build_inlined(t, track, s, &inline),
+                    }
+                }
             };
+            if form.1.is_some() {
+                inlined += generated.inlined.len();
+            }
             match kernel.load_generated(&generated) {
                 Ok(fd) => {
                     programs.insert((t.subject, t.direction), fd);
@@ -176,6 +197,13 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
             }
         }
     }
-    eprintln!("{packets} packets over {cases} random policy sets agreed with the evaluator");
+    eprintln!(
+        "{packets} packets over {cases} random policy sets agreed with the evaluator \
+         ({inlined} peer addresses held by programs)"
+    );
+    assert!(
+        cases < 32 || inlined > 0,
+        "no program held a peer's address"
+    );
     assert!(cases < 32 || packets >= 100_000, "only {packets} packets");
 }
