@@ -54,16 +54,43 @@
 //! the ipcache's host addresses, [`HostAddresses`]) first looks for the peer's address among
 //! the addresses of the identities the table's rows name, and only a miss takes the lookup
 //! (the slow path: every other peer, the world, prefixes, learned names, addresses added after
-//! generation). Up to [`INLINE_MAX_ADDRESSES`] per family the addresses are compared in code
-//! (a binary-search tree of 32-bit compares over the address's words; a hit sets the identity
-//! and goes on to the decision); beyond, their single-port rows go into an address map
-//! (`adr_*`, key `u32 family, u8[16] address, u8 protocol, u8 zero, be16 port`, value `u32
-//! verdict, u32 row, u32 identity`, at most [`Inline::max_map_records`] records), whose hit is
-//! the verdict itself and whose miss (a range, a default, another peer) takes the lookup and
-//! the table's usual decision. Only host entries are held: the host map is read first, so an
-//! address found there has that identity whatever the fqdn map and the prefixes say, and
-//! holding it changes no answer. Everything after the identity (conntrack, proxies, events,
-//! which carry the identity the address has) is the same code.
+//! generation). Three forms, by the number of addresses:
+//! - up to [`INLINE_MAX_ADDRESSES`] per family the addresses are compared in code (a
+//!   binary-search tree of 32-bit compares over the address's words; a hit sets the identity
+//!   and goes on to the decision);
+//! - beyond, when they fall in at most [`INLINE_MAX_WINDOWS`] dense **address windows** per
+//!   family (pod CIDRs are dense: 10,000 pods of a /16 take one window), a slot array
+//!   indexed by the address's place in its window. Code compares the window: for IPv4 the
+//!   address (host order) minus the window's base, unsigned, below its length; for IPv6 the
+//!   first three 32-bit words equal, then the same on the last word. The slot (`adw_*`,
+//!   ARRAY, value `u32 identity, u32 class`, identity 0 for an address not held, which takes
+//!   the lookup) gives the identity and class, and a class array (`adc_*`, ARRAY, one record
+//!   per class) up to [`WINDOW_CLASS_ENTRIES`] of the class's port segments (protocol, range,
+//!   verdict, row; segments are disjoint, as [`DecisionTable::lookup`]'s first match makes
+//!   them), compared in code: a hit is the verdict, a miss the default when the record holds
+//!   every segment of the class, and otherwise the table's usual decision with the identity.
+//!   An ARRAY lookup costs no hashing: the verifier replaces the helper call by a bounds check
+//!   and an add (kernel/bpf/arraymap.c `array_map_gen_lookup`, called from
+//!   kernel/bpf/verifier.c `do_misc_fixups` for JITed programs), where a hash lookup hashes the
+//!   24-byte key (about 25-30 ns measured). The windows are the fewest that hold the
+//!   addresses in at most [`Inline::max_window_slots`] slots and at most
+//!   [`WINDOW_SLOTS_PER_ADDRESS`] slots per address (an array is allocated whole, 8 bytes a
+//!   slot: kernel/bpf/arraymap.c `array_map_alloc`; at that density it takes fewer bytes than
+//!   the address map's records would), cut at the widest gaps between addresses;
+//! - otherwise their single-port rows go into an address map (`adr_*`, HASH, key `u32 family,
+//!   u8[16] address, u8 protocol, u8 zero, be16 port`, value `u32 verdict, u32 row, u32
+//!   identity`, at most [`Inline::max_map_records`] records), whose hit is the verdict itself
+//!   and whose miss (a range, a default, another peer) takes the lookup and the table's usual
+//!   decision.
+//!
+//! Only host entries are held: the host map is read first, so an address found there has that
+//! identity whatever the fqdn map and the prefixes say, and holding it changes no answer. Each
+//! form gives an address held exactly that identity (a window's slot is the address's own: the
+//! window check refuses every other address, and each held address has one slot) and decides
+//! it as the table does for that identity: the class is the one the decision would find (the
+//! first holding the identity), and a verdict found in a slot, a class record or the address
+//! map is the one the table's first matching row gives. Everything after the identity
+//! (conntrack, proxies, events, which carry the identity the address has) is the same code.
 //!
 //! The program is thus valid for the host entries it was generated from
 //! ([`Generated::inlined`]): when an address it holds changes identity or leaves the host map,
@@ -954,10 +981,13 @@ pub struct Inline<'a> {
     pub hosts: &'a HostAddresses,
     /// Addresses per family up to which they are compared in code ([`INLINE_MAX_ADDRESSES`]).
     pub max_code_addresses: usize,
-    /// Records the address map may hold when the addresses are too many for code: one per
-    /// address and single port of its class ([`INLINE_MAX_MAP_RECORDS`]; 0: no address map,
-    /// those programs look every peer up).
+    /// Records the address map may hold when the addresses are too many for code and for
+    /// windows: one per address and single port of its class ([`INLINE_MAX_MAP_RECORDS`]; 0:
+    /// no address map, those programs look every peer up).
     pub max_map_records: usize,
+    /// Slots the address windows may take when the addresses are too many for code
+    /// ([`INLINE_MAX_WINDOW_SLOTS`]; 0: no windows, the address map is tried instead).
+    pub max_window_slots: usize,
 }
 
 impl<'a> Inline<'a> {
@@ -967,13 +997,14 @@ impl<'a> Inline<'a> {
             hosts,
             max_code_addresses: INLINE_MAX_ADDRESSES,
             max_map_records: INLINE_MAX_MAP_RECORDS,
+            max_window_slots: INLINE_MAX_WINDOW_SLOTS,
         }
     }
 }
 
 /// Addresses per family up to which known peers are compared in code (a search tree of at most
-/// seven levels); beyond, a table decided by maps puts them in its address map, and a table
-/// decided in code looks them up.
+/// seven levels); beyond, they go into address windows or, too sparse for windows, the address
+/// map (module doc, "Peers by address").
 pub const INLINE_MAX_ADDRESSES: usize = 64;
 /// The default of [`Inline::max_map_records`]: an address map's records cost about 100 bytes
 /// each in the kernel (key, value and hash-table element), so this bounds one program's map
@@ -981,6 +1012,25 @@ pub const INLINE_MAX_ADDRESSES: usize = 64;
 pub const INLINE_MAX_MAP_RECORDS: usize = 32_768;
 /// Name prefix of the address map ([`by_address`]).
 pub const ADDRESS_MAP_PREFIX: &str = "adr_";
+/// The default of [`Inline::max_window_slots`]: a slot is 8 bytes of an array map, so this
+/// bounds one program's address windows at 512 KiB (the kernel allocates an array whole:
+/// kernel/bpf/arraymap.c `array_map_alloc`).
+pub const INLINE_MAX_WINDOW_SLOTS: usize = 65_536;
+/// Address windows per family at most (each costs a subtraction and a compare per packet).
+pub const INLINE_MAX_WINDOWS: usize = 4;
+/// Slots per held address the windows may take at most: denser windows than one address in
+/// eight, so that they never take more bytes than the address map's records would (about 100
+/// bytes per address and port; a slot is 8).
+pub const WINDOW_SLOTS_PER_ADDRESS: usize = 8;
+/// Port segments of a class its record in the class array holds at most; a class with more
+/// is decided by the table's own decision for the ports its record does not hold.
+pub const WINDOW_CLASS_ENTRIES: usize = 4;
+/// Name prefixes of the address windows' slot array and class array ([`by_window`]).
+pub const ADDRESS_WINDOW_MAP_PREFIX: &str = "adw_";
+pub const ADDRESS_CLASS_MAP_PREFIX: &str = "adc_";
+/// Bytes of a class entry in the class array: `u16 lo, u16 hi, u8 protocol, u8 verdict, u16
+/// zero, u32 row`.
+const CLASS_ENTRY_BYTES: usize = 12;
 
 /// The peers of `table` found in `inline.hosts`: (address, identity, class) for every member
 /// of a class with rows, sorted by address. Other peers (the world, reserved identities,
@@ -1015,18 +1065,22 @@ fn address_words(ip: IpAddr) -> Vec<u32> {
         .collect()
 }
 
+/// What a form of finding peers by address reads and holds: its maps, and the addresses whose
+/// identity it holds ([`Generated::inlined`]).
+type HeldPeers = (Vec<MapImage>, Vec<(IpAddr, NumericIdentity)>);
+
 /// The fast path of [`generate_inlined`] (module doc, "Peers by address"), emitted before the
 /// ipcache lookup, which follows as the slow path: with the peer's address at KEY, either a
-/// search tree in code that jumps to `decide` with r1 = the identity the address has, or a
-/// lookup in the address map whose hit is the verdict itself. Anything else falls through.
-/// Returns the address map, if any, and the addresses held.
+/// search tree in code that jumps to `decide` with r1 = the identity the address has, address
+/// windows ([`by_window`]), or a lookup in the address map whose hit is the verdict itself.
+/// Anything else falls through. Returns the maps, if any, and the addresses held.
 fn by_address(
     a: &mut Asm,
     table: &DecisionTable,
     inline: &Inline,
     tails: &Tails,
     decide: Label,
-) -> (Vec<MapImage>, Vec<(IpAddr, NumericIdentity)>) {
+) -> HeldPeers {
     let peers = peers_by_address(table, inline.hosts);
     let (v4, v6): (Vec<_>, Vec<_>) = peers.iter().partition(|(ip, _, _)| ip.is_ipv4());
     if peers.is_empty() {
@@ -1074,8 +1128,12 @@ fn by_address(
             .collect();
         return (Vec::new(), held);
     }
-    // Too many addresses for code: an address map of the single ports (a port range is many
-    // ports: those packets take the lookup, as do ports no single-port row names).
+    // Too many addresses for code: address windows when the addresses are dense enough.
+    if let Some(found) = by_window(a, table, &peers, inline, tails, decide, slow) {
+        return found;
+    }
+    // Otherwise an address map of the single ports (a port range is many ports: those packets
+    // take the lookup, as do ports no single-port row names).
     let segments = segments(table);
     let mut singles: BTreeMap<u32, Vec<(Protocol, u16, &TableVerdict, usize)>> = BTreeMap::new();
     for ((class, proto), segs) in &segments {
@@ -1158,6 +1216,352 @@ fn by_address(
         value_layout: "u32 verdict (0 allow, 1 deny, 2 proxy), u32 row, u32 identity",
     };
     (vec![map], held)
+}
+
+/// A window of addresses held in the slot array of [`by_window`]: the addresses whose upper
+/// words are `upper` and whose last 32 bits (host order) are in `base .. base + len`, at slots
+/// `offset ..`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Window {
+    /// IPv6: the first three words as [`address_words`] gives them (compared in code); empty
+    /// for IPv4.
+    upper: Vec<u32>,
+    base: u32,
+    len: u32,
+    offset: u32,
+}
+
+/// An address as its window sees it: the upper words (IPv6 only) and the last 32 bits in host
+/// order (what the program computes with after a byte swap).
+fn window_parts(ip: IpAddr) -> (Vec<u32>, u32) {
+    match ip {
+        IpAddr::V4(v4) => (Vec::new(), u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            (
+                address_words(ip)[..3].to_vec(),
+                u32::from_be_bytes([o[12], o[13], o[14], o[15]]),
+            )
+        }
+    }
+}
+
+/// A window's (upper words, base, length) before it is placed in the slot array.
+type WindowSpan = (Vec<u32>, u32, u32);
+
+/// The fewest windows (at most `max` for these addresses of one family) that hold them all in
+/// at most `budget` slots, or `None`. Addresses with other upper words need windows of their
+/// own; beyond that the windows are cut at the widest gaps between consecutive addresses,
+/// which for a given number of windows leaves the fewest slots.
+fn address_windows(addrs: &[IpAddr], max: usize, budget: u64) -> Option<Vec<WindowSpan>> {
+    let mut groups: BTreeMap<Vec<u32>, Vec<u32>> = BTreeMap::new();
+    for ip in addrs {
+        let (upper, low) = window_parts(*ip);
+        groups.entry(upper).or_default().push(low);
+    }
+    if groups.len() > max {
+        return None;
+    }
+    let mut span: u64 = 0;
+    // (slots a cut saves, group, index of the address after the cut)
+    let mut gaps: Vec<(u64, usize, usize)> = Vec::new();
+    for (g, lows) in groups.values_mut().enumerate() {
+        lows.sort_unstable();
+        lows.dedup();
+        // Non-empty: each group holds the address it was made for.
+        span += u64::from(lows[lows.len() - 1] - lows[0]) + 1;
+        for (i, pair) in lows.windows(2).enumerate() {
+            let gap = u64::from(pair[1] - pair[0] - 1);
+            if gap > 0 {
+                gaps.push((gap, g, i + 1));
+            }
+        }
+    }
+    // Widest first; ties by position, so that the same addresses give the same windows.
+    gaps.sort_by(|x, y| y.0.cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    let mut cuts = 0;
+    while span > budget {
+        if groups.len() + cuts >= max || cuts >= gaps.len() {
+            return None;
+        }
+        span -= gaps[cuts].0;
+        cuts += 1;
+    }
+    let mut cut: Vec<(usize, usize)> = gaps[..cuts].iter().map(|&(_, g, i)| (g, i)).collect();
+    cut.sort_unstable();
+    let mut out = Vec::new();
+    for (g, (upper, lows)) in groups.into_iter().enumerate() {
+        let mut start = 0;
+        let ends = cut
+            .iter()
+            .filter(|(cg, _)| *cg == g)
+            .map(|(_, i)| *i)
+            .chain([lows.len()]);
+        for end in ends {
+            let (lo, hi) = (lows[start], lows[end - 1]);
+            // No overflow: the window's slots, hi - lo + 1, are within the span accepted
+            // above, at most `budget`, which callers keep at most u32::MAX.
+            out.push((upper.clone(), lo, hi - lo + 1));
+            start = end;
+        }
+    }
+    Some(out)
+}
+
+/// The address windows form of [`by_address`] (module doc, "Peers by address"), for tables
+/// whose held addresses fall in a few dense windows: a slot array indexed by the address's
+/// place in its window gives the address's identity and class (`adw_*`, ARRAY, key `u32
+/// slot`, value `u32 identity, u32 class`; identity 0: no address held there), and a class
+/// array (`adc_*`, ARRAY, key `u32 class`, value `u32 flags, K × {u16 lo, u16 hi, u8
+/// protocol, u8 verdict, u16 zero, u32 row}`) the class's port segments, compared in code;
+/// flag bit 0 says they are all of them, so a miss is the default. A class with more than
+/// [`WINDOW_CLASS_ENTRIES`] segments holds the first ones, and a miss goes on to the table's
+/// own decision with the identity. Array lookups are inlined by the verifier into a bounds
+/// check and an add (kernel/bpf/arraymap.c `array_map_gen_lookup`): no hashing.
+///
+/// Emits nothing and returns `None` when the addresses do not fit: more than
+/// [`INLINE_MAX_WINDOWS`] windows per family or more slots than [`Inline::max_window_slots`]
+/// or [`WINDOW_SLOTS_PER_ADDRESS`] per address would take.
+fn by_window(
+    a: &mut Asm,
+    table: &DecisionTable,
+    peers: &[(IpAddr, u32, u32)],
+    inline: &Inline,
+    tails: &Tails,
+    decide: Label,
+    slow: Label,
+) -> Option<HeldPeers> {
+    // Identity 0 marks an empty slot: such a peer (none in Cilium) is looked up.
+    let peers: Vec<&(IpAddr, u32, u32)> = peers.iter().filter(|p| p.1 != 0).collect();
+    if peers.is_empty() || inline.max_window_slots == 0 {
+        return None;
+    }
+    let budget = (inline.max_window_slots as u64)
+        .min((WINDOW_SLOTS_PER_ADDRESS * peers.len()) as u64)
+        .min(u64::from(u32::MAX));
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = peers.iter().map(|p| p.0).partition(IpAddr::is_ipv4);
+    let mut windows: [Vec<Window>; 2] = Default::default();
+    let mut used: u64 = 0;
+    for (family, addrs) in [v4, v6].iter().enumerate() {
+        if addrs.is_empty() {
+            continue;
+        }
+        for (upper, base, len) in address_windows(addrs, INLINE_MAX_WINDOWS, budget - used)? {
+            windows[family].push(Window {
+                upper,
+                base,
+                len,
+                // Below `budget`, itself at most u32::MAX.
+                offset: used as u32,
+            });
+            used += u64::from(len);
+        }
+    }
+    // The slots: the identity and class of each held address.
+    let mut slots: Vec<Record> = Vec::with_capacity(peers.len());
+    let mut held = Vec::with_capacity(peers.len());
+    for (ip, id, class) in &peers {
+        let (upper, low) = window_parts(*ip);
+        let family = usize::from(ip.is_ipv6());
+        // address_windows put every address in a window of its family.
+        let w = windows[family]
+            .iter()
+            .find(|w| w.upper == upper && low.wrapping_sub(w.base) < w.len)
+            .expect("every held address is in a window");
+        let slot = w.offset + (low - w.base);
+        let mut v = id.to_le_bytes().to_vec();
+        v.extend(class.to_le_bytes());
+        slots.push((slot.to_le_bytes().to_vec(), v));
+        held.push((*ip, NumericIdentity(*id)));
+    }
+    slots.sort();
+    // The classes: their port segments (every protocol), first K.
+    let segments = segments(table);
+    let mut of_class: BTreeMap<u32, Vec<(Protocol, Segment)>> = BTreeMap::new();
+    for ((class, proto), segs) in &segments {
+        of_class
+            .entry(*class)
+            .or_default()
+            .extend(segs.iter().map(|s| (*proto, *s)));
+    }
+    let classes_held: std::collections::BTreeSet<u32> = peers.iter().map(|p| p.2).collect();
+    let k = classes_held
+        .iter()
+        .map(|c| of_class.get(c).map_or(0, Vec::len))
+        .max()
+        .unwrap_or(0)
+        .clamp(1, WINDOW_CLASS_ENTRIES);
+    let mut classes: Vec<Record> = Vec::with_capacity(classes_held.len());
+    let (mut complete, mut partial) = (false, false);
+    for c in &classes_held {
+        let segs = of_class.get(c).map_or(&[][..], Vec::as_slice);
+        let whole = segs.len() <= k;
+        complete |= whole;
+        partial |= !whole;
+        let mut v = u32::from(whole).to_le_bytes().to_vec();
+        for j in 0..k {
+            match segs.get(j) {
+                Some((proto, s)) => {
+                    v.extend(s.lo.to_le_bytes());
+                    v.extend(s.hi.to_le_bytes());
+                    v.extend([
+                        ip_proto(*proto) as u8,
+                        verdict_code(&table.rows[s.row].verdict) as u8,
+                        0,
+                        0,
+                    ]);
+                    v.extend((s.row as u32).to_le_bytes());
+                }
+                // An empty entry: lo > hi, no port is in it.
+                None => {
+                    v.extend(u16::MAX.to_le_bytes());
+                    v.extend(0u16.to_le_bytes());
+                    v.extend([0; 8]);
+                }
+            }
+        }
+        classes.push((c.to_le_bytes().to_vec(), v));
+    }
+    let slot_map = content_name(&ADDRESS_WINDOW_MAP_PREFIX[..3], &slots);
+    let class_map = content_name(&ADDRESS_CLASS_MAP_PREFIX[..3], &classes);
+
+    // The address's slot: r1 = offset + (last 32 bits − base) of the window holding it.
+    let index = a.label();
+    let not_v4 = a.label();
+    a.load(Size::W, R1, R10, KEY + 4);
+    a.jump_if(Cond::Ne, R1, Src::Imm(4), not_v4);
+    let window_check = |a: &mut Asm, w: &Window, regs: &[Reg]| {
+        let next = a.label();
+        for (r, word) in regs.iter().zip(&w.upper) {
+            a.jump32_if(Cond::Ne, *r, Src::Imm(*word as i32), next);
+        }
+        // 32-bit arithmetic: below the base wraps to a large index, which the compare refuses.
+        a.mov(R1, Src::Reg(R2)).push(Insn::Alu {
+            op: AluOp::Sub,
+            wide: false,
+            dst: R1,
+            src: Src::Imm(w.base as i32),
+        });
+        a.jump32_if(Cond::Ge, R1, Src::Imm(w.len as i32), next);
+        if w.offset != 0 {
+            a.push(Insn::Alu {
+                op: AluOp::Add,
+                wide: false,
+                dst: R1,
+                src: Src::Imm(w.offset as i32),
+            });
+        }
+        a.goto(index);
+        a.bind(next);
+    };
+    if !windows[0].is_empty() {
+        a.load(Size::W, R2, R10, KEY + 8)
+            .push(Insn::ToBe { dst: R2, bits: 32 });
+        for w in &windows[0] {
+            window_check(a, w, &[]);
+        }
+    }
+    a.goto(slow);
+    a.bind(not_v4);
+    if !windows[1].is_empty() {
+        a.jump_if(Cond::Ne, R1, Src::Imm(6), slow);
+        a.load(Size::W, R2, R10, KEY + 20)
+            .push(Insn::ToBe { dst: R2, bits: 32 });
+        for (w, r) in [R3, R4, R5].into_iter().enumerate() {
+            a.load(Size::W, r, R10, KEY + 8 + 4 * w as i16);
+        }
+        for w in &windows[1] {
+            window_check(a, w, &[R3, R4, R5]);
+        }
+    }
+    a.goto(slow);
+
+    // The slot: an empty one (identity 0) is an address not held.
+    a.bind(index);
+    let lookup = |a: &mut Asm, map: &str| {
+        a.store(Size::W, R10, SCRATCH, Src::Reg(R1));
+        a.ld_map(R1, map);
+        a.mov(R2, Src::Reg(R10))
+            .alu(AluOp::Add, R2, Src::Imm(i32::from(SCRATCH)));
+        a.call(MAP_LOOKUP_ELEM);
+    };
+    lookup(a, &slot_map);
+    // Never null: the index is below the array's size (the verifier wants the check).
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), slow);
+    a.load(Size::W, R1, R0, 0);
+    a.jump_if(Cond::Eq, R1, Src::Imm(0), slow);
+    a.store(Size::W, R10, EVT + event::PEER as i16, Src::Reg(R1));
+    a.load(Size::W, R1, R0, 4);
+    lookup(a, &class_map);
+    // The identity's own decision: a port the class's record does not hold.
+    let known = a.label();
+    a.jump_if(Cond::Eq, R0, Src::Imm(0), known);
+    a.load(Size::W, R2, R10, PORT);
+    for j in 0..k {
+        let at = 4 + (CLASS_ENTRY_BYTES * j) as i16;
+        let next = a.label();
+        a.load(Size::B, R4, R0, at + 4);
+        a.jump_if(Cond::Ne, R4, Src::Reg(PROTO), next);
+        a.load(Size::H, R4, R0, at);
+        a.jump_if(Cond::Lt, R2, Src::Reg(R4), next);
+        a.load(Size::H, R4, R0, at + 2);
+        a.jump_if(Cond::Gt, R2, Src::Reg(R4), next);
+        a.load(Size::W, R3, R0, at + 8)
+            .load(Size::B, R1, R0, at + 5);
+        tails.dispatch(a);
+        a.bind(next);
+    }
+    // Known at generation time when every class is complete, or none is.
+    match (complete, partial) {
+        (true, true) => {
+            let default = a.label();
+            a.load(Size::W, R4, R0, 0);
+            a.jump_if(Cond::Set, R4, Src::Imm(1), default);
+            a.goto(known);
+            a.bind(default);
+            verdict_jump(a, tails, &table.default, None);
+        }
+        (true, false) => verdict_jump(a, tails, &table.default, None),
+        _ => {
+            a.goto(known);
+        }
+    }
+    a.bind(known);
+    a.load(Size::W, R1, R10, EVT + event::PEER as i16);
+    a.goto(decide);
+    a.bind(slow);
+    let maps = vec![
+        MapImage {
+            def: MapDef {
+                name: slot_map,
+                map_type: BPF_MAP_TYPE_ARRAY,
+                key_size: 4,
+                value_size: 8,
+                // At most the budget, itself at most u32::MAX.
+                max_entries: used as u32,
+                flags: 0,
+            },
+            records: slots,
+            key_layout: "u32 slot (window offset + address - window base)",
+            value_layout: "u32 identity (0: no address held), u32 class",
+        },
+        MapImage {
+            def: MapDef {
+                name: class_map,
+                map_type: BPF_MAP_TYPE_ARRAY,
+                key_size: 4,
+                value_size: (4 + CLASS_ENTRY_BYTES * k) as u32,
+                max_entries: table.classes.len() as u32,
+                flags: 0,
+            },
+            records: classes,
+            key_layout: "u32 class",
+            value_layout: "u32 flags (bit 0: the entries are all the class's segments), \
+                           entries of u16 lo, u16 hi, u8 protocol, u8 verdict (0 allow, 1 deny, \
+                           2 proxy), u16 zero, u32 row",
+        },
+    ];
+    Some((maps, held))
 }
 
 /// Emits `if address == key goto target` for each `(key, target)` of `keys` (sorted; a key is
@@ -2346,10 +2750,20 @@ mod tests {
                         let in_code = Inline::new(&hosts);
                         let in_map = Inline {
                             max_code_addresses: 0,
+                            max_window_slots: 0,
                             ..in_code
                         };
-                        let inlined = [(Strategy::Branches, in_code), (Strategy::Maps, in_map)]
-                            .map(|(s, i)| build_inlined(&table, track, s, &i));
+                        let in_window = Inline {
+                            max_code_addresses: 0,
+                            ..in_code
+                        };
+                        let inlined = [
+                            (Strategy::Branches, in_code),
+                            (Strategy::Maps, in_map),
+                            (Strategy::Maps, in_window),
+                            (Strategy::BinarySearch, in_window),
+                        ]
+                        .map(|(s, i)| build_inlined(&table, track, s, &i));
                         let plain = forms.map(|(strategy, keys)| match keys {
                             Some(k) => build_keyed(&table, track, strategy, k),
                             None => build(&table, track, strategy),
@@ -2371,14 +2785,14 @@ mod tests {
                                 assert_eq!(keys, asked, "the layout asked for");
                             }
                             // Rows name the members: the inlined forms hold their addresses,
-                            // in code or in the address map.
+                            // in code, in the address map or in windows.
                             if i >= 8 && !rows.is_empty() && strategy != Strategy::Constant {
                                 assert_eq!(g.inlined.len(), 3, "{i}");
-                                let map = g
-                                    .maps
-                                    .iter()
-                                    .any(|m| m.def.name.starts_with(ADDRESS_MAP_PREFIX));
-                                assert_eq!(map, i == 9);
+                                let has =
+                                    |prefix| g.maps.iter().any(|m| m.def.name.starts_with(prefix));
+                                assert_eq!(has(ADDRESS_MAP_PREFIX), i == 9);
+                                assert_eq!(has(ADDRESS_WINDOW_MAP_PREFIX), i >= 10);
+                                assert_eq!(has(ADDRESS_CLASS_MAP_PREFIX), i >= 10);
                             }
                             checked += 1;
                         }
@@ -2386,8 +2800,67 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 2 * 3 * 5 * 2 * 10);
+        assert_eq!(checked, 2 * 3 * 5 * 2 * 12);
         crate::check::check(&proxy_device_program()).expect("the proxy device program");
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter()
+            .map(|s| s.parse().expect("an address"))
+            .collect()
+    }
+
+    #[test]
+    fn windows_are_cut_at_the_widest_gaps_within_the_budget() {
+        let v4 = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.9", "10.0.1.0", "10.0.1.3"]);
+        let base = u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1));
+        // One window when the budget allows the whole span (10.0.0.1 ..= 10.0.1.3: 259).
+        assert_eq!(
+            address_windows(&v4, 4, 259),
+            Some(vec![(vec![], base, 259)])
+        );
+        // The widest gap (10.0.0.9 .. 10.0.1.0, 246 slots) goes first, then 10.0.0.2 .. 9.
+        assert_eq!(
+            address_windows(&v4, 4, 258),
+            Some(vec![(vec![], base, 9), (vec![], base + 255, 4)])
+        );
+        assert_eq!(
+            address_windows(&v4, 4, 12),
+            Some(vec![
+                (vec![], base, 2),
+                (vec![], base + 8, 1),
+                (vec![], base + 255, 4)
+            ])
+        );
+        // Four windows hold these five addresses in no fewer than 5 slots (2 + 1 + 1 + 1).
+        assert_eq!(address_windows(&v4, 4, 5).map(|w| w.len()), Some(4));
+        assert_eq!(address_windows(&v4, 4, 4), None);
+        assert_eq!(address_windows(&v4, 2, 12), None);
+        // IPv6: one window per upper 96 bits at least; the last 32 bits index.
+        let v6 = ips(&["fd00::1:0", "fd00::1:ffff", "fd01::7"]);
+        let upper = |ip: &str| address_words(ip.parse().expect("an address"))[..3].to_vec();
+        assert_eq!(
+            address_windows(&v6, 4, 65_537),
+            Some(vec![
+                (upper("fd00::"), 0x1_0000, 0x1_0000),
+                (upper("fd01::"), 7, 1)
+            ])
+        );
+        assert_eq!(address_windows(&v6, 1, 1 << 20), None);
+        assert_eq!(
+            address_windows(&v6, 4, 3),
+            Some(vec![
+                (upper("fd00::"), 0x1_0000, 1),
+                (upper("fd00::"), 0x1_ffff, 1),
+                (upper("fd01::"), 7, 1)
+            ])
+        );
+        // The whole IPv4 space is never one window: its span does not fit the slot count.
+        let ends = ips(&["0.0.0.0", "255.255.255.255"]);
+        assert_eq!(
+            address_windows(&ends, 4, u64::from(u32::MAX)),
+            Some(vec![(vec![], 0, 1), (vec![], u32::MAX, 1)])
+        );
     }
 
     /// A table of large classes with port ranges, single ports, overlapping deny and allow

@@ -3,8 +3,12 @@
 //! builds from one table:
 //! - `cnpc`: the specialised program, in the form the generator picks for the table's size,
 //!   given the ipcache's host addresses (`gen::generate_inlined`, as the loader generates): the
-//!   peers the table tells apart are found by address, in code or in the program's address map,
-//!   and only other peers take the ipcache lookup;
+//!   peers the table tells apart are found by address (`peers`: compared in code, or, for large
+//!   tables, in address windows: array lookups the verifier inlines), and only other peers take
+//!   the ipcache lookup;
+//! - `adr map`: the same with address windows refused (`max_window_slots` 0), so large tables
+//!   take the address map, a hash lookup whose hit is the verdict (the form before windows);
+//!   `-` where that is the `cnpc` program itself (addresses in code);
 //! - `looked-up`: the same table generated without the addresses (`gen::generate`, what
 //!   `cnpc compile` writes): every peer is looked up in the ipcache;
 //! - `base`: Cilium's way of looking policy up, hash lookups of (identity, port, protocol),
@@ -93,13 +97,15 @@ fn main() {
          packet of an established connection; {CLUSTER} peers in the ipcache"
     );
     println!(
-        "{:>6} {:>13} {:>6} {:>6} {:>7} {:>9} {:>6} {:>6} {:>10} {:>13} {:>15} {:>7}",
+        "{:>6} {:>13} {:>7} {:>6} {:>6} {:>7} {:>9} {:>7} {:>6} {:>6} {:>10} {:>13} {:>15} {:>7}",
         "rules",
         "decision",
+        "peers",
         "insns",
         "floor",
         "lookups",
         "looked-up",
+        "adr map",
         "cnpc",
         "base",
         "cnpc/floor",
@@ -133,6 +139,25 @@ fn main() {
             !specialised.inlined.is_empty(),
             "the benchmark's peers are decided by address"
         );
+        let has =
+            |g: &gen::Generated, prefix| g.maps.iter().any(|m| m.def.name.starts_with(prefix));
+        let peers = if has(&specialised, gen::ADDRESS_WINDOW_MAP_PREFIX) {
+            "windows"
+        } else if has(&specialised, gen::ADDRESS_MAP_PREFIX) {
+            "map"
+        } else {
+            "code"
+        };
+        let address_map = gen::generate_inlined(
+            &t,
+            true,
+            &gen::Inline {
+                max_window_slots: 0,
+                ..gen::Inline::new(&hosts)
+            },
+        );
+        // Only where it differs from `cnpc` (large tables).
+        let address_map = has(&address_map, gen::ADDRESS_MAP_PREFIX).then_some(address_map);
         let looked_up = gen::generate(&t, true);
         let baseline = gen::build(&t, true, Strategy::HashBaseline);
         let floor = gen::build(&t, true, Strategy::ParseOnly);
@@ -161,6 +186,13 @@ fn main() {
         ) else {
             return;
         };
+        let a = match &address_map {
+            Some(g) => match load(g) {
+                Some(fd) => Some(fd),
+                None => return,
+            },
+            None => None,
+        };
         // The middle peer, on its port: allowed by every program.
         let i = rules / 2;
         let packet = craft_ports(
@@ -170,29 +202,34 @@ fn main() {
             40000,
             port_of(i),
         );
-        for fd in [&s, &u, &b, &l] {
+        for fd in [&s, &u, &b, &l].into_iter().chain(&a) {
             // Opens the connection, so the timed runs take the established path.
             let out = kernel.run_keep(fd, &packet).expect("test run");
             assert!(out.allowed(), "the benchmark packet must be allowed");
         }
-        let mut times: [Vec<u32>; 5] = Default::default();
+        let mut times: [Vec<u32>; 6] = Default::default();
         for _ in 0..rounds {
-            for (k, fd) in [&f, &l, &u, &s, &b].into_iter().enumerate() {
+            let programs = [Some(&f), Some(&l), Some(&u), a.as_ref(), Some(&s), Some(&b)];
+            for (k, fd) in programs.into_iter().enumerate() {
+                let Some(fd) = fd else { continue };
                 let (code, _, ns) = sys::test_run_repeat(fd, &packet, repeat).expect("test run");
                 assert_eq!(code, gen::TC_ACT_OK as u32);
                 times[k].push(ns);
             }
         }
-        let [fm, lm, um, sm, bm] = times.map(median);
+        let am = (!times[3].is_empty()).then(|| median(times[3].clone()));
+        let [fm, lm, um, _, sm, bm] = times.map(|t| if t.is_empty() { 0.0 } else { median(t) });
         let growth = sm / *first.get_or_insert(sm);
         println!(
-            "{:>6} {:>13} {:>6} {:>6.0} {:>7.0} {:>9.0} {:>6.0} {:>6.0} {:>10.2} {:>13.2} {:>7.0}/{:<7.0} {:>6.2}x",
+            "{:>6} {:>13} {:>7} {:>6} {:>6.0} {:>7.0} {:>9.0} {:>7} {:>6.0} {:>6.0} {:>10.2} {:>13.2} {:>7.0}/{:<7.0} {:>6.2}x",
             rules,
             specialised.strategy.as_str(),
+            peers,
             specialised.program.slot_count(),
             fm,
             lm,
             um,
+            am.map_or("-".to_string(), |v| format!("{v:.0}")),
             sm,
             bm,
             sm / fm,

@@ -95,10 +95,22 @@ spec:
       rules: {dns: [{matchPattern: \"*\"}]}
 ";
 
+/// How the programs find the peers their tables tell apart: looked up (gen::generate), or by
+/// address (gen::generate_inlined, as the loader generates) within these bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Peers {
+    LookedUp,
+    /// The generator's default bounds: the example sets' tables are small, so in code.
+    ByAddress,
+    /// No address in code: address windows, which every example set's addresses fit.
+    InWindows,
+    /// Neither in code nor in windows: the address map.
+    InAddressMap,
+}
+
 /// Compiles, checks and loads every table of a policy set, with the peers its tables tell
-/// apart decided by address when `inline` (gen::generate_inlined, as the loader may
-/// generate); `None` when the kernel refuses us.
-fn load_set(source: &str, inline: bool) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> {
+/// apart found as `peers` says; `None` when the kernel refuses us.
+fn load_set(source: &str, peers: Peers) -> Option<(cnpc_ir::Program, Cluster, Loaded, usize)> {
     let mut set = if source.starts_with("policies/") {
         PolicySet::load(&[root().join(source)]).unwrap()
     } else {
@@ -138,14 +150,37 @@ fn load_set(source: &str, inline: bool) -> Option<(cnpc_ir::Program, Cluster, Lo
     let hosts = gen::HostAddresses::new(&entries);
     let mut programs = BTreeMap::new();
     let mut insns = 0;
-    // Peer addresses the programs hold (inline only).
-    let mut held = 0;
+    // Peer addresses the programs hold, and programs holding them in the form asked for.
+    let (mut held, mut in_form) = (0, 0);
     let tables = compiler.all(&program);
     for t in &tables {
         let track = gen::needs_tracking(tables.iter().filter(|o| o.subject == t.subject));
-        let loaded = if inline {
-            let g = gen::generate_inlined(t, track, &gen::Inline::new(&hosts));
+        let defaults = gen::Inline::new(&hosts);
+        let (inline, prefix) = match peers {
+            Peers::LookedUp => (None, None),
+            Peers::ByAddress => (Some(defaults), None),
+            Peers::InWindows => (
+                Some(gen::Inline {
+                    max_code_addresses: 0,
+                    ..defaults
+                }),
+                Some(gen::ADDRESS_WINDOW_MAP_PREFIX),
+            ),
+            Peers::InAddressMap => (
+                Some(gen::Inline {
+                    max_code_addresses: 0,
+                    max_window_slots: 0,
+                    ..defaults
+                }),
+                Some(gen::ADDRESS_MAP_PREFIX),
+            ),
+        };
+        let loaded = if let Some(inline) = inline {
+            let g = gen::generate_inlined(t, track, &inline);
             held += g.inlined.len();
+            in_form += usize::from(
+                prefix.is_some_and(|p| g.maps.iter().any(|m| m.def.name.starts_with(p))),
+            );
             insns += g.program.slot_count();
             kernel.load_generated(&g)
         } else {
@@ -167,8 +202,11 @@ fn load_set(source: &str, inline: bool) -> Option<(cnpc_ir::Program, Cluster, Lo
             ),
         }
     }
-    if inline {
+    if peers != Peers::LookedUp {
         assert!(held > 0, "no program holds a peer's address");
+    }
+    if matches!(peers, Peers::InWindows | Peers::InAddressMap) {
+        assert!(in_form > 0, "no program holds peers {peers:?}");
     }
     Some((
         program,
@@ -184,17 +222,25 @@ fn load_set(source: &str, inline: bool) -> Option<(cnpc_ir::Program, Cluster, Lo
 
 #[test]
 fn generated_programs_agree_with_the_evaluator_on_every_example_set() {
-    agree_on_every_example_set(false);
+    agree_on_every_example_set(Peers::LookedUp);
 }
 
 /// The same with the peers the tables tell apart decided by address, as the loader may
 /// generate programs (gen::generate_inlined).
 #[test]
 fn programs_holding_peer_addresses_agree_with_the_evaluator_on_every_example_set() {
-    agree_on_every_example_set(true);
+    agree_on_every_example_set(Peers::ByAddress);
 }
 
-fn agree_on_every_example_set(inline: bool) {
+/// The same with the peers' addresses in the forms large tables take: address windows, and
+/// the address map.
+#[test]
+fn programs_holding_peer_addresses_in_windows_or_a_map_agree_on_every_example_set() {
+    agree_on_every_example_set(Peers::InWindows);
+    agree_on_every_example_set(Peers::InAddressMap);
+}
+
+fn agree_on_every_example_set(peers: Peers) {
     let mut total = 0usize;
     for dir in [
         "policies/starwars-l4",
@@ -204,7 +250,7 @@ fn agree_on_every_example_set(inline: bool) {
         "policies/dns/match-pattern-443",
         WORLD_POLICIES,
     ] {
-        let Some((program, cluster, loaded, insns)) = load_set(dir, inline) else {
+        let Some((program, cluster, loaded, insns)) = load_set(dir, peers) else {
             return;
         };
         let mut parties: Vec<Party> = Vec::new();

@@ -1945,7 +1945,10 @@ mod by_address {
     enum Form {
         LookedUp,
         InCode,
+        /// The address map (windows refused).
         InMap,
+        /// Address windows.
+        InWindow,
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -2016,10 +2019,23 @@ mod by_address {
                 true,
                 &gen::Inline {
                     max_code_addresses: 0,
+                    max_window_slots: 0,
+                    ..inline
+                },
+            ),
+            Form::InWindow => gen::generate_inlined(
+                t,
+                true,
+                &gen::Inline {
+                    max_code_addresses: 0,
                     ..inline
                 },
             ),
         }
+    }
+
+    fn has_map(g: &gen::Generated, prefix: &str) -> bool {
+        g.maps.iter().any(|m| m.def.name.starts_with(prefix))
     }
 
     fn load(kernel: &mut Kernel, g: &gen::Generated) -> Option<OwnedFd> {
@@ -2069,7 +2085,7 @@ mod by_address {
 
     #[test]
     fn every_form_decides_alike() {
-        for form in [Form::LookedUp, Form::InCode, Form::InMap] {
+        for form in [Form::LookedUp, Form::InCode, Form::InMap, Form::InWindow] {
             let mut entries = entries();
             let Ok(mut kernel) = Kernel::new(&entries) else {
                 return sys::skip_or_fail("cannot create the maps");
@@ -2088,11 +2104,10 @@ mod by_address {
                 ],
             };
             assert_eq!(held, want, "{form:?}: the peers the table tells apart");
+            assert_eq!(has_map(&g, gen::ADDRESS_MAP_PREFIX), form == Form::InMap);
             assert_eq!(
-                g.maps
-                    .iter()
-                    .any(|m| m.def.name.starts_with(gen::ADDRESS_MAP_PREFIX)),
-                form == Form::InMap
+                has_map(&g, gen::ADDRESS_WINDOW_MAP_PREFIX),
+                form == Form::InWindow
             );
             let Some(ing) = load(&mut kernel, &g) else {
                 return;
@@ -2234,5 +2249,234 @@ mod by_address {
                 "{form:?}: regenerated"
             );
         }
+    }
+
+    /// Identities of the windows test: WIN + j is the j-th peer, each its own class.
+    const WIN: u32 = 500;
+    /// In the ipcache at the addresses just outside the windows, in no class of the table.
+    const OUTSIDE: u32 = 599;
+
+    /// The held peers of [`windows_index_exactly`]: (address, port its row allows). Two IPv4
+    /// windows 2,284 addresses apart (more than the windows' slot budget spans, so they are
+    /// cut apart) and two IPv6 windows whose last 32 bits are the same, under different upper
+    /// words.
+    fn window_peers() -> Vec<(IpAddr, u16)> {
+        let mut out = Vec::new();
+        // 10.1.0.10-20 without 15: an empty slot inside the window.
+        for j in 0..10u16 {
+            out.push((
+                ip(&format!("10.1.0.{}", 10 + j + u16::from(j >= 5))),
+                1000 + j,
+            ));
+        }
+        for j in 0..5u16 {
+            out.push((ip(&format!("10.1.9.{j}")), 2000 + j));
+        }
+        for j in 0..5u16 {
+            out.push((ip(&format!("fd00::a:{j}")), 4000 + j));
+            out.push((ip(&format!("fd00:0:0:1::a:{j}")), 5000 + j));
+        }
+        out
+    }
+
+    /// Each peer allowed on its own port; peer 1's port is proxied; peer 5 also has more
+    /// segments than a class record holds (gen::WINDOW_CLASS_ENTRIES): denied 6000-6002,
+    /// allowed 6010-6020, 6030, UDP 53 and SCTP 9, so some of its ports are decided past its
+    /// record.
+    fn window_table() -> DecisionTable {
+        let peers = window_peers();
+        let mut rows: Vec<TableRow> = peers
+            .iter()
+            .enumerate()
+            .map(|(j, (_, port))| TableRow {
+                class: j as u32,
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(*port),
+                verdict: if j == 1 {
+                    TableVerdict::Proxy(Vec::new())
+                } else {
+                    TableVerdict::Allow
+                },
+            })
+            .collect();
+        for (protocol, lo, hi, verdict) in [
+            (Protocol::Tcp, 6000, 6002, TableVerdict::Deny),
+            (Protocol::Tcp, 6010, 6020, TableVerdict::Allow),
+            (Protocol::Udp, 53, 53, TableVerdict::Allow),
+            (Protocol::Tcp, 6030, 6030, TableVerdict::Allow),
+            (Protocol::Sctp, 9, 9, TableVerdict::Allow),
+        ] {
+            rows.push(TableRow {
+                class: 5,
+                protocol,
+                ports: PortRange { lo, hi },
+                verdict,
+            });
+        }
+        DecisionTable {
+            subject: NumericIdentity(SUBJECT),
+            direction: Direction::Ingress,
+            default: TableVerdict::Deny,
+            classes: (0..peers.len() as u32)
+                .map(|j| IdentityClass {
+                    members: vec![NumericIdentity(WIN + j)],
+                })
+                .collect(),
+            rows,
+        }
+    }
+
+    /// An address's slot and a window's edges decide exactly: every held address (the first
+    /// and last of each window included) on every port of the table gets its own identity's
+    /// verdict, row and event; the addresses just outside each window and in a window's empty
+    /// slot (in the ipcache with another identity, so looked up), IPv6 addresses with a window's last 32 bits under other upper
+    /// words (each of the three changed), and the IPv4-looking IPv6 address get theirs. An index one off, a window one
+    /// longer, or an upper word not compared would give a neighbour's identity, and so a
+    /// neighbour's port, row or event. Forms compared: looked up, in code, the address map,
+    /// and windows with the decision in code and in maps.
+    #[test]
+    fn windows_index_exactly() {
+        let me4 = ip("10.0.0.2");
+        let me6 = ip("fd00::2");
+        let peers = window_peers();
+        let outside: Vec<IpAddr> = [
+            "10.1.0.9",
+            "10.1.0.15",
+            "10.1.0.21",
+            "10.1.8.255",
+            "10.1.9.5",
+            "fd00::9:ffff",
+            "fd00::a:5",
+            "fd00:0:0:2::a:0",
+            "fd00:0:0:1::a:5",
+            // A window's last 32 bits under the first and the third upper word changed.
+            "fd01::a:0",
+            "fd00::1:0:a:0",
+        ]
+        .map(ip)
+        .to_vec();
+        let mut entries: Vec<(IpNet, NumericIdentity)> = peers
+            .iter()
+            .enumerate()
+            .map(|(j, (a, _))| (IpNet::from(*a), NumericIdentity(WIN + j as u32)))
+            .chain(
+                outside
+                    .iter()
+                    .map(|a| (IpNet::from(*a), NumericIdentity(OUTSIDE))),
+            )
+            .collect();
+        entries.push((IpNet::from(me4), NumericIdentity(SUBJECT)));
+        entries.push((IpNet::from(me6), NumericIdentity(SUBJECT)));
+        let Ok(mut kernel) = Kernel::new(&entries) else {
+            return sys::skip_or_fail("cannot create the maps");
+        };
+        kernel.set_proxy_device(7).unwrap();
+        let hosts = gen::HostAddresses::new(&entries);
+        let table = window_table();
+        let windows = gen::Inline {
+            max_code_addresses: 0,
+            ..gen::Inline::new(&hosts)
+        };
+        let forms = [
+            ("looked up", generate(Form::LookedUp, &table, &hosts)),
+            ("in code", generate(Form::InCode, &table, &hosts)),
+            ("address map", generate(Form::InMap, &table, &hosts)),
+            ("windows", generate(Form::InWindow, &table, &hosts)),
+            (
+                "windows, maps",
+                gen::build_inlined(&table, true, gen::Strategy::Maps, &windows),
+            ),
+        ];
+        let win = &forms[3].1;
+        assert!(has_map(win, gen::ADDRESS_WINDOW_MAP_PREFIX));
+        assert_eq!(win.inlined.len(), peers.len(), "every peer is held");
+        // Two windows per family, 11 + 5 + 5 + 5 slots: the IPv4 ones were cut apart.
+        let slots = win
+            .maps
+            .iter()
+            .find(|m| m.def.name.starts_with(gen::ADDRESS_WINDOW_MAP_PREFIX))
+            .unwrap();
+        assert_eq!(slots.def.map_type, gen::BPF_MAP_TYPE_ARRAY);
+        assert_eq!(slots.def.max_entries, 26);
+        let mut ports: Vec<(Protocol, u16)> = peers
+            .iter()
+            .map(|(_, p)| (Protocol::Tcp, *p))
+            .chain([6000, 6002, 6003, 6009, 6010, 6020, 6021, 7].map(|p| (Protocol::Tcp, p)))
+            .collect();
+        ports.extend([
+            (Protocol::Tcp, 6030),
+            (Protocol::Sctp, 9),
+            (Protocol::Udp, 53),
+            (Protocol::Udp, 1005),
+            (Protocol::Icmp, 8),
+        ]);
+        let ipv4_looking = ip("::a01:a"); // 10.1.0.10's bits in an IPv6 address's last word
+        let addresses: Vec<(IpAddr, u32)> = peers
+            .iter()
+            .enumerate()
+            .map(|(j, (a, _))| (*a, WIN + j as u32))
+            .chain(outside.iter().map(|a| (*a, OUTSIDE)))
+            .chain([(ipv4_looking, gen::WORLD as u32)])
+            .collect();
+        let mut runs = 0;
+        for (name, g) in &forms {
+            let Some(prog) = load(&mut kernel, g) else {
+                return;
+            };
+            let mut ring = kernel.events().unwrap();
+            ring.drain();
+            for (peer, id) in &addresses {
+                for (protocol, port) in &ports {
+                    let me = if peer.is_ipv4() { me4 } else { me6 };
+                    let proto = if *protocol == Protocol::Icmp && peer.is_ipv6() {
+                        Protocol::Icmpv6
+                    } else {
+                        *protocol
+                    };
+                    let what = format!("{name}: {peer} -> {port}/{}", proto.as_str());
+                    let row = table.rows.iter().position(|r| {
+                        table.classes[r.class as usize]
+                            .members
+                            .contains(&NumericIdentity(*id))
+                            && r.protocol == proto
+                            && r.ports.contains(*port)
+                    });
+                    let verdict = row.map_or(&table.default, |r| &table.rows[r].verdict);
+                    let (code, mark, v) = match verdict {
+                        TableVerdict::Allow => (OK, 0, 0u8),
+                        TableVerdict::Deny => (SHOT, 0, 1),
+                        // Ingress TCP goes to the proxy device; anything else fails closed.
+                        TableVerdict::Proxy(_) if proto == Protocol::Tcp => {
+                            (REDIRECT, TO_PROXY_MARK as u32 | id, 2)
+                        }
+                        TableVerdict::Proxy(_) => (SHOT, TO_PROXY_MARK as u32 | id, 1),
+                    };
+                    let packet = craft_ports(*peer, me, proto, 5555, *port);
+                    let out = kernel.run(&prog, &packet).unwrap();
+                    assert_eq!((out.code, out.mark), (code, mark), "{what}");
+                    let events: Vec<(u32, u32, u8)> = ring
+                        .drain()
+                        .iter()
+                        .map(|e| {
+                            (
+                                field(e, event::PEER),
+                                field(e, event::ROW),
+                                e[event::VERDICT],
+                            )
+                        })
+                        .collect();
+                    let row = row.map_or(u32::MAX, |r| r as u32);
+                    // Untracked ICMP allowed: no connection opens, no event.
+                    let want = if v == 0 && matches!(proto, Protocol::Icmp | Protocol::Icmpv6) {
+                        vec![]
+                    } else {
+                        vec![(*id, row, v)]
+                    };
+                    assert_eq!(events, want, "{what}: events");
+                    runs += 1;
+                }
+            }
+        }
+        assert_eq!(runs, forms.len() * addresses.len() * ports.len());
     }
 }

@@ -1,8 +1,10 @@
 //! Verification ladder, rung (c), on random input: for random clusters and policy sets (the
 //! compiler's property-test generator, shared by path), every generated program loads, and every
 //! packet of every pair of parties, protocol and boundary port gets the reference evaluator's
-//! verdict in the kernel, over IPv4 and IPv6 and with every form of decision; a packet that opens a connection creates exactly
-//! one conntrack entry, and its reply passes. At least 100,000 packets per run.
+//! verdict in the kernel, over IPv4 and IPv6 and with every form of decision (and of finding
+//! peers by address: in code, the address map, address windows); a packet that opens a
+//! connection creates exactly one conntrack entry, and its reply passes. At least 100,000
+//! packets per run.
 
 #[path = "../../compiler/tests/common/mod.rs"]
 mod common;
@@ -52,16 +54,23 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
     let mut packets = 0usize;
     // Addresses the inlined forms held: they must hold some for the test to mean anything.
     let mut inlined = 0usize;
+    // Programs that held addresses in windows, and in the address map.
+    let (mut windowed, mut mapped) = (0usize, 0usize);
     // Each form of decision the generator has, in turn: small random tables would otherwise
-    // never reach the binary-search and map forms. The last two find the peers the tables tell
-    // apart by address (gen::generate_inlined), compared in code or in the address map (which
-    // small tables reach only when code is allowed no address).
+    // never reach the binary-search and map forms. The last four find the peers the tables
+    // tell apart by address (gen::generate_inlined): compared in code, in the address map, or
+    // in address windows (which small tables reach only when code is allowed no address; the
+    // address map only when windows are refused too). Inline bounds: (max_code_addresses,
+    // max_window_slots).
+    let windows = gen::INLINE_MAX_WINDOW_SLOTS;
     let forms = [
         (None, None),
         (Some(gen::Strategy::BinarySearch), None),
         (Some(gen::Strategy::Maps), None),
-        (None, Some(gen::INLINE_MAX_ADDRESSES)),
-        (Some(gen::Strategy::Maps), Some(0)),
+        (None, Some((gen::INLINE_MAX_ADDRESSES, windows))),
+        (Some(gen::Strategy::Maps), Some((0, 0))),
+        (None, Some((0, windows))),
+        (Some(gen::Strategy::Maps), Some((0, windows))),
     ];
     for case in 0..cases {
         let form = forms[case as usize % forms.len()];
@@ -86,9 +95,10 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
             let generated = match form {
                 (None, None) => gen::generate(t, track),
                 (Some(s), None) => gen::build(t, track, s),
-                (strategy, Some(max_code_addresses)) => {
+                (strategy, Some((max_code_addresses, max_window_slots))) => {
                     let inline = gen::Inline {
                         max_code_addresses,
+                        max_window_slots,
                         ..gen::Inline::new(&hosts)
                     };
                     match strategy {
@@ -99,6 +109,14 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
             };
             if form.1.is_some() {
                 inlined += generated.inlined.len();
+                let has = |prefix| {
+                    generated
+                        .maps
+                        .iter()
+                        .any(|m| m.def.name.starts_with(prefix))
+                };
+                windowed += usize::from(has(gen::ADDRESS_WINDOW_MAP_PREFIX));
+                mapped += usize::from(has(gen::ADDRESS_MAP_PREFIX));
             }
             match kernel.load_generated(&generated) {
                 Ok(fd) => {
@@ -199,11 +217,12 @@ fn random_policy_sets_agree_with_the_evaluator_in_the_kernel() {
     }
     eprintln!(
         "{packets} packets over {cases} random policy sets agreed with the evaluator \
-         ({inlined} peer addresses held by programs)"
+         ({inlined} peer addresses held by programs; {windowed} programs held them in \
+         address windows, {mapped} in the address map)"
     );
     assert!(
-        cases < 32 || inlined > 0,
-        "no program held a peer's address"
+        cases < 32 || (inlined > 0 && windowed > 0 && mapped > 0),
+        "no program held a peer's address in one of the forms"
     );
     assert!(cases < 32 || packets >= 100_000, "only {packets} packets");
 }
