@@ -114,6 +114,11 @@ impl Cluster {
 
     pub fn add_str(&mut self, sources: &mut SourceMap, path: &Path, text: &str) {
         let file = sources.add(path, text);
+        self.add_file(sources, file);
+    }
+
+    /// Adds the objects of a file already in `sources`.
+    fn add_file(&mut self, sources: &SourceMap, file: crate::source::FileId) {
         let source = sources.get(file).clone();
         match parse_documents(file, &source) {
             Err(e) => self.diagnostics.push(
@@ -131,6 +136,96 @@ impl Cluster {
                 }
             }
         }
+        self.join_slices();
+    }
+
+    /// [`Self::add_str`], reusing what `cache` parsed of the same objects before: a long-running
+    /// caller (the loader) reads the snapshot again whenever it changes, and re-parsing every
+    /// object for one pod's new label cost more than the rest of enforcing it (issue 12).
+    ///
+    /// A file is cut into chunks where YAML's own structure delimits objects: the items of a
+    /// `kind: List` document (`kubectl get -o yaml`), whose entries start with `- ` at column
+    /// 0 and continue on indented lines; an object inside an entry cannot reach past the next
+    /// line at column 0, which starts another entry or ends the sequence. Each chunk is parsed on its
+    /// own and kept under its text; the objects, diagnostics and their places are what parsing
+    /// the whole file gives (tested against [`Self::add_str`]). Anything else (several
+    /// documents, anchors and aliases, which can reach across entries, a chunk that does not
+    /// parse alone, or a skeleton that is not a List) is parsed whole, as `add_str` does.
+    /// Returns how many chunks were parsed this time (a file parsed whole counts as one).
+    pub fn add_str_cached(
+        &mut self,
+        sources: &mut SourceMap,
+        path: &Path,
+        text: &str,
+        cache: &mut SnapshotCache,
+    ) -> usize {
+        let Some(chunks) = list_items(text) else {
+            cache.chunks.clear();
+            self.add_str(sources, path, text);
+            return 1;
+        };
+        let file = sources.add(path, text);
+        let mut parsed = 0;
+        let mut kept: HashMap<Box<str>, Fragment> = HashMap::with_capacity(chunks.len());
+        let mut fragments = Vec::with_capacity(chunks.len());
+        for c in &chunks {
+            let body = &text[c.start..c.end];
+            let fragment = match kept.remove(body).or_else(|| cache.chunks.remove(body)) {
+                Some(f) => f,
+                None => match Fragment::parse(path, body) {
+                    Some(f) => {
+                        parsed += 1;
+                        f
+                    }
+                    None => {
+                        // Not an object on its own: the whole file's parse decides.
+                        cache.chunks.clear();
+                        self.add_file(sources, file);
+                        return 1;
+                    }
+                },
+            };
+            fragments.push(body);
+            kept.insert(body.into(), fragment);
+        }
+        for (c, body) in chunks.iter().zip(&fragments) {
+            let f = &kept[*body];
+            let shift = |span: Span| Span {
+                file,
+                start: span.start + c.start as u32,
+                end: span.end + c.start as u32,
+                line: span.line + c.line - 1,
+                ..span
+            };
+            self.namespaces.extend(f.objects.namespaces.iter().cloned());
+            self.nodes.extend(f.objects.nodes.iter().cloned());
+            self.services.extend(f.objects.services.iter().cloned());
+            self.slices.extend(f.objects.slices.iter().cloned());
+            self.workloads
+                .extend(f.objects.workloads.iter().map(|w| Workload {
+                    span: shift(w.span),
+                    ..w.clone()
+                }));
+            self.diagnostics
+                .extend(f.objects.diagnostics.iter().map(|d| {
+                    Diagnostic {
+                        span: shift(d.span),
+                        related: d
+                            .related
+                            .iter()
+                            .map(|(s, t)| (shift(*s), t.clone()))
+                            .collect(),
+                        ..d.clone()
+                    }
+                }));
+        }
+        cache.chunks = kept;
+        self.join_slices();
+        parsed
+    }
+
+    /// Gives each Service the addresses of its EndpointSlices.
+    fn join_slices(&mut self) {
         // Slices may come before or after their Service, in this file or another.
         for svc in &mut self.services {
             svc.backends = self
@@ -411,6 +506,95 @@ impl Cluster {
     }
 }
 
+/// What [`Cluster::add_str_cached`] kept of snapshot chunks, by their text.
+#[derive(Debug, Default)]
+pub struct SnapshotCache {
+    chunks: HashMap<Box<str>, Fragment>,
+}
+
+/// The objects of one chunk, with places counted from the chunk's first byte and line.
+#[derive(Debug)]
+struct Fragment {
+    objects: Cluster,
+}
+
+impl Fragment {
+    /// Parses one List entry (`- ...`) alone; `None` when it is not one entry that parses.
+    fn parse(path: &Path, body: &str) -> Option<Fragment> {
+        let mut sources = SourceMap::new();
+        let file = sources.add(path, body);
+        let docs = parse_documents(file, sources.get(file)).ok()?;
+        let [doc] = docs.as_slice() else { return None };
+        let NodeKind::Seq(items) = &doc.kind else {
+            return None;
+        };
+        let [item] = items.as_slice() else {
+            return None;
+        };
+        let mut objects = Cluster::default();
+        objects.add_object(item);
+        Some(Fragment { objects })
+    }
+}
+
+/// A chunk of a snapshot file: bytes `start..end`, beginning at column 0 of 1-based `line`.
+struct Chunk {
+    start: usize,
+    end: usize,
+    line: u32,
+}
+
+/// The entries of a file that is one `kind: List` document whose `items:` is a block sequence
+/// at column 0, or `None`. The rest of the file (the skeleton) must parse, without the entries,
+/// as one List document whose `items` is empty; entries must hold no anchors or aliases.
+fn list_items(text: &str) -> Option<Vec<Chunk>> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut skeleton = String::new();
+    // Before `items:`, inside the entries, after them.
+    let mut phase = 0;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let at = offset;
+        offset += line.len();
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if phase == 1 {
+            if bare.starts_with("- ") || bare == "-" {
+                chunks.push(Chunk {
+                    start: at,
+                    end: offset,
+                    line: i as u32 + 1,
+                });
+                continue;
+            }
+            if bare.is_empty() || bare.starts_with([' ', '#']) {
+                // Continues the current entry (or precedes the first: a comment or blank).
+                match chunks.last_mut() {
+                    Some(c) => c.end = offset,
+                    None => skeleton.push_str(line),
+                }
+                continue;
+            }
+            phase = 2;
+        }
+        if phase == 0 && bare == "items:" {
+            phase = 1;
+            skeleton.push_str("items: []\n");
+            continue;
+        }
+        skeleton.push_str(line);
+    }
+    if chunks.is_empty() || text.contains(['&', '*']) {
+        return None;
+    }
+    let mut sources = SourceMap::new();
+    let file = sources.add("skeleton", skeleton);
+    let docs = parse_documents(file, sources.get(file)).ok()?;
+    let [doc] = docs.as_slice() else { return None };
+    let kind = doc.get("kind").and_then(Node::as_str)?;
+    let empty = matches!(doc.get("items").map(|n| &n.kind), Some(NodeKind::Seq(v)) if v.is_empty());
+    (kind.ends_with("List") && empty).then_some(chunks)
+}
+
 fn seq(node: Option<&Node>) -> &[Node] {
     match node.map(|n| &n.kind) {
         Some(NodeKind::Seq(items)) => items,
@@ -464,4 +648,84 @@ fn service_account(pod_spec: Option<&Node>) -> String {
         .and_then(Node::as_str)
         .unwrap_or("default")
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What parsing `text` whole gives, and what the cached path gives with `cache` (and how
+    /// many chunks it parsed). Debug output compares every object, diagnostic and place.
+    fn both(text: &str, cache: &mut SnapshotCache) -> (String, String, usize) {
+        let path = Path::new("snapshot.yaml");
+        let mut whole = Cluster::default();
+        whole.add_str(&mut SourceMap::new(), path, text);
+        let mut cached = Cluster::default();
+        let parsed = cached.add_str_cached(&mut SourceMap::new(), path, text, cache);
+        (format!("{whole:#?}"), format!("{cached:#?}"), parsed)
+    }
+
+    /// A `kubectl get -o yaml` List: block entries, a trailer after the items, comments, blank
+    /// lines, a flow entry, an EndpointSlice before its Service, and a wrong-typed label
+    /// (a diagnostic whose place must be the whole file's).
+    const LIST: &str = "apiVersion: v1\nitems:\n# pods first\n- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: a\n    namespace: ns1\n    labels:\n      app: a\n  status:\n    podIPs:\n    - ip: 10.0.0.1\n\n- {apiVersion: v1, kind: Pod, metadata: {name: b, namespace: ns1, labels: {app: b}}, status: {podIPs: [{ip: 10.0.0.2}]}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: s-1\n    namespace: ns1\n    labels:\n      kubernetes.io/service-name: s\n  endpoints:\n  - addresses: [10.0.0.1]\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s, namespace: ns1}\n  spec:\n    selector: {app: a}\n    ports:\n    - {port: 80}\n- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: c\n    namespace: ns2\n    labels:\n      app: [not, a, string]\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: ns2, labels: {team: x}}\nkind: List\nmetadata:\n  resourceVersion: \"\"\n";
+
+    #[test]
+    fn cached_snapshot_equals_whole_parse_across_edits() {
+        let mut cache = SnapshotCache::default();
+        let (whole, cached, parsed) = both(LIST, &mut cache);
+        assert_eq!(whole, cached);
+        assert_eq!(parsed, 6, "every entry parsed the first time");
+        assert!(whole.contains("expected a string label value"));
+        // Nothing changed: nothing parsed.
+        let (whole, cached, parsed) = both(LIST, &mut cache);
+        assert_eq!((whole, parsed), (cached, 0));
+        // One entry's label changes (and grows the file): only it is parsed, and the places of
+        // every later entry and diagnostic move with it.
+        let edited = LIST.replace("labels: {app: b}", "labels: {app: b, canary: yes-indeed}");
+        assert_ne!(edited, LIST);
+        let (whole, cached, parsed) = both(&edited, &mut cache);
+        assert_eq!(whole, cached);
+        assert_eq!(parsed, 1);
+        // An entry removed and one added.
+        let edited = LIST.replace(
+            "- apiVersion: v1\n  kind: Namespace\n  metadata: {name: ns2, labels: {team: x}}\n",
+            "- {apiVersion: v1, kind: Node, metadata: {name: n1}, status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}}\n",
+        );
+        assert_ne!(edited, LIST);
+        let (whole, cached, parsed) = both(&edited, &mut cache);
+        assert_eq!(whole, cached);
+        // The new Node, and pod b as it was before the last edit.
+        assert_eq!(parsed, 2);
+        // CRLF line ends.
+        let (whole, cached, _) = both(&LIST.replace('\n', "\r\n"), &mut cache);
+        assert_eq!(whole, cached);
+        // The demo's snapshot.
+        let demo = std::fs::read_to_string("../policies/cluster.yaml").unwrap();
+        let (whole, cached, parsed) = both(&demo, &mut cache);
+        assert_eq!(whole, cached);
+        assert!(parsed > 10);
+    }
+
+    /// Files the cut cannot vouch for are parsed whole, with the same result: several
+    /// documents, anchors, a broken entry, a List whose items are indented, a mapping that is
+    /// not a List, and a line at column 0 that breaks an entry in two.
+    #[test]
+    fn what_cannot_be_cut_is_parsed_whole() {
+        let cases = [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\n".to_string(),
+            LIST.replace("labels:\n      app: a\n", "labels: &l\n      app: a\n").replace("{app: b}", "*l"),
+            LIST.replace("{app: b}", "{app: b"),
+            "kind: List\nitems:\n  - {kind: Pod, metadata: {name: a}}\n  - {kind: Pod, metadata: {name: b}}\n".to_string(),
+            "kind: Config\nitems:\n- {kind: Pod, metadata: {name: a}}\n".to_string(),
+            "kind: List\nitems:\n- {kind: Pod,\nmetadata: {name: a}}\n".to_string(),
+            LIST.replace("kind: List\n", "kind: List\n---\nkind: Pod\nmetadata: {name: z}\n"),
+        ];
+        for text in &cases {
+            let mut cache = SnapshotCache::default();
+            let (whole, cached, parsed) = both(text, &mut cache);
+            assert_eq!(whole, cached, "{text}");
+            assert_eq!(parsed, 1, "parsed whole: {text}");
+        }
+    }
 }

@@ -17,8 +17,10 @@
 //! generation and digest.
 //!
 //! A generation is applied in three phases. Load: the generation's own maps (ipcache, hosts,
-//! large tables' maps) are created and filled, and every program is checked and loaded against
-//! them; a failure here returns an error with nothing switched, so the last good generation
+//! large tables' maps) are created and filled (the ipcache maps of the previous generation
+//! serve again when their contents are the same: nothing writes them after creation), and
+//! every changed program is checked and loaded against them, on as many threads as there are
+//! CPUs; a failure here returns an error with nothing switched, so the last good generation
 //! keeps enforcing. Switch: each hook changes in one step, `BPF_LINK_UPDATE` of its link to the
 //! new program (a packet runs the old program or the new, never a mix; each program reads only
 //! the maps of its own generation); hooks new to this generation get a link created and pinned.
@@ -180,6 +182,60 @@ pub struct Loader {
     links: BTreeMap<String, Attachment>,
     /// The proxy policy last written (without its generation number).
     proxy_policy: Option<cnpc_ir::proxy::ProxyPolicy>,
+    /// The ipcache maps last made, under the digest of their contents: a generation whose
+    /// ipcache is the same (a policy edit that adds no CIDR) gives its programs these again
+    /// instead of filling new ones. Never written after creation, so sharing them between
+    /// generations changes nothing a program reads.
+    ipcache: Option<([u8; 32], BTreeMap<String, OwnedFd>)>,
+}
+
+/// Loads programs (digest, hook, bytes) into the kernel, on as many threads as there are CPUs:
+/// the verifier runs in the loading thread, and privileged loads are not serialised
+/// (kernel/bpf/verifier.c takes `bpf_verifier_lock` only for unprivileged ones), so a
+/// relabelled pod whose new identity changes every table's program waits for the slowest
+/// share, not the sum. Results are in the order given.
+fn load_all(programs: &[(String, String, Vec<u8>)]) -> Vec<Result<OwnedFd, String>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(programs.len());
+    if threads <= 1 {
+        return programs
+            .iter()
+            .map(|(_, _, code)| sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, code))
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<Result<OwnedFd, String>>> = (0..programs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<OwnedFd, String>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((_, _, code)) = programs.get(i) else {
+                            return mine;
+                        };
+                        mine.push((i, sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, code)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        out[i] = Some(r);
+    }
+    // Every index is taken by exactly one worker, which records its result: none is missing.
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("not loaded".into())))
+        .collect()
 }
 
 /// Opens the map pinned at `path`, or creates and pins it.
@@ -279,6 +335,7 @@ impl Loader {
             state,
             links,
             proxy_policy: None,
+            ipcache: None,
         })
     }
 
@@ -332,21 +389,23 @@ impl Loader {
         }
         // Phase 1: this generation's maps and programs.
         let (prefixes, hosts) = artifacts::ipcache_images(&g.ipcache);
-        let shared = gen::shared_maps(g.ipcache.len());
-        // Created when the first program needs loading: a generation that changes no hook
-        // creates nothing.
-        let mut maps: BTreeMap<String, OwnedFd> = BTreeMap::new();
         let mut ipcache_digest = Sha256::new();
         for (k, v) in prefixes.iter().chain(&hosts) {
             ipcache_digest.update(k);
             ipcache_digest.update(v);
         }
-        let ipcache_digest = ipcache_digest.finalize();
+        let ipcache_digest: [u8; 32] = ipcache_digest.finalize().into();
         let mut by_identity: BTreeMap<NumericIdentity, Vec<&DecisionTable>> = BTreeMap::new();
         for t in &g.tables {
             by_identity.entry(t.subject).or_default().push(t);
         }
-        let mut programs: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        // Programs find the peers their rows name by address (gen::generate_inlined), from this
+        // generation's host entries: the digest below covers them through the ipcache's, so a
+        // program whose held addresses change identity is generated and loaded again.
+        let hosts_by_identity = gen::HostAddresses::new(&g.ipcache);
+        let inline = gen::Inline::new(&hosts_by_identity);
+        // Every hook's program and digest first; the programs to load, once per digest.
+        let mut pending: BTreeMap<String, (String, gen::Generated)> = BTreeMap::new();
         let mut plan: Vec<(String, Direction, HookRecord, bool)> = Vec::new();
         for (e, interface) in &local {
             let tables = by_identity.get(&e.identity).cloned().unwrap_or_default();
@@ -368,7 +427,7 @@ impl Loader {
                         &allow_all
                     }
                 };
-                let generated = gen::generate(table, track);
+                let generated = gen::generate_inlined(table, track, &inline);
                 let mut digest = Sha256::new();
                 digest.update(generated.program.bytes());
                 for (slot, name) in &generated.program.map_relocs {
@@ -390,53 +449,9 @@ impl Loader {
                         .hooks
                         .get(&hook)
                         .is_some_and(|h| h.digest == digest);
-                if maps.is_empty() && !keep {
-                    for (name, records) in [(gen::IPCACHE_MAP, &prefixes), (gen::HOSTS_MAP, &hosts)]
-                    {
-                        let d = shared
-                            .iter()
-                            .find(|m| m.name == name)
-                            .expect("gen::shared_maps defines every shared map");
-                        let fd = sys::create_filled(d, records).map_err(map_error)?;
-                        maps.insert(name.to_string(), fd);
-                    }
-                }
-                if !keep && !programs.contains_key(&digest) {
-                    for m in &generated.maps {
-                        if maps.contains_key(&m.def.name) {
-                            continue;
-                        }
-                        let fd = sys::create_filled(&m.def, &m.records).map_err(map_error)?;
-                        maps.insert(m.def.name.clone(), fd);
-                    }
-                    let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
-                    let proxy_config = self.proxy_config.as_raw_fd();
-                    let fqdn = self.fqdn.as_raw_fd();
-                    let program = generated
-                        .program
-                        .with_map_fds(|name| match name {
-                            gen::CT_MAP => Some(ct),
-                            gen::EVENTS_MAP => Some(events),
-                            gen::PROXY_CONFIG_MAP => Some(proxy_config),
-                            gen::FQDN_MAP => Some(fqdn),
-                            _ => maps.get(name).map(|fd| fd.as_raw_fd()),
-                        })
-                        .ok_or_else(|| LoaderError::Rejected {
-                            hook: hook.clone(),
-                            reason: "a map reference cannot be resolved".into(),
-                        })?;
-                    check::check(&program).map_err(|errors| LoaderError::Rejected {
-                        hook: hook.clone(),
-                        reason: format!("cnpc's checker: {}", errors[0]),
-                    })?;
-                    let fd = sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, &program.bytes()).map_err(
-                        |reason| LoaderError::Rejected {
-                            hook: hook.clone(),
-                            reason,
-                        },
-                    )?;
-                    programs.insert(digest.clone(), fd);
-                    report.programs_loaded += 1;
+                let strategy = generated.strategy.as_str().into();
+                if !keep && !pending.contains_key(&digest) {
+                    pending.insert(digest.clone(), (hook.clone(), generated));
                 }
                 plan.push((
                     hook,
@@ -449,12 +464,58 @@ impl Loader {
                         labels: e.labels.clone(),
                         generation: report.generation,
                         digest,
-                        strategy: generated.strategy.as_str().into(),
+                        strategy,
                         attach: tcx(),
                     },
                     keep,
                 ));
             }
+        }
+        // The maps those programs read: the ipcache maps (the last generation's when their
+        // contents are the same, as after most policy edits), then each table's own.
+        let mut maps: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        if !pending.is_empty() {
+            maps = self.ipcache_maps(ipcache_digest, g.ipcache.len(), &prefixes, &hosts)?;
+        }
+        let mut to_load: Vec<(String, String, Vec<u8>)> = Vec::with_capacity(pending.len());
+        for (digest, (hook, generated)) in pending {
+            for m in &generated.maps {
+                if maps.contains_key(&m.def.name) {
+                    continue;
+                }
+                let fd = sys::create_filled(&m.def, &m.records).map_err(map_error)?;
+                maps.insert(m.def.name.clone(), fd);
+            }
+            let (ct, events) = (self.ct.as_raw_fd(), self.events.as_raw_fd());
+            let proxy_config = self.proxy_config.as_raw_fd();
+            let fqdn = self.fqdn.as_raw_fd();
+            let program = generated
+                .program
+                .with_map_fds(|name| match name {
+                    gen::CT_MAP => Some(ct),
+                    gen::EVENTS_MAP => Some(events),
+                    gen::PROXY_CONFIG_MAP => Some(proxy_config),
+                    gen::FQDN_MAP => Some(fqdn),
+                    _ => maps.get(name).map(|fd| fd.as_raw_fd()),
+                })
+                .ok_or_else(|| LoaderError::Rejected {
+                    hook: hook.clone(),
+                    reason: "a map reference cannot be resolved".into(),
+                })?;
+            check::check(&program).map_err(|errors| LoaderError::Rejected {
+                hook: hook.clone(),
+                reason: format!("cnpc's checker: {}", errors[0]),
+            })?;
+            to_load.push((digest, hook, program.bytes()));
+        }
+        let mut programs: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        for ((digest, hook, _), loaded) in to_load.iter().zip(load_all(&to_load)) {
+            let fd = loaded.map_err(|reason| LoaderError::Rejected {
+                hook: hook.clone(),
+                reason,
+            })?;
+            programs.insert(digest.clone(), fd);
+            report.programs_loaded += 1;
         }
         report.load_time = start.elapsed();
         // The proxies get the generation's L7 view before its programs switch in, so a
@@ -574,6 +635,47 @@ impl Loader {
         self.state.hooks = hooks;
         self.save()?;
         Ok(report)
+    }
+
+    /// The ipcache maps (prefixes, hosts) holding these contents: the last made when their
+    /// digest matches, otherwise new ones, filled.
+    fn ipcache_maps(
+        &mut self,
+        digest: [u8; 32],
+        entries: usize,
+        prefixes: &[gen::Record],
+        hosts: &[gen::Record],
+    ) -> Result<BTreeMap<String, OwnedFd>, LoaderError> {
+        let copy = |maps: &BTreeMap<String, OwnedFd>| -> Result<_, LoaderError> {
+            maps.iter()
+                .map(|(name, fd)| {
+                    let fd = fd
+                        .try_clone()
+                        .map_err(kernel(format!("cannot duplicate the {name} map")))?;
+                    Ok((name.clone(), fd))
+                })
+                .collect()
+        };
+        if let Some((d, maps)) = &self.ipcache {
+            if *d == digest {
+                return copy(maps);
+            }
+        }
+        // The old maps go first: their programs hold them as long as they run.
+        self.ipcache = None;
+        let shared = gen::shared_maps(entries);
+        let mut maps = BTreeMap::new();
+        for (name, records) in [(gen::IPCACHE_MAP, prefixes), (gen::HOSTS_MAP, hosts)] {
+            let d = shared
+                .iter()
+                .find(|m| m.name == name)
+                .expect("gen::shared_maps defines every shared map");
+            let fd = sys::create_filled(d, records).map_err(map_error)?;
+            maps.insert(name.to_string(), fd);
+        }
+        let out = copy(&maps)?;
+        self.ipcache = Some((digest, maps));
+        Ok(out)
     }
 
     /// Puts a deny-all program on both hooks of every interface in `interfaces` that has no
