@@ -1,12 +1,23 @@
 //! Lints: policies that Cilium accepts but that almost certainly do not do what their author
 //! meant. All are warnings; `cnpc check --deny-warnings` makes them fatal.
+//!
+//! Lints that relate rules to each other or to the cluster look candidates up in indexes
+//! rather than trying every pair: the rules that may cover a rule's endpoints (a DNS rule for
+//! toFQDNs, a deny rule shadowing an allow) by scope and by label ([`CoverIndex`]), and the
+//! workloads and nodes a selector may match by label ([`LabelIndex`]). Candidates are then
+//! judged by the same predicates as before, so the cost grows with the policies and workloads
+//! (and with what is reported), not with their products, and the diagnostics are the same, in
+//! the same order: `compiler/tests/lint_oracle.rs` keeps the quadratic implementation and
+//! compares the two on the corpus, the examples, the benchmark's set and random sets.
 
 use crate::ast::*;
 use crate::cluster::Cluster;
 use crate::diag::{Code, Diagnostic};
 use crate::labels::split_source;
+use crate::labels::{LabelSet, Selector};
 use crate::source::Span;
 use crate::vocab::{self, PortRef, Protocol};
+use rustc_hash::FxHashMap;
 use std::collections::BTreeSet;
 
 pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
@@ -23,18 +34,24 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
         })
         .collect();
     // Only rules with DNS proxy rules can cover a toFQDNs rule, and only rules with deny
-    // sections can shadow an allow: compare against those alone.
-    let dns_rules: Vec<&ScopedRule> = scoped
+    // sections can shadow an allow: index those alone, so each rule meets only the few that
+    // may cover its endpoints ([`CoverIndex`]) rather than all of them.
+    let dns_rules = CoverIndex::new(&scoped, |s| has_dns_rule(&s.rule.value));
+    let deny_rules = CoverIndex::new(&scoped, |s| {
+        s.rule.ingress_deny.is_some() || s.rule.egress_deny.is_some()
+    });
+    // Each deny rule's entries, worked out once rather than once per rule it covers.
+    let denies: FxHashMap<u32, Denies> = deny_rules
+        .members
         .iter()
-        .filter(|s| has_dns_rule(&s.rule.value))
+        .map(|&i| (i, Denies::of(&scoped[i as usize].rule.value)))
         .collect();
-    let deny_rules: Vec<&ScopedRule> = scoped
-        .iter()
-        .filter(|s| s.rule.ingress_deny.is_some() || s.rule.egress_deny.is_some())
-        .collect();
+    let mut covering = Vec::new();
     for sr in &scoped {
-        fqdn_without_dns(sr, &dns_rules, &mut out);
-        deny_shadows_allow(sr, &deny_rules, &mut out);
+        fqdn_without_dns(sr, &scoped, &dns_rules, &mut out);
+        covering.clear();
+        deny_rules.covering(&scoped, sr, &mut covering);
+        deny_shadows_allow(sr, &covering, &denies, &mut out);
         for sel in selectors_of(&sr.rule.value) {
             contradictory_selector(sel, &mut out);
             suspicious_keys(sel, &mut out);
@@ -43,16 +60,30 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
         namespace_overridden(sr, &mut out);
         l7_not_enforced(&sr.rule.value, &mut out);
     }
-    // Each endpoint's labels, built once: policies × workloads would otherwise rebuild them.
-    let endpoints: Vec<(&str, crate::labels::LabelSet)> = cluster.map_or_else(Vec::new, |c| {
-        c.workloads
+    // Each distinct endpoint's labels, built once and indexed: policies × workloads would
+    // otherwise rebuild and scan them.
+    let endpoints: Vec<(Option<&str>, LabelSet)> = cluster.map_or_else(Vec::new, |c| {
+        // Workloads of one namespace, service account and labels have the same security
+        // labels (`Cluster::security_labels`): one stands for all of them.
+        let mut seen = rustc_hash::FxHashSet::default();
+        let distinct: Vec<&crate::cluster::Workload> = c
+            .workloads
             .iter()
-            .map(|w| (w.namespace.as_str(), c.security_labels(w)))
+            .filter(|w| seen.insert((&w.namespace, &w.service_account, &w.labels)))
+            .collect();
+        distinct
+            .iter()
+            .map(|w| Some(w.namespace.as_str()))
+            .zip(c.security_labels_of(&distinct))
             .collect()
     });
-    let nodes: Vec<crate::labels::LabelSet> = cluster.map_or_else(Vec::new, |c| {
-        c.nodes.iter().map(|n| c.node_labels(n)).collect()
+    let nodes: Vec<(Option<&str>, LabelSet)> = cluster.map_or_else(Vec::new, |c| {
+        c.nodes.iter().map(|n| (None, c.node_labels(n))).collect()
     });
+    let population = Population {
+        endpoints: LabelIndex::new(&endpoints),
+        nodes: LabelIndex::new(&nodes),
+    };
     for p in policies {
         if let PolicyBody::Kubernetes { spec: Some(spec) } = &p.body {
             np_cidrs_meaning_world(spec, &mut out);
@@ -61,7 +92,7 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
             }
         }
         if cluster.is_some() {
-            selects_nothing(p, &endpoints, &nodes, &mut out);
+            selects_nothing(p, &population, &mut out);
         }
     }
     out
@@ -187,6 +218,139 @@ fn covers_endpoints(a: &ScopedRule, b: &ScopedRule) -> bool {
     }
 }
 
+/// Rules that may cover the endpoints of others ([`covers_endpoints`]), indexed by what a
+/// covering rule `a` must share with a covered rule `b`:
+/// - its scope: cluster-wide, or `b`'s namespace;
+/// - when both selectors are plain labels, `a`'s labels are a subset of `b`'s, so `a`'s rarest
+///   label (its anchor) is one of `b`'s, or `a` has none;
+/// - otherwise the selectors are equal, spans included (`Spanned`'s equality), so neither is
+///   plain and their first matchExpressions entries are written at the same place. (A plain
+///   selector has no matchExpressions entry, so it never equals one that has some.)
+///
+/// A rule is listed once, under its scope and its anchor or first entry's place; candidates
+/// are then checked by [`covers_endpoints`] itself, so the index only narrows, never decides.
+struct CoverIndex<'s> {
+    /// Positions in the scoped rules, ascending.
+    members: Vec<u32>,
+    by_scope: FxHashMap<Option<&'s str>, ScopeIndex<'s>>,
+}
+
+#[derive(Default)]
+struct ScopeIndex<'s> {
+    /// Plain selectors without labels: they cover every plain selector in scope.
+    unlabelled: Vec<u32>,
+    /// Plain selectors by their anchor: key (without source), then value.
+    by_anchor: FxHashMap<&'s str, FxHashMap<&'s str, Vec<u32>>>,
+    /// Selectors with matchExpressions, by the place of their first entry.
+    by_expression: FxHashMap<Span, Vec<u32>>,
+}
+
+impl<'s> CoverIndex<'s> {
+    fn new(scoped: &'s [ScopedRule<'s>], include: impl Fn(&ScopedRule) -> bool) -> Self {
+        let members: Vec<u32> = (0..scoped.len() as u32)
+            .filter(|&i| include(&scoped[i as usize]))
+            .collect();
+        // How often each label appears among the members: a rule is anchored at its rarest,
+        // so a lookup by a common label (a namespace, a tier) meets few rules.
+        let mut frequency: FxHashMap<(&str, &str), u32> = FxHashMap::default();
+        for &i in &members {
+            for (k, v) in scoped[i as usize].labels.iter().flatten() {
+                *frequency.entry((k.as_str(), v.as_str())).or_default() += 1;
+            }
+        }
+        let mut by_scope: FxHashMap<Option<&str>, ScopeIndex> = FxHashMap::default();
+        for &i in &members {
+            let sr = &scoped[i as usize];
+            let Some(sel) = &sr.rule.value.endpoint_selector else {
+                // Without an endpoint selector a rule covers nothing.
+                continue;
+            };
+            let at = by_scope.entry(sr.ns.as_deref()).or_default();
+            match &sr.labels {
+                Some(labels) => {
+                    let anchor = labels
+                        .iter()
+                        .min_by_key(|(k, v)| frequency.get(&(k.as_str(), v.as_str())));
+                    match anchor {
+                        None => at.unlabelled.push(i),
+                        Some((k, v)) => at
+                            .by_anchor
+                            .entry(k.as_str())
+                            .or_default()
+                            .entry(v.as_str())
+                            .or_default()
+                            .push(i),
+                    }
+                }
+                None => {
+                    if let Some(first) = first_expression(&sel.value) {
+                        at.by_expression.entry(first).or_default().push(i);
+                    }
+                }
+            }
+        }
+        CoverIndex { members, by_scope }
+    }
+
+    /// Calls `found` with the position of each candidate that may cover `b`'s endpoints, each
+    /// once, in no particular order, until it returns `true`; whether one did.
+    fn candidates(&self, b: &ScopedRule, mut found: impl FnMut(u32) -> bool) -> bool {
+        let Some(sel) = &b.rule.value.endpoint_selector else {
+            return false;
+        };
+        // Cluster-wide rules, and rules of `b`'s namespace when it has one.
+        let scopes = [Some(None), b.ns.as_deref().map(Some)];
+        for scope in scopes.into_iter().flatten() {
+            let Some(at) = self.by_scope.get(&scope) else {
+                continue;
+            };
+            let hit = match &b.labels {
+                Some(labels) => {
+                    at.unlabelled.iter().any(|&i| found(i))
+                        || labels.iter().any(|(k, v)| {
+                            at.by_anchor
+                                .get(k.as_str())
+                                .and_then(|values| values.get(v.as_str()))
+                                .is_some_and(|list| list.iter().any(|&i| found(i)))
+                        })
+                }
+                None => first_expression(&sel.value)
+                    .and_then(|first| at.by_expression.get(&first))
+                    .is_some_and(|list| list.iter().any(|&i| found(i))),
+            };
+            if hit {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Positions of the members that cover `b`'s endpoints, ascending (the order in which the
+    /// rules were written), appended to `out`.
+    fn covering(&self, scoped: &[ScopedRule], b: &ScopedRule, out: &mut Vec<u32>) {
+        self.candidates(b, |i| {
+            if covers_endpoints(&scoped[i as usize], b) {
+                out.push(i);
+            }
+            false
+        });
+        out.sort_unstable();
+    }
+
+    /// Whether a member covers `b`'s endpoints.
+    fn any_covering(&self, scoped: &[ScopedRule], b: &ScopedRule) -> bool {
+        self.candidates(b, |i| covers_endpoints(&scoped[i as usize], b))
+    }
+}
+
+/// Where a selector's first matchExpressions entry is written, if it has one.
+fn first_expression(sel: &LabelSelector) -> Option<Span> {
+    sel.match_expressions
+        .as_ref()
+        .and_then(|e| e.first())
+        .map(|r| r.span)
+}
+
 fn has_dns_rule(r: &Rule) -> bool {
     r.egress.iter().flat_map(|l| l.value.iter()).any(|e| {
         e.to_ports
@@ -199,12 +363,20 @@ fn has_dns_rule(r: &Rule) -> bool {
 /// Cilium learns toFQDNs addresses only from DNS answers its DNS proxy sees, and the proxy sees
 /// a lookup only when an egress rule with a `dns` L7 rule covers it (docs: "DNS based" policy,
 /// "the DNS proxy must be in the path"). Without one the FQDN rule never allows anything.
-fn fqdn_without_dns(sr: &ScopedRule, dns_rules: &[&ScopedRule], out: &mut Vec<Diagnostic>) {
+fn fqdn_without_dns(
+    sr: &ScopedRule,
+    scoped: &[ScopedRule],
+    dns_rules: &CoverIndex,
+    out: &mut Vec<Diagnostic>,
+) {
+    // Whether a DNS rule covers these endpoints: the same for every egress entry, so asked
+    // once, and only of a rule that has toFQDNs.
+    let mut covered: Option<bool> = None;
     for e in sr.rule.egress.iter().flat_map(|l| l.value.iter()) {
         let Some(fqdns) = e.to_fqdns.as_ref().filter(|f| !f.value.is_empty()) else {
             continue;
         };
-        let covered = dns_rules.iter().any(|other| covers_endpoints(other, sr));
+        let covered = *covered.get_or_insert_with(|| dns_rules.any_covering(scoped, sr));
         if !covered {
             out.push(
                 Diagnostic::new(
@@ -264,6 +436,21 @@ fn selectors_of(r: &Rule) -> Vec<&Spanned<LabelSelector>> {
 /// A selector whose requirements contradict each other selects nothing.
 fn contradictory_selector(sel: &Spanned<LabelSelector>, out: &mut Vec<Diagnostic>) {
     use std::collections::BTreeMap;
+    // Most selectors are matchLabels alone, each key (without source) once: every key then
+    // has one allowed value and must exist, which contradicts nothing. Said without building
+    // the requirements below.
+    let no_expressions = sel.match_expressions.as_ref().is_none_or(|e| e.is_empty());
+    if no_expressions {
+        let labels = sel
+            .match_labels
+            .as_ref()
+            .map_or(&[][..], |m| &m.value.0[..]);
+        let key = |i: usize| split_source(&labels[i].0.value).1;
+        let distinct = (0..labels.len()).all(|i| (0..i).all(|j| key(j) != key(i)));
+        if distinct {
+            return;
+        }
+    }
     #[derive(Default)]
     struct KeyReq {
         allowed: Option<BTreeSet<String>>,
@@ -657,7 +844,50 @@ fn has_icmps(i: &Option<Spanned<List<IcmpRule>>>) -> bool {
     i.as_ref().is_some_and(|l| !l.value.is_empty())
 }
 
-fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec<Diagnostic>) {
+/// A deny rule's entries, as [`Entry`]s by direction.
+struct Denies {
+    ingress: Vec<Entry>,
+    egress: Vec<Entry>,
+}
+
+impl Denies {
+    fn of(o: &Rule) -> Denies {
+        Denies {
+            ingress: o
+                .ingress_deny
+                .iter()
+                .flat_map(|l| l.value.iter())
+                .map(|d| Entry {
+                    peers: ingress_peers(&d.peers, crate::ast::has_l4(&d.to_ports, &d.icmps)),
+                    ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
+                    span: d.span,
+                })
+                .collect(),
+            egress: o
+                .egress_deny
+                .iter()
+                .flat_map(|l| l.value.iter())
+                .map(|d| Entry {
+                    peers: egress_peers(&d.peers, None, crate::ast::has_l4(&d.to_ports, &d.icmps)),
+                    ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
+                    span: d.span,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `covering`: the positions of the deny rules that cover `sr`'s endpoints, in the order they
+/// were written ([`CoverIndex::covering`]); `denies`: each deny rule's entries by position.
+fn deny_shadows_allow(
+    sr: &ScopedRule,
+    covering: &[u32],
+    denies: &FxHashMap<u32, Denies>,
+    out: &mut Vec<Diagnostic>,
+) {
+    if covering.is_empty() {
+        return;
+    }
     let r = &sr.rule.value;
     let allows_in: Vec<Entry> = r
         .ingress
@@ -687,29 +917,15 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
         return;
     }
     // Deny rules of any rule that selects at least the same endpoints apply to these allows.
-    for other in deny_rules.iter().filter(|o| covers_endpoints(o, sr)) {
-        let o = &other.rule.value;
-        let denies_in = o
-            .ingress_deny
-            .iter()
-            .flat_map(|l| l.value.iter())
-            .map(|d| Entry {
-                peers: ingress_peers(&d.peers, crate::ast::has_l4(&d.to_ports, &d.icmps)),
-                ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
-                span: d.span,
-            });
-        let denies_out = o
-            .egress_deny
-            .iter()
-            .flat_map(|l| l.value.iter())
-            .map(|d| Entry {
-                peers: egress_peers(&d.peers, None, crate::ast::has_l4(&d.to_ports, &d.icmps)),
-                ports: deny_ports(d.to_ports.as_ref(), has_icmps(&d.icmps)),
-                span: d.span,
-            });
+    for other in covering {
+        let Some(o) = denies.get(other) else {
+            // Every member of the deny index has its entries; a position without would be a
+            // rule without deny sections, which shadows nothing.
+            continue;
+        };
         for (denies, allows, dir) in [
-            (denies_in.collect::<Vec<_>>(), &allows_in, "ingress"),
-            (denies_out.collect(), &allows_out, "egress"),
+            (&o.ingress, &allows_in, "ingress"),
+            (&o.egress, &allows_out, "egress"),
         ] {
             for a in allows {
                 if let Some(d) = denies
@@ -731,13 +947,71 @@ fn deny_shadows_allow(sr: &ScopedRule, deny_rules: &[&ScopedRule], out: &mut Vec
 
 // ---------------------------------------------------------------------------------------------
 
-/// `endpoints`: each workload's namespace and security labels; `node_labels`: each node's.
-fn selects_nothing(
-    p: &Policy,
-    endpoints: &[(&str, crate::labels::LabelSet)],
-    node_labels: &[crate::labels::LabelSet],
-    out: &mut Vec<Diagnostic>,
-) {
+/// Label sets (of workloads, with their namespace, or of nodes) indexed by key (without
+/// source) and value, so that whether a selector matches one of them is answered from the
+/// sets holding its rarest `In` value rather than by trying every set.
+struct LabelIndex<'c> {
+    sets: &'c [(Option<&'c str>, LabelSet)],
+    by_kv: FxHashMap<&'c str, FxHashMap<&'c str, Vec<u32>>>,
+}
+
+impl<'c> LabelIndex<'c> {
+    fn new(sets: &'c [(Option<&'c str>, LabelSet)]) -> LabelIndex<'c> {
+        let mut by_kv: FxHashMap<&str, FxHashMap<&str, Vec<u32>>> = FxHashMap::default();
+        for (i, (_, labels)) in sets.iter().enumerate() {
+            for (k, (_, v)) in &labels.0 {
+                by_kv
+                    .entry(k.as_str())
+                    .or_default()
+                    .entry(v.as_str())
+                    .or_default()
+                    .push(i as u32);
+            }
+        }
+        LabelIndex { sets, by_kv }
+    }
+
+    /// The sets holding one of an `In` requirement's values, list by list.
+    fn holding<'a>(
+        &'a self,
+        (key, _, values): &'a (String, crate::labels::Operator, Vec<String>),
+    ) -> impl Iterator<Item = &'a Vec<u32>> + 'a {
+        let by_value = self.by_kv.get(split_source(key).1);
+        values
+            .iter()
+            .filter_map(move |v| by_value.and_then(|m| m.get(v.as_str())))
+    }
+
+    /// Whether `selector` matches a set (of namespace `ns`, when given). A set it matches
+    /// holds, for each `In` requirement, the requirement's key with one of its values (a
+    /// label set has one value per key, whatever the source): the sets under the requirement
+    /// with the fewest are the only candidates, each checked in full.
+    fn any_match(&self, selector: &Selector, ns: Option<&str>) -> bool {
+        let narrowest = selector
+            .requirements
+            .iter()
+            .filter(|(_, op, _)| *op == crate::labels::Operator::In)
+            .min_by_key(|r| self.holding(r).map(Vec::len).sum::<usize>());
+        let fits = |i: u32| {
+            let (n, labels) = &self.sets[i as usize];
+            ns.is_none_or(|want| *n == Some(want)) && selector.matches(labels)
+        };
+        match narrowest {
+            Some(r) => self.holding(r).any(|l| l.iter().any(|&i| fits(i))),
+            None => (0..self.sets.len() as u32).any(fits),
+        }
+    }
+}
+
+/// The cluster as the selects-nothing lint looks at it.
+struct Population<'c> {
+    /// Each distinct workload's namespace and security labels.
+    endpoints: LabelIndex<'c>,
+    /// Each node's labels.
+    nodes: LabelIndex<'c>,
+}
+
+fn selects_nothing(p: &Policy, population: &Population, out: &mut Vec<Diagnostic>) {
     let ns = scope(p);
     let mut check = |sel: &Spanned<LabelSelector>, nodes: bool| {
         // A namespaced policy's subject selects in its namespace whatever it says
@@ -747,12 +1021,9 @@ fn selects_nothing(
             _ => crate::labels::selector(sel),
         };
         let any = if nodes {
-            node_labels.iter().any(|l| selector.matches(l))
+            population.nodes.any_match(&selector, None)
         } else {
-            endpoints
-                .iter()
-                .filter(|(n, _)| ns.as_deref().is_none_or(|want| *n == want))
-                .any(|(_, l)| selector.matches(l))
+            population.endpoints.any_match(&selector, ns.as_deref())
         };
         if !any {
             let where_ = match (&ns, nodes) {

@@ -18,6 +18,7 @@ use crate::diag::{Code, Diagnostic};
 use crate::source::{FileId, SourceFile, SourceMap, Span};
 use crate::subst::{self, Unresolved, Vars};
 use crate::yaml::{parse_documents, Node, NodeKind};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// Failures that stop a run before any policy is looked at (exit code 2).
@@ -88,13 +89,15 @@ impl PolicySet {
             collect_files(path, &mut files)?;
         }
         let mut set = PolicySet::with_vars(vars.clone());
+        let mut contents = Vec::with_capacity(files.len());
         for path in files {
             let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
                 path: path.clone(),
                 source,
             })?;
-            set.add_bytes(path, &bytes);
+            contents.push((path, bytes));
         }
+        set.add_files(contents);
         set.finish_notes();
         if set.policies.is_empty() {
             set.notes.push(Note {
@@ -194,23 +197,117 @@ impl PolicySet {
     /// variables are substituted when the set was made for files ([`PolicySet::with_vars`],
     /// `load`, `load_spec`, [`load_str`]), not in a [`PolicySet::default`].
     pub fn add_bytes(&mut self, path: PathBuf, bytes: &[u8]) {
-        let (file, docs) = read_yaml(
-            &mut self.sources,
-            path,
-            bytes,
-            "nothing in this file was checked",
-        );
-        match docs {
-            Err(d) => self.diagnostics.push(d),
-            Ok(docs) => {
-                let source = self.sources.get(file).clone();
-                let mut unresolved = Unresolved::default();
-                for doc in &docs {
-                    self.add_object(file, &source, doc, &mut unresolved);
-                }
-                self.diagnostics.extend(unresolved.into_diagnostics());
+        let (file, bad_utf8) = add_source(&mut self.sources, path, Cow::Borrowed(bytes));
+        match bad_utf8 {
+            Some(d) => self.diagnostics.push(d),
+            None => {
+                let read = FileRead::read(file, self.sources.get(file), self.substitution.as_ref());
+                self.merge(read);
             }
         }
+    }
+
+    /// Adds files' contents, in order: the same set as [`PolicySet::add_bytes`] of each in
+    /// turn, with the files parsed and decoded on as many threads as the machine has cores.
+    /// Each file is read on one thread, its YAML tree built and dropped there, and what it
+    /// adds is merged in file order, so the result does not depend on which thread read what.
+    pub fn add_files(&mut self, files: Vec<(PathBuf, Vec<u8>)>) {
+        // Sources first, in order: each file gets the id `add_bytes` would give it.
+        let added: Vec<(FileId, Option<Diagnostic>)> = files
+            .into_iter()
+            .map(|(path, bytes)| add_source(&mut self.sources, path, Cow::Owned(bytes)))
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(added.len());
+        let (sources, substitution) = (&self.sources, self.substitution.as_ref());
+        let read = |i: usize| {
+            let (file, bad_utf8) = &added[i];
+            bad_utf8
+                .is_none()
+                .then(|| FileRead::read(*file, sources.get(*file), substitution))
+        };
+        let mut reads: Vec<Option<FileRead>> = Vec::with_capacity(added.len());
+        if threads <= 1 {
+            reads.extend((0..added.len()).map(read));
+        } else {
+            reads.resize_with(added.len(), || None);
+            // Files go to whichever thread is free next: their sizes vary.
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let done: Vec<Vec<(usize, FileRead)>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if i >= added.len() {
+                                    break mine;
+                                }
+                                if let Some(r) = read(i) {
+                                    mine.push((i, r));
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| {
+                        w.join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    })
+                    .collect()
+            });
+            for (i, r) in done.into_iter().flatten() {
+                reads[i] = Some(r);
+            }
+        }
+        for ((_, bad_utf8), read) in added.into_iter().zip(reads) {
+            if let Some(d) = bad_utf8 {
+                self.diagnostics.push(d);
+            }
+            if let Some(read) = read {
+                self.merge(read);
+            }
+        }
+    }
+
+    fn merge(&mut self, read: FileRead) {
+        self.policies.extend(read.policies);
+        self.diagnostics.extend(read.diagnostics);
+        self.skipped.extend(read.skipped);
+    }
+}
+
+/// What one file adds to a set: worked out on whichever thread reads the file, then merged
+/// into the set in file order ([`PolicySet::add_files`]).
+#[derive(Default)]
+struct FileRead {
+    policies: Vec<Policy>,
+    diagnostics: Vec<Diagnostic>,
+    /// Objects of other kinds, as [`PolicySet`] keeps them.
+    skipped: Vec<(FileId, String, Option<Span>)>,
+}
+
+impl FileRead {
+    /// Parses and decodes one file, already in the source map as `file`; `substitution`: the
+    /// set's Flux variables.
+    fn read(file: FileId, source: &SourceFile, substitution: Option<&Vars>) -> FileRead {
+        let mut out = FileRead::default();
+        match parse_documents(file, source) {
+            Err(e) => out
+                .diagnostics
+                .push(syntax_diagnostic(e, "nothing in this file was checked")),
+            Ok(docs) => {
+                let mut unresolved = Unresolved::default();
+                for doc in &docs {
+                    out.add_object(file, source, doc, substitution, &mut unresolved);
+                }
+                out.diagnostics.extend(unresolved.into_diagnostics());
+            }
+        }
+        out
     }
 
     fn add_object(
@@ -218,6 +315,7 @@ impl PolicySet {
         file: FileId,
         source: &SourceFile,
         node: &Node,
+        substitution: Option<&Vars>,
         unresolved: &mut Unresolved,
     ) {
         let mut cx = Cx {
@@ -243,7 +341,7 @@ impl PolicySet {
             match node.get("items").map(|n| &n.kind) {
                 Some(NodeKind::Seq(items)) => {
                     for item in items {
-                        self.add_object(file, source, item, unresolved);
+                        self.add_object(file, source, item, substitution, unresolved);
                     }
                 }
                 Some(NodeKind::Null) | None => {}
@@ -260,7 +358,7 @@ impl PolicySet {
             return;
         }
         // Flux substitutes each object (a List's items one by one) before anything reads it.
-        let substituted = match &self.substitution {
+        let substituted = match substitution {
             Some(vars) => subst::substitute_object(node, vars, file, source),
             None => subst::ObjectSubst::default(),
         };
@@ -520,28 +618,56 @@ pub fn read_yaml(
     bytes: &[u8],
     unread: &str,
 ) -> (FileId, Result<Vec<Node>, Diagnostic>) {
-    let (text, bad_utf8) = match std::str::from_utf8(bytes) {
-        Ok(t) => (t.to_string(), None),
-        Err(e) => (
-            String::from_utf8_lossy(bytes).into_owned(),
-            Some(e.valid_up_to()),
-        ),
+    let (file, bad_utf8) = add_source(sources, path, Cow::Borrowed(bytes));
+    if let Some(d) = bad_utf8 {
+        return (file, Err(d));
+    }
+    let docs = parse_documents(file, sources.get(file)).map_err(|e| syntax_diagnostic(e, unread));
+    (file, docs)
+}
+
+/// Adds one file's bytes to `sources` (taking them without a copy when they are owned and
+/// UTF-8); for bytes that are not UTF-8 (kept lossily), the `yaml-syntax` diagnostic at the
+/// first bad byte.
+fn add_source(
+    sources: &mut SourceMap,
+    path: PathBuf,
+    bytes: Cow<[u8]>,
+) -> (FileId, Option<Diagnostic>) {
+    let (text, bad_utf8) = match bytes {
+        Cow::Owned(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => (t, None),
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                (String::from_utf8_lossy(e.as_bytes()).into_owned(), Some(at))
+            }
+        },
+        Cow::Borrowed(bytes) => match std::str::from_utf8(bytes) {
+            Ok(t) => (t.to_string(), None),
+            Err(e) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(e.valid_up_to()),
+            ),
+        },
     };
     let file = sources.add(path, text);
     let source = sources.get(file);
-    if let Some(at) = bad_utf8 {
-        return (
-            file,
-            Err(Diagnostic::new(
-                Code::YamlSyntax,
-                source.span(file, at, at + 1),
-                "the file is not valid UTF-8",
-            )
-            .label("invalid byte sequence")
-            .help("save the file as UTF-8")),
-        );
-    }
-    let docs = parse_documents(file, source).map_err(|e| match e.unclosed {
+    let bad = bad_utf8.map(|at| {
+        Diagnostic::new(
+            Code::YamlSyntax,
+            source.span(file, at, at + 1),
+            "the file is not valid UTF-8",
+        )
+        .label("invalid byte sequence")
+        .help("save the file as UTF-8")
+    });
+    (file, bad)
+}
+
+/// Malformed YAML as the one `yaml-syntax` diagnostic of its file; its help ends saying what
+/// was not read (`unread`).
+fn syntax_diagnostic(e: crate::yaml::YamlError, unread: &str) -> Diagnostic {
+    match e.unclosed {
         Some(open) => Diagnostic::new(Code::YamlSyntax, open, format!("malformed YAML: {}", e.message))
             .label("this bracket is never closed")
             .related(e.span, "the parser gave up here")
@@ -549,8 +675,7 @@ pub fn read_yaml(
         None => Diagnostic::new(Code::YamlSyntax, e.span, format!("malformed YAML: {}", e.message))
             .label("the parser stopped here")
             .help(format!("fix the YAML syntax here (indentation, a missing `:` or closing bracket, tabs); {unread}")),
-    });
-    (file, docs)
+    }
 }
 
 /// Convenience for tests and tools: reads text as if it were the file `name`.
@@ -564,4 +689,72 @@ pub fn load_str_with(name: &str, text: &str, vars: &Vars) -> PolicySet {
     set.add_bytes(PathBuf::from(name), text.as_bytes());
     set.finish_notes();
     set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example and corpus file, a file that is not UTF-8 and a malformed one.
+    fn files() -> Vec<(PathBuf, Vec<u8>)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut paths = Vec::new();
+        for dir in [root.join("policies"), root.join("../shared/corpus")] {
+            if dir.is_dir() {
+                collect_files(&dir, &mut paths).expect("a readable directory");
+            }
+        }
+        let mut files: Vec<(PathBuf, Vec<u8>)> = paths
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).expect("a readable file");
+                (p, bytes)
+            })
+            .collect();
+        files.insert(1, ("latin1.yaml".into(), b"kind: Caf\xe9\n".to_vec()));
+        files.push(("broken.yaml".into(), b"a: [1,\nb: 2\n".to_vec()));
+        files
+    }
+
+    /// Files read on several threads make the set that reading them in turn makes, whatever
+    /// thread read which: sources, policies, diagnostics and notes, in the same order.
+    #[test]
+    fn files_read_on_threads_make_the_set_reading_them_in_turn_makes() {
+        let files = files();
+        assert!(files.len() > 20);
+        let mut vars = Vars::new();
+        vars.set_assignment("CLUSTER_NAME=c1")
+            .expect("a well-formed assignment");
+        for with_vars in [false, true] {
+            let new = || {
+                if with_vars {
+                    PolicySet::with_vars(vars.clone())
+                } else {
+                    PolicySet::default()
+                }
+            };
+            let mut in_turn = new();
+            for (path, bytes) in &files {
+                in_turn.add_bytes(path.clone(), bytes);
+            }
+            in_turn.finish_notes();
+            let mut threads = new();
+            threads.add_files(files.clone());
+            threads.finish_notes();
+            let sources = |s: &PolicySet| -> Vec<(PathBuf, String)> {
+                s.sources
+                    .files()
+                    .map(|(_, f)| (f.path.clone(), f.text.to_string()))
+                    .collect()
+            };
+            assert_eq!(sources(&threads), sources(&in_turn));
+            assert_eq!(threads.policies, in_turn.policies);
+            assert_eq!(threads.diagnostics, in_turn.diagnostics);
+            assert_eq!(threads.notes, in_turn.notes);
+            assert!(in_turn
+                .diagnostics
+                .iter()
+                .any(|d| d.code == Code::YamlSyntax));
+        }
+    }
 }

@@ -53,6 +53,9 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub text: Arc<str>,
     line_starts: Vec<u32>,
+    /// Whether the text is all ASCII: then a character is one byte, and offsets and columns
+    /// follow from each other without decoding the line (most policy files and snapshots).
+    ascii: bool,
 }
 
 impl SourceFile {
@@ -64,10 +67,12 @@ impl SourceFile {
                 line_starts.push(i as u32 + 1);
             }
         }
+        let ascii = text.is_ascii();
         SourceFile {
             path: path.into(),
             text,
             line_starts,
+            ascii,
         }
     }
 
@@ -77,6 +82,9 @@ impl SourceFile {
             return self.text.len();
         };
         let rest = &self.text[start as usize..];
+        if self.ascii {
+            return start as usize + char_col.min(rest.len());
+        }
         let within = rest
             .char_indices()
             .nth(char_col)
@@ -105,22 +113,47 @@ impl SourceFile {
 
     /// 1-based line and column of a byte offset (inside a character counts as its start).
     pub fn line_col(&self, offset: usize) -> (u32, u32) {
+        self.line_col_near(offset, None)
+    }
+
+    /// [`Self::line_col`], trying first the 1-based line `hint` (where a parser's marker says
+    /// the offset is): the line is the last whose start is at or before the offset, found by
+    /// binary search only when the hint is not it.
+    fn line_col_near(&self, offset: usize, hint: Option<usize>) -> (u32, u32) {
         let offset = self.floor_char(offset);
-        let line = match self.line_starts.binary_search(&(offset as u32)) {
-            Ok(i) => i,
-            Err(i) => i - 1,
+        let at = offset as u32;
+        let on = |l: usize| {
+            self.line_starts.get(l).is_some_and(|&s| s <= at)
+                && self.line_starts.get(l + 1).is_none_or(|&next| at < next)
+        };
+        let line = match hint.map(|h| h.wrapping_sub(1)).filter(|&l| on(l)) {
+            Some(l) => l,
+            None => match self.line_starts.binary_search(&at) {
+                Ok(i) => i,
+                Err(i) => i - 1,
+            },
         };
         let start = self.line_starts[line] as usize;
-        let col = self.text[start..offset].chars().count();
+        let col = if self.ascii {
+            offset - start
+        } else {
+            self.text[start..offset].chars().count()
+        };
         (line as u32 + 1, col as u32 + 1)
     }
 
     /// A span over a byte range of this file, widened to whole characters so that every span
     /// can be sliced and rendered.
     pub fn span(&self, file: FileId, start: usize, end: usize) -> Span {
+        self.span_near(file, start, end, None)
+    }
+
+    /// [`Self::span`], for a caller that knows the 1-based line `start` is probably on (the
+    /// same span; the line is only looked up when the hint is wrong).
+    pub fn span_near(&self, file: FileId, start: usize, end: usize, line: Option<usize>) -> Span {
         let start = self.floor_char(start);
         let end = self.ceil_char(end.max(start));
-        let (line, column) = self.line_col(start);
+        let (line, column) = self.line_col_near(start, line);
         Span {
             file,
             start: start as u32,
@@ -175,6 +208,59 @@ impl SourceMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ASCII shortcuts and the line hint give what counting characters and searching
+    /// lines gives, for every offset, column and hint, right or wrong.
+    #[test]
+    fn shortcuts_agree_with_counting_characters() {
+        let counted_line_col = |f: &SourceFile, offset: usize| {
+            let mut o = offset.min(f.text.len());
+            while !f.text.is_char_boundary(o) {
+                o -= 1;
+            }
+            let line = f.text[..o].matches('\n').count();
+            let start = f.text[..o].rfind('\n').map_or(0, |i| i + 1);
+            (line as u32 + 1, f.text[start..o].chars().count() as u32 + 1)
+        };
+        let counted_offset = |f: &SourceFile, line: usize, col: usize| {
+            let Some(&start) = f.line_starts.get(line.saturating_sub(1)) else {
+                return f.text.len();
+            };
+            let rest = &f.text[start as usize..];
+            start as usize + rest.char_indices().nth(col).map_or(rest.len(), |(i, _)| i)
+        };
+        for text in [
+            "",
+            "a",
+            "ab: 1\n\ncd: [x, y]\n",
+            "\n\n\nz",
+            "é: 1\nab: \"ü\"\n",
+        ] {
+            let f = SourceFile::new("x", text);
+            assert_eq!(f.ascii, text.is_ascii());
+            for offset in 0..=text.len() + 1 {
+                let want = counted_line_col(&f, offset);
+                assert_eq!(f.line_col(offset), want, "{text:?} at {offset}");
+                for hint in 0..6 {
+                    assert_eq!(
+                        f.line_col_near(offset, Some(hint)),
+                        want,
+                        "{text:?} {offset} {hint}"
+                    );
+                    let end = offset + 1;
+                    assert_eq!(
+                        f.span_near(FileId(0), offset, end, Some(hint)),
+                        f.span(FileId(0), offset, end)
+                    );
+                }
+            }
+            for line in 0..6 {
+                for col in 0..12 {
+                    assert_eq!(f.offset_of(line, col), counted_offset(&f, line, col));
+                }
+            }
+        }
+    }
 
     #[test]
     fn line_col_round_trips_with_multibyte_text() {

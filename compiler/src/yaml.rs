@@ -208,12 +208,16 @@ fn parse_documents_within(
 enum Frame {
     Seq {
         start: usize,
+        /// The 1-based line of `start`, as the parser's marker gave it.
+        line: usize,
         flow: bool,
         anchor: usize,
         items: Vec<Node>,
     },
     Map {
         start: usize,
+        /// The 1-based line of `start`, as the parser's marker gave it.
+        line: usize,
         flow: bool,
         anchor: usize,
         entries: Vec<(Node, Node)>,
@@ -302,9 +306,11 @@ impl Builder<'_> {
         }
     }
 
+    /// `line`: the line `start` is probably on (checked, see [`SourceFile::span_near`]).
     fn container_span(
         &self,
         start: usize,
+        line: usize,
         end_marker: usize,
         flow: bool,
         last: Option<&Node>,
@@ -314,7 +320,8 @@ impl Builder<'_> {
         } else {
             last.map(|n| n.span.end as usize).unwrap_or(start)
         };
-        self.source.span(self.file, start, end.max(start))
+        self.source
+            .span_near(self.file, start, end.max(start), Some(line))
     }
 }
 
@@ -334,7 +341,7 @@ impl MarkedEventReceiver for Builder<'_> {
                 });
                 let plain = matches!(style, TScalarStyle::Plain) && !string_tag;
                 let end = self.scalar_end(at, &text, style);
-                let span = self.source.span(self.file, at, end);
+                let span = self.source.span_near(self.file, at, end, Some(mark.line()));
                 let kind = if plain && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL")
                 {
                     NodeKind::Null
@@ -350,6 +357,7 @@ impl MarkedEventReceiver for Builder<'_> {
                 let flow = self.source.text[at..].starts_with('[');
                 self.stack.push(Frame::Seq {
                     start: at,
+                    line: mark.line(),
                     flow,
                     anchor,
                     items: Vec::new(),
@@ -359,6 +367,7 @@ impl MarkedEventReceiver for Builder<'_> {
                 let flow = self.source.text[at..].starts_with('{');
                 self.stack.push(Frame::Map {
                     start: at,
+                    line: mark.line(),
                     flow,
                     anchor,
                     entries: Vec::new(),
@@ -368,15 +377,19 @@ impl MarkedEventReceiver for Builder<'_> {
             Event::SequenceEnd => {
                 if let Some(Frame::Seq {
                     start,
+                    line,
                     flow,
                     anchor,
                     items,
                 }) = self.stack.pop()
                 {
-                    let start = items
-                        .first()
-                        .map_or(start, |n| start.min(n.span.start as usize));
-                    let span = self.container_span(start, at, flow, items.last());
+                    let (start, line) = match items.first() {
+                        Some(n) if (n.span.start as usize) < start => {
+                            (n.span.start as usize, n.span.line as usize)
+                        }
+                        _ => (start, line),
+                    };
+                    let span = self.container_span(start, line, at, flow, items.last());
                     self.push_node(
                         Node {
                             kind: NodeKind::Seq(items),
@@ -389,6 +402,7 @@ impl MarkedEventReceiver for Builder<'_> {
             Event::MappingEnd => {
                 if let Some(Frame::Map {
                     start,
+                    line,
                     flow,
                     anchor,
                     entries,
@@ -396,14 +410,12 @@ impl MarkedEventReceiver for Builder<'_> {
                 }) = self.stack.pop()
                 {
                     // Block mappings report their start one character late; the first key is exact.
-                    let start = if flow {
-                        start
-                    } else {
-                        entries
-                            .first()
-                            .map_or(start, |(k, _)| k.span.start as usize)
+                    let (start, line) = match entries.first() {
+                        Some((k, _)) if !flow => (k.span.start as usize, k.span.line as usize),
+                        _ => (start, line),
                     };
-                    let span = self.container_span(start, at, flow, entries.last().map(|(_, v)| v));
+                    let span =
+                        self.container_span(start, line, at, flow, entries.last().map(|(_, v)| v));
                     self.push_node(
                         Node {
                             kind: NodeKind::Map(entries),
