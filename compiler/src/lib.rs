@@ -21,6 +21,7 @@ pub mod labels;
 pub mod lint;
 pub mod load;
 pub mod lower;
+pub mod parallel;
 pub mod report;
 pub mod schema;
 pub mod source;

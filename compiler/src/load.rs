@@ -217,52 +217,12 @@ impl PolicySet {
             .into_iter()
             .map(|(path, bytes)| add_source(&mut self.sources, path, Cow::Owned(bytes)))
             .collect();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, std::num::NonZero::get)
-            .min(added.len());
         let (sources, substitution) = (&self.sources, self.substitution.as_ref());
-        let read = |i: usize| {
-            let (file, bad_utf8) = &added[i];
+        let reads = crate::parallel::map_in_order(&added, |(file, bad_utf8)| {
             bad_utf8
                 .is_none()
                 .then(|| FileRead::read(*file, sources.get(*file), substitution))
-        };
-        let mut reads: Vec<Option<FileRead>> = Vec::with_capacity(added.len());
-        if threads <= 1 {
-            reads.extend((0..added.len()).map(read));
-        } else {
-            reads.resize_with(added.len(), || None);
-            // Files go to whichever thread is free next: their sizes vary.
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let done: Vec<Vec<(usize, FileRead)>> = std::thread::scope(|scope| {
-                let workers: Vec<_> = (0..threads)
-                    .map(|_| {
-                        scope.spawn(|| {
-                            let mut mine = Vec::new();
-                            loop {
-                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                if i >= added.len() {
-                                    break mine;
-                                }
-                                if let Some(r) = read(i) {
-                                    mine.push((i, r));
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .map(|w| {
-                        w.join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                    })
-                    .collect()
-            });
-            for (i, r) in done.into_iter().flatten() {
-                reads[i] = Some(r);
-            }
-        }
+        });
         for ((_, bad_utf8), read) in added.into_iter().zip(reads) {
             if let Some(d) = bad_utf8 {
                 self.diagnostics.push(d);

@@ -195,47 +195,9 @@ pub struct Loader {
 /// relabelled pod whose new identity changes every table's program waits for the slowest
 /// share, not the sum. Results are in the order given.
 fn load_all(programs: &[(String, String, Vec<u8>)]) -> Vec<Result<OwnedFd, String>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(programs.len());
-    if threads <= 1 {
-        return programs
-            .iter()
-            .map(|(_, _, code)| sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, code))
-            .collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<Result<OwnedFd, String>>> = (0..programs.len()).map(|_| None).collect();
-    let done: Vec<Vec<(usize, Result<OwnedFd, String>)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, _, code)) = programs.get(i) else {
-                            return mine;
-                        };
-                        mine.push((i, sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, code)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    for (i, r) in done.into_iter().flatten() {
-        out[i] = Some(r);
-    }
-    // Every index is taken by exactly one worker, which records its result: none is missing.
-    out.into_iter()
-        .map(|r| r.unwrap_or_else(|| Err("not loaded".into())))
-        .collect()
+    cnpc_compiler::parallel::map_in_order(programs, |(_, _, code)| {
+        sys::load(sys::BPF_PROG_TYPE_SCHED_CLS, code)
+    })
 }
 
 /// Opens the map pinned at `path`, or creates and pins it.
