@@ -2,7 +2,7 @@
 //! and lowering policies over a cluster snapshot.
 
 use crate::vars::VarArgs;
-use cnpc_compiler::{check, lower, report, CheckReport, Cluster, PolicySet};
+use cnpc_compiler::{check, check_errors, lower, report, CheckReport, Cluster, PolicySet};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +59,54 @@ pub fn checked(mut set: PolicySet, cluster: &[PathBuf]) -> Result<CheckReport, E
         return Err(ExitCode::from(1));
     }
     Ok(report)
+}
+
+/// Loads policies and a cluster for a command that needs them valid and nothing more
+/// (`compile`, `tables`): validation without the lints, which only warn (they never stop a
+/// command) and cost the most on large sets. On errors, prints them beside the lints'
+/// warnings, as [`checked`] does, and returns exit code 1; a valid set prints nothing either
+/// way.
+pub fn load_valid(
+    paths: &[PathBuf],
+    cluster: &[PathBuf],
+    vars: &VarArgs,
+) -> Result<CheckReport, ExitCode> {
+    let vars = vars.vars().map_err(fail)?;
+    let mut set = PolicySet::load_with(paths, &vars).map_err(fail)?;
+    let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
+    let report = check_errors(set, Some(cluster));
+    if report.errors() > 0 {
+        // The full check only now, for the same report `checked` prints.
+        let report = check(report.set, report.cluster);
+        eprint!("{}", report::human(&report, false));
+        return Err(ExitCode::from(1));
+    }
+    Ok(report)
+}
+
+/// The lowered program of a checked report, taking its policies: each syntax tree is dropped
+/// once lowered ([`lower::build_consuming`]), so a large set's trees and program are not held
+/// whole at once. The report keeps its sources and cluster.
+pub fn program_consuming(
+    report: &mut CheckReport,
+    identities: &Option<PathBuf>,
+) -> Result<cnpc_ir::Program, ExitCode> {
+    let previous = match identities {
+        Some(path) => lower::read_allocation(path).map_err(fail)?,
+        None => Default::default(),
+    };
+    let Some(cluster) = report.cluster.as_ref() else {
+        return Err(usage(
+            "this command needs a cluster snapshot (--cluster FILE)",
+        ));
+    };
+    let trees = std::mem::take(&mut report.set.policies);
+    Ok(lower::build_consuming(
+        trees,
+        &report.set.sources,
+        cluster,
+        &previous,
+    ))
 }
 
 /// Loads, checks and lowers: the report (for sources and the cluster) and the program.

@@ -13,7 +13,9 @@ mod vars;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use cnpc_compiler::eval::HttpRequest;
 use cnpc_compiler::{check, lower, report, Cluster, PolicySet};
-use common::{checked, fail, load_program, print, program_of, usage};
+use common::{
+    checked, fail, load_program, load_valid, print, program_consuming, program_of, usage,
+};
 use diff_cmd::{DiffArgs, DiffFormat, FailOn};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -608,13 +610,10 @@ fn run_compile(
     identities: &Option<PathBuf>,
     vars: &VarArgs,
 ) -> ExitCode {
-    let (report, program) = match load_program(paths, cluster, identities, vars) {
-        Ok(x) => x,
+    let mut report = match load_valid(paths, cluster, vars) {
+        Ok(r) => r,
         Err(code) => return code,
     };
-    let compiler = cnpc_compiler::tables::TableCompiler::new(&program);
-    let tables = compiler.all(&program);
-    let ipcache = cnpc_compiler::tables::ipcache_entries(&program, &compiler.universe);
     let inputs: Vec<(String, String)> = report
         .set
         .sources
@@ -626,6 +625,16 @@ fn run_compile(
             )
         })
         .collect();
+    let program = match program_consuming(&mut report, identities) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    // From here on only the program is needed: the sources and the snapshot go before the
+    // tables are built.
+    drop(report);
+    let compiler = cnpc_compiler::tables::TableCompiler::new(&program);
+    let tables = compiler.all(&program);
+    let ipcache = cnpc_compiler::tables::ipcache_entries(&program, &compiler.universe);
     let files = match cnpc_codegen_bpf::artifacts::render(&program, &tables, &ipcache, &inputs) {
         Ok(f) => f,
         Err(e) => {
@@ -772,10 +781,15 @@ fn run_tables(
     identities: &Option<PathBuf>,
     vars: &VarArgs,
 ) -> ExitCode {
-    let (_, program) = match load_program(paths, cluster, identities, vars) {
-        Ok(x) => x,
+    let mut report = match load_valid(paths, cluster, vars) {
+        Ok(r) => r,
         Err(code) => return code,
     };
+    let program = match program_consuming(&mut report, identities) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    drop(report);
     let universe = cnpc_compiler::tables::peer_universe(&program);
     let mut tables = cnpc_compiler::tables::all_tables(&program);
     if let Some(n) = identity {
@@ -786,7 +800,17 @@ fn run_tables(
             ));
         }
     }
-    print(&report::tables_text(&program, &universe, &tables))
+    // Written as it is made: at 20,000 identities the text passes 600 MB.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match report::write_tables(&mut out, &program, &universe, &tables) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`cnpc tables | head`) is not an error, as for `print`.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write output: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn run_check(

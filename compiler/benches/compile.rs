@@ -11,28 +11,85 @@
 //!   and `cnpc compile` of every identity (wall time and peak RSS from wait4). The binary is
 //!   built first (`cargo build --release -p cnpc`) unless `CNPC_BIN` names one.
 //!
-//! Each library row times parse, check, lower and tables (the full compile), then codegen
-//! (programs, ELF objects and map images in memory, as `cnpc compile` renders them), then the
-//! incremental recompile after one workload's labels change, then validation alone
-//! (`check_errors`, on a second parse) to tell validation from lints. The whole run takes two
-//! to four minutes on a 2-core machine (by its load), most of it the 10× row.
+//! Each library row times parse, validation (`check_errors`, what `cnpc compile`, `cnpc tables`
+//! and the loader run), lower and tables (the full compile), then codegen (programs, ELF objects
+//! and map images in memory, as `cnpc compile` renders them), then the incremental recompile
+//! after one workload's labels change, then `cnpc check`'s validation and lints (`check`, on a
+//! second parse), which only `cnpc check` runs. A counting allocator gives the heap each phase
+//! leaves behind and its peak within the phase. The whole run takes one to three minutes on a
+//! 2-core machine (by its load), most of it the 10× row's lints.
 //!
 //!     cargo bench -p cnpc-compiler --bench compile [-- ROW...] [--scale S]
 //!     cargo bench -p cnpc-compiler --bench compile -- --write-egress DIR
+//!     cargo bench -p cnpc-compiler --bench compile -- --write-synthetic DIR [--scale S]
 
 use cnpc_codegen_bpf::artifacts;
-use cnpc_compiler::{check, load_str, lower, tables, Cluster};
+use cnpc_compiler::{check, check_errors, load_str, lower, tables, Cluster};
 use cnpc_ir::EntityRef;
 use serde_json::{json, Map, Value};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 #[path = "synthetic/egress.rs"]
 mod egress;
 mod synthetic;
 use synthetic::{cluster_yaml, policies_yaml, Shape};
+
+/// The global allocator, counting the bytes allocated now and their peak since the last
+/// [`heap_mark`]: the heap each phase leaves behind and the most it held, which VmHWM (one
+/// peak for the whole process) cannot tell apart. Two relaxed atomic operations per call.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc`, passed on.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for `realloc`, passed on.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
+                    + (new_size - layout.size());
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The heap now and its peak since the last mark, in KiB; starts the next phase's peak.
+fn heap_mark() -> (u64, u64) {
+    let live = LIVE.load(Ordering::Relaxed);
+    let peak = PEAK.swap(live, Ordering::Relaxed);
+    ((live / 1024) as u64, (peak.max(live) / 1024) as u64)
+}
 
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -109,19 +166,29 @@ fn split(cy: &str, py: &str) -> (Files, Files) {
 fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, String> {
     let mut f = Map::new();
     let (cluster_files, policy_files) = split(cy, py);
+    let mut heap = Map::new();
+    let mut mark = |phase: &str| {
+        let (live, peak) = heap_mark();
+        heap.insert(phase.to_string(), json!([live, peak]));
+    };
+    mark("inputs");
     let t = Instant::now();
     let mut set = cnpc_compiler::PolicySet::default();
     for (name, text) in &policy_files {
         set.add_bytes(PathBuf::from(name), text.as_bytes());
     }
     set.finish_notes();
+    mark("parse_policies");
     let mut cluster = Cluster::default();
     for (name, text) in &cluster_files {
         cluster.add_str(&mut set.sources, Path::new(name), text);
     }
     let parse = t.elapsed();
-    let report = check(set, Some(cluster));
+    mark("parse");
+    // What `cnpc compile` and the loader run: validation, not the lints (which only warn).
+    let report = check_errors(set, Some(cluster));
     let checked = t.elapsed();
+    mark("check");
     if report.errors() > 0 {
         let first: String = cnpc_compiler::report::human(&report, false)
             .chars()
@@ -133,18 +200,20 @@ fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, S
         ));
     }
     let policies = report.set.policies.len();
+    // As `cnpc compile` does: each syntax tree goes once lowered, and the rest of the checked
+    // set once the program stands (the inputs' hashes come from the files' bytes).
+    let mut report = report;
+    let trees = std::mem::take(&mut report.set.policies);
     let cluster = report.cluster.as_ref().ok_or("checked without a cluster")?;
-    let program = lower::build(
-        &report.set.policies,
-        &report.set.sources,
-        cluster,
-        &Default::default(),
-    );
+    let program = lower::build_consuming(trees, &report.set.sources, cluster, &Default::default());
+    drop(report);
     let lowered = t.elapsed();
     f.insert("hwm_lowered".into(), json!(peak_rss_kib()));
+    mark("lower");
     let compiler = tables::TableCompiler::new(&program);
     let all = compiler.all(&program);
     let total = t.elapsed();
+    mark("tables");
     f.insert("parse".into(), json!(secs(parse)));
     f.insert("check".into(), json!(secs(checked - parse)));
     f.insert("lower".into(), json!(secs(lowered - checked)));
@@ -203,6 +272,7 @@ fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, S
     let files = artifacts::render(&program, &all, &ipcache, &inputs).map_err(|e| e.to_string())?;
     f.insert("codegen".into(), json!(secs(t.elapsed())));
     f.insert("hwm_codegen".into(), json!(peak_rss_kib()));
+    mark("codegen");
     let (mut objects, mut object_bytes, mut images, mut image_bytes, mut largest) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
     for (name, bytes) in &files {
@@ -253,21 +323,28 @@ fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, S
     f.insert("incr_min".into(), json!(times[0]));
     f.insert("incr_max".into(), json!(times[8]));
     drop(set);
+    mark("incremental");
 
-    // How much of `check` is validation (what enforcement needs) and how much lints (which
-    // only warn): the same files again through `check_errors`, without the cluster (which
-    // only the selects-nothing lint reads).
+    // What `cnpc check` adds, the lints: the same files again through `check`, with the
+    // cluster (the selects-nothing lint reads it). Not part of the compile.
     let mut set = cnpc_compiler::PolicySet::default();
     for (name, text) in &policy_files {
         set.add_bytes(PathBuf::from(name), text.as_bytes());
     }
     set.finish_notes();
-    let t = Instant::now();
-    let report = cnpc_compiler::check_errors(set, None);
-    f.insert("validate".into(), json!(secs(t.elapsed())));
-    if report.errors() > 0 {
-        return Err("check_errors found errors check did not".into());
+    let mut cluster = Cluster::default();
+    for (name, text) in &cluster_files {
+        cluster.add_str(&mut set.sources, Path::new(name), text);
     }
+    mark("reparse");
+    let t = Instant::now();
+    let report = check(set, Some(cluster));
+    f.insert("lint_check".into(), json!(secs(t.elapsed())));
+    mark("lint_check");
+    if report.errors() > 0 {
+        return Err("check found errors check_errors did not".into());
+    }
+    f.insert("heap".into(), Value::Object(heap));
     Ok(f)
 }
 
@@ -450,7 +527,7 @@ fn print_library(rows: &[(&str, Map<String, Value>)]) {
             "full compile, YAML to decision tables",
             |f| {
                 format!(
-                    "{:.2} s (parse {:.2}, check {:.2}, lower {:.2}, tables {:.2})",
+                    "{:.2} s (parse {:.2}, validate {:.2}, lower {:.2}, tables {:.2})",
                     num(f, "compile"),
                     num(f, "parse"),
                     num(f, "check"),
@@ -461,8 +538,8 @@ fn print_library(rows: &[(&str, Map<String, Value>)]) {
             "≤ 2 s at 1×, ≤ 5 s at 10×",
         ),
         (
-            "of check: validation alone (`check_errors`), the rest lints",
-            |f| format!("{:.2} s", num(f, "validate")),
+            "`cnpc check` (validation and lints; not in the compile)",
+            |f| format!("{:.2} s", num(f, "lint_check")),
             "",
         ),
         (
@@ -487,6 +564,24 @@ fn print_library(rows: &[(&str, Map<String, Value>)]) {
             "",
         ),
         (
+            "heap left by parse / validate / lower / tables (peak within each)",
+            |f| {
+                ["parse", "check", "lower", "tables"]
+                    .map(|phase| {
+                        let at = |i: usize| {
+                            f.get("heap")
+                                .and_then(|h| h.get(phase))
+                                .and_then(|v| v.get(i))
+                                .and_then(Value::as_f64)
+                                .unwrap_or(f64::NAN)
+                        };
+                        format!("{} ({})", mib(at(0)), mib(at(1)))
+                    })
+                    .join(" / ")
+            },
+            "",
+        ),
+        (
             "incremental: one workload's labels change (median of 9)",
             |f| {
                 format!(
@@ -505,6 +600,43 @@ fn print_library(rows: &[(&str, Map<String, Value>)]) {
         (
             "full compile per identity",
             |f| format!("{:.0} µs", num(f, "compile") * 1e6 / num(f, "identities")),
+            "near-constant",
+        ),
+        (
+            "per policy: parse / validate / lower",
+            |f| {
+                let per = |k: &str| num(f, k) * 1e6 / num(f, "policies");
+                format!(
+                    "{:.1} / {:.1} / {:.1} µs",
+                    per("parse"),
+                    per("check"),
+                    per("lower")
+                )
+            },
+            "near-constant",
+        ),
+        (
+            "per identity: tables / codegen",
+            |f| {
+                let per = |k: &str| num(f, k) * 1e6 / num(f, "identities");
+                format!("{:.0} / {:.0} µs", per("tables"), per("codegen"))
+            },
+            "near-constant",
+        ),
+        (
+            "per table: class members listed, rows",
+            |f| {
+                format!(
+                    "{:.0}, {:.2}",
+                    num(f, "members") / num(f, "table_count"),
+                    num(f, "rows") / num(f, "table_count")
+                )
+            },
+            "",
+        ),
+        (
+            "peak memory per policy (VmHWM through tables)",
+            |f| format!("{:.1} KiB", num(f, "hwm_tables") / num(f, "policies")),
             "near-constant",
         ),
         (
@@ -578,7 +710,7 @@ fn print_library(rows: &[(&str, Map<String, Value>)]) {
             ("compile", "identities"),
             ("parse", "policies"),
             ("check", "policies"),
-            ("validate", "policies"),
+            ("lint_check", "policies"),
             ("lower", "policies"),
             ("tables", "identities"),
             ("codegen", "identities"),
@@ -741,6 +873,25 @@ fn main() {
         }
         return;
     }
+    if let Some(dir) = value("--write-synthetic") {
+        // The 1x set (10x with `--scale 10`) as files, split as the rows read them.
+        let s = shape(scale);
+        let (clusters, policies) = split(&cluster_yaml(&s), &policies_yaml(&s));
+        let dir = Path::new(dir);
+        let written = [("cluster", &clusters), ("policies", &policies)]
+            .into_iter()
+            .try_for_each(|(sub, files)| {
+                std::fs::create_dir_all(dir.join(sub))?;
+                files
+                    .iter()
+                    .try_for_each(|(name, text)| std::fs::write(dir.join(sub).join(name), text))
+            });
+        if let Err(e) = written {
+            eprintln!("writing the set: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if let Some(row) = value("--child") {
         if let Err(e) = child(row, scale) {
             eprintln!("{e}");
@@ -749,7 +900,7 @@ fn main() {
         return;
     }
     // Rows named on the command line (cargo bench passes `--bench` too), or all of them.
-    let skip: Vec<&str> = ["--scale", "--child", "--write-egress"]
+    let skip: Vec<&str> = ["--scale", "--child", "--write-egress", "--write-synthetic"]
         .iter()
         .filter_map(|f| value(f).map(String::as_str))
         .collect();

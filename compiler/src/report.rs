@@ -412,54 +412,77 @@ pub fn tables_text(
 ) -> String {
     let mut names = PeerNames::new(program, universe);
     let mut out = String::new();
-    // Writing into a String cannot fail: the results of `write!` are ignored below.
     for t in tables {
-        let default = match t.default {
-            TableVerdict::Deny => "default deny",
-            _ => "default allow",
-        };
-        let _ = writeln!(
-            out,
-            "identity {} ({}) {}: {default}, {} classes, {} rows",
-            t.subject.0,
-            names.name(t.subject),
-            t.direction.as_str(),
-            t.classes.len(),
-            t.rows.len()
-        );
-        // Rows by class, in table order, without a scan of the rows per class.
-        let mut rows_of: Vec<Vec<&cnpc_ir::TableRow>> = vec![Vec::new(); t.classes.len()];
-        for row in &t.rows {
-            if let Some(list) = rows_of.get_mut(row.class as usize) {
-                list.push(row);
-            }
-        }
-        for (i, class) in t.classes.iter().enumerate() {
-            let _ = write!(out, "  class {i}: ");
-            for (k, m) in class.members.iter().enumerate() {
-                if k > 0 {
-                    out.push_str("; ");
-                }
-                out.push_str(names.numbered(*m));
-            }
-            out.push('\n');
-            for row in &rows_of[i] {
-                let ports = if row.ports.lo == row.ports.hi {
-                    row.ports.lo.to_string()
-                } else {
-                    format!("{}-{}", row.ports.lo, row.ports.hi)
-                };
-                let _ = writeln!(
-                    out,
-                    "    {:<6} {:<11} {}",
-                    row.protocol.as_str(),
-                    ports,
-                    verdict_text(program, &row.verdict)
-                );
-            }
-        }
+        table_text(&mut out, &mut names, program, t);
     }
     out
+}
+
+/// [`tables_text`] written to `w` a table at a time, for output too large to hold: at 20,000
+/// identities the text names 24 million class members (over 600 MB).
+pub fn write_tables(
+    w: &mut dyn std::io::Write,
+    program: &Program,
+    universe: &[PeerIdentity],
+    tables: &[DecisionTable],
+) -> std::io::Result<()> {
+    let mut names = PeerNames::new(program, universe);
+    let mut out = String::new();
+    for t in tables {
+        out.clear();
+        table_text(&mut out, &mut names, program, t);
+        w.write_all(out.as_bytes())?;
+    }
+    w.flush()
+}
+
+/// Appends the text of one table to `out`.
+fn table_text(out: &mut String, names: &mut PeerNames, program: &Program, t: &DecisionTable) {
+    // Writing into a String cannot fail: the results of `write!` are ignored below.
+    let default = match t.default {
+        TableVerdict::Deny => "default deny",
+        _ => "default allow",
+    };
+    let _ = writeln!(
+        out,
+        "identity {} ({}) {}: {default}, {} classes, {} rows",
+        t.subject.0,
+        names.name(t.subject),
+        t.direction.as_str(),
+        t.classes.len(),
+        t.rows.len()
+    );
+    // Rows by class, in table order, without a scan of the rows per class.
+    let mut rows_of: Vec<Vec<&cnpc_ir::TableRow>> = vec![Vec::new(); t.classes.len()];
+    for row in &t.rows {
+        if let Some(list) = rows_of.get_mut(row.class as usize) {
+            list.push(row);
+        }
+    }
+    for (i, class) in t.classes.iter().enumerate() {
+        let _ = write!(out, "  class {i}: ");
+        for (k, m) in class.members.iter().enumerate() {
+            if k > 0 {
+                out.push_str("; ");
+            }
+            out.push_str(names.numbered(*m));
+        }
+        out.push('\n');
+        for row in &rows_of[i] {
+            let ports = if row.ports.lo == row.ports.hi {
+                row.ports.lo.to_string()
+            } else {
+                format!("{}-{}", row.ports.lo, row.ports.hi)
+            };
+            let _ = writeln!(
+                out,
+                "    {:<6} {:<11} {}",
+                row.protocol.as_str(),
+                ports,
+                verdict_text(program, &row.verdict)
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

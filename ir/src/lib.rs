@@ -304,8 +304,9 @@ pub fn protocols_cover(protocols: &[Protocol], p: Protocol) -> bool {
     }
 }
 
-/// Who a rule allows or denies, as the rule names them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Who a rule allows or denies, as the rule names them. Hashable, so rules naming the same
+/// peers can share what is worked out from them (the table compiler's peer sets).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Endpoints and reserved identities selected by labels (fromEndpoints, entities, services
     /// resolved to their backends' selector).
