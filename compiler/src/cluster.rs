@@ -100,16 +100,44 @@ impl Cluster {
         paths: &[impl AsRef<Path>],
         sources: &mut SourceMap,
     ) -> Result<Cluster, crate::LoadError> {
-        let mut c = Cluster::default();
+        let mut files = Vec::with_capacity(paths.len());
         for p in paths {
             let p = p.as_ref();
             let text = std::fs::read_to_string(p).map_err(|source| crate::LoadError::Io {
                 path: p.to_path_buf(),
                 source,
             })?;
-            c.add_str(sources, p, &text);
+            files.push((p.to_path_buf(), text));
         }
+        let mut c = Cluster::default();
+        c.add_strs(sources, files);
         Ok(c)
+    }
+
+    /// [`Self::add_str`] of each file in turn, with the files parsed on every core
+    /// ([`crate::parallel::map_in_order`]): each file's objects are read into a cluster of their
+    /// own and appended in file order, and Services are joined to their EndpointSlices once all
+    /// are in, which is what joining after each file leaves too.
+    pub fn add_strs(&mut self, sources: &mut SourceMap, files: Vec<(std::path::PathBuf, String)>) {
+        let ids: Vec<crate::source::FileId> = files
+            .into_iter()
+            .map(|(path, text)| sources.add(path, text))
+            .collect();
+        let sources: &SourceMap = sources;
+        let parts = crate::parallel::map_in_order(&ids, |file| {
+            let mut part = Cluster::default();
+            part.read_file(sources, *file);
+            part
+        });
+        for part in parts {
+            self.namespaces.extend(part.namespaces);
+            self.workloads.extend(part.workloads);
+            self.services.extend(part.services);
+            self.nodes.extend(part.nodes);
+            self.diagnostics.extend(part.diagnostics);
+            self.slices.extend(part.slices);
+        }
+        self.join_slices();
     }
 
     pub fn add_str(&mut self, sources: &mut SourceMap, path: &Path, text: &str) {
@@ -119,6 +147,12 @@ impl Cluster {
 
     /// Adds the objects of a file already in `sources`.
     fn add_file(&mut self, sources: &SourceMap, file: crate::source::FileId) {
+        self.read_file(sources, file);
+        self.join_slices();
+    }
+
+    /// The objects of a file already in `sources`, not yet joined ([`Self::join_slices`]).
+    fn read_file(&mut self, sources: &SourceMap, file: crate::source::FileId) {
         let source = sources.get(file).clone();
         match parse_documents(file, &source) {
             Err(e) => self.diagnostics.push(
@@ -136,7 +170,6 @@ impl Cluster {
                 }
             }
         }
-        self.join_slices();
     }
 
     /// [`Self::add_str`], reusing what `cache` parsed of the same objects before: a long-running
@@ -705,6 +738,32 @@ mod tests {
         let (whole, cached, parsed) = both(&demo, &mut cache);
         assert_eq!(whole, cached);
         assert!(parsed > 10);
+    }
+
+    /// Files parsed on several threads give what reading them one after another gives: objects
+    /// in file order, a Service joined to a slice in a later file, and diagnostics (with their
+    /// files) in order.
+    #[test]
+    fn files_parsed_in_parallel_equal_files_in_turn() {
+        let files: Vec<(std::path::PathBuf, String)> = (0..6)
+            .map(|i| {
+                let text = match i % 3 {
+                    0 => LIST.to_string(),
+                    1 => format!("kind: List\nitems:\n- {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: s-{i}, namespace: ns1, labels: {{kubernetes.io/service-name: s}}}}, endpoints: [{{addresses: [10.9.0.{i}]}}]}}\n"),
+                    _ => "kind: List\nitems:\n- {kind: Pod, metadata: {name: x, labels: {a: [b]}}}\n- {kind: Pod\n".to_string(),
+                };
+                (format!("f{i}.yaml").into(), text)
+            })
+            .collect();
+        let (mut s1, mut s2) = (SourceMap::new(), SourceMap::new());
+        let mut in_turn = Cluster::default();
+        for (path, text) in &files {
+            in_turn.add_str(&mut s1, path, text);
+        }
+        let mut parallel = Cluster::default();
+        parallel.add_strs(&mut s2, files);
+        assert_eq!(format!("{in_turn:#?}"), format!("{parallel:#?}"));
+        assert!(format!("{parallel:?}").contains("10.9.0.4"));
     }
 
     /// Files the cut cannot vouch for are parsed whole, with the same result: several
