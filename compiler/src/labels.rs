@@ -14,6 +14,40 @@ pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 
+/// Label sets indexed by key (without source) and value: the positions of the sets holding each
+/// pair, so that the sets a selector may match are found from its rarest `In` requirement
+/// rather than by trying every set (a label set has one value per key, whatever the source).
+/// The table compiler indexes rule subjects with it, the selects-nothing lint workloads and
+/// nodes. Its maps hash with rustc's FxHash: the keys are label strings of the inputs, looked up
+/// once per selector, not chosen to collide.
+pub(crate) struct LabelIndex<'a> {
+    by_kv: rustc_hash::FxHashMap<&'a str, rustc_hash::FxHashMap<&'a str, Vec<u32>>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    /// Indexes `sets`, numbered in order from 0.
+    pub(crate) fn new(sets: impl IntoIterator<Item = &'a LabelSet>) -> LabelIndex<'a> {
+        let mut by_kv: rustc_hash::FxHashMap<&str, rustc_hash::FxHashMap<&str, Vec<u32>>> =
+            Default::default();
+        for (i, set) in sets.into_iter().enumerate() {
+            for (k, (_, v)) in &set.0 {
+                by_kv
+                    .entry(k.as_str())
+                    .or_default()
+                    .entry(v.as_str())
+                    .or_default()
+                    .push(i as u32);
+            }
+        }
+        LabelIndex { by_kv }
+    }
+
+    /// The positions of the sets with `key` (without source) set to `value`, in order.
+    pub(crate) fn positions(&self, key: &str, value: &str) -> Option<&Vec<u32>> {
+        self.by_kv.get(key)?.get(value)
+    }
+}
+
 /// The IR form of a selector as written. Malformed requirements (reported by validation) become
 /// requirements that match nothing, so a broken selector never widens.
 pub fn selector(sel: &LabelSelector) -> Selector {

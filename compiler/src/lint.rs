@@ -947,28 +947,18 @@ fn deny_shadows_allow(
 
 // ---------------------------------------------------------------------------------------------
 
-/// Label sets (of workloads, with their namespace, or of nodes) indexed by key (without
-/// source) and value, so that whether a selector matches one of them is answered from the
-/// sets holding its rarest `In` value rather than by trying every set.
+/// Label sets (of workloads, with their namespace, or of nodes) with their index
+/// ([`crate::labels::LabelIndex`]), so that whether a selector matches one of them is answered
+/// from the sets holding its rarest `In` value rather than by trying every set.
 struct LabelIndex<'c> {
     sets: &'c [(Option<&'c str>, LabelSet)],
-    by_kv: FxHashMap<&'c str, FxHashMap<&'c str, Vec<u32>>>,
+    index: crate::labels::LabelIndex<'c>,
 }
 
 impl<'c> LabelIndex<'c> {
     fn new(sets: &'c [(Option<&'c str>, LabelSet)]) -> LabelIndex<'c> {
-        let mut by_kv: FxHashMap<&str, FxHashMap<&str, Vec<u32>>> = FxHashMap::default();
-        for (i, (_, labels)) in sets.iter().enumerate() {
-            for (k, (_, v)) in &labels.0 {
-                by_kv
-                    .entry(k.as_str())
-                    .or_default()
-                    .entry(v.as_str())
-                    .or_default()
-                    .push(i as u32);
-            }
-        }
-        LabelIndex { sets, by_kv }
+        let index = crate::labels::LabelIndex::new(sets.iter().map(|(_, labels)| labels));
+        LabelIndex { sets, index }
     }
 
     /// The sets holding one of an `In` requirement's values, list by list.
@@ -976,10 +966,10 @@ impl<'c> LabelIndex<'c> {
         &'a self,
         (key, _, values): &'a (String, crate::labels::Operator, Vec<String>),
     ) -> impl Iterator<Item = &'a Vec<u32>> + 'a {
-        let by_value = self.by_kv.get(split_source(key).1);
+        let key = split_source(key).1;
         values
             .iter()
-            .filter_map(move |v| by_value.and_then(|m| m.get(v.as_str())))
+            .filter_map(move |v| self.index.positions(key, v))
     }
 
     /// Whether `selector` matches a set (of namespace `ns`, when given). A set it matches

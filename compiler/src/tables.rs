@@ -574,35 +574,24 @@ pub fn table_verdict_of(d: &crate::eval::Decision) -> Option<bool> {
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 
-/// Label index over a list of label sets: key (without source) → value → positions. Its maps
-/// hash with rustc's FxHash: every rule's subject is looked up in it at every compile, and the
-/// keys are label strings of the program, not chosen to collide.
-struct LabelIndex<'a> {
+/// Label sets with their index ([`crate::labels::LabelIndex`]): the rule subjects the table
+/// compiler matches selectors against.
+struct IndexedSets<'a> {
     sets: Vec<&'a LabelSet>,
-    by_kv: FxHashMap<&'a str, FxHashMap<&'a str, Vec<u32>>>,
+    index: crate::labels::LabelIndex<'a>,
 }
 
-impl<'a> LabelIndex<'a> {
-    fn new(sets: Vec<&'a LabelSet>) -> LabelIndex<'a> {
-        let mut by_kv: FxHashMap<&str, FxHashMap<&str, Vec<u32>>> = FxHashMap::default();
-        for (i, s) in sets.iter().enumerate() {
-            for (k, (_, v)) in &s.0 {
-                by_kv
-                    .entry(k.as_str())
-                    .or_default()
-                    .entry(v.as_str())
-                    .or_default()
-                    .push(i as u32);
-            }
-        }
-        LabelIndex { sets, by_kv }
+impl<'a> IndexedSets<'a> {
+    fn new(sets: Vec<&'a LabelSet>) -> IndexedSets<'a> {
+        let index = crate::labels::LabelIndex::new(sets.iter().copied());
+        IndexedSets { sets, index }
     }
 
     /// Positions of the sets `sel` matches.
     fn select(&self, sel: &Selector) -> Vec<u32> {
         select_in(
             sel,
-            |k, v| self.by_kv.get(k)?.get(v),
+            |k, v| self.index.positions(k, v),
             self.sets.len(),
             |i| self.sets[i as usize],
         )
@@ -1202,7 +1191,7 @@ impl TableCompiler {
             .collect();
         reps.sort_by_key(|e| p.identities[e.identity].numeric);
         // Subjects of each rule, found through the index over the representatives' labels.
-        let index = LabelIndex::new(reps.iter().map(|e| &e.labels).collect());
+        let index = IndexedSets::new(reps.iter().map(|e| &e.labels).collect());
         let mut rules_of: Vec<Vec<RuleRef>> = vec![Vec::new(); reps.len()];
         for (r, rule) in p.rules.iter() {
             if let Subject::Endpoints(sel) = &rule.subject {
