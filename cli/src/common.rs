@@ -52,9 +52,13 @@ pub fn load_checked(
 /// Checks a loaded policy set against a cluster; on errors prints them and returns exit code 1.
 pub fn checked(mut set: PolicySet, cluster: &[PathBuf]) -> Result<CheckReport, ExitCode> {
     let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
-    let report = check(set, Some(cluster));
+    refused_with_errors(check(set, Some(cluster)))
+}
+
+/// The report, or, when it has errors, exit code 1 after printing it: verdicts of policies
+/// Cilium would reject would describe a cluster that cannot exist.
+fn refused_with_errors(report: CheckReport) -> Result<CheckReport, ExitCode> {
     if report.errors() > 0 {
-        // Verdicts of policies Cilium would reject would describe a cluster that cannot exist.
         eprint!("{}", report::human(&report, false));
         return Err(ExitCode::from(1));
     }
@@ -76,10 +80,9 @@ pub fn load_valid(
     let cluster = Cluster::load(cluster, &mut set.sources).map_err(fail)?;
     let report = check_errors(set, Some(cluster));
     if report.errors() > 0 {
-        // The full check only now, for the same report `checked` prints.
-        let report = check(report.set, report.cluster);
-        eprint!("{}", report::human(&report, false));
-        return Err(ExitCode::from(1));
+        // The full check only now, for the same report `checked` prints (it has these errors
+        // and the lints' warnings).
+        return refused_with_errors(check(report.set, report.cluster));
     }
     Ok(report)
 }
@@ -91,15 +94,8 @@ pub fn program_consuming(
     report: &mut CheckReport,
     identities: &Option<PathBuf>,
 ) -> Result<cnpc_ir::Program, ExitCode> {
-    let previous = match identities {
-        Some(path) => lower::read_allocation(path).map_err(fail)?,
-        None => Default::default(),
-    };
-    let Some(cluster) = report.cluster.as_ref() else {
-        return Err(usage(
-            "this command needs a cluster snapshot (--cluster FILE)",
-        ));
-    };
+    let previous = previous_allocation(identities)?;
+    let cluster = needed_cluster(report.cluster.as_ref())?;
     let trees = std::mem::take(&mut report.set.policies);
     Ok(lower::build_consuming(
         trees,
@@ -126,21 +122,27 @@ pub fn program_of(
     report: &CheckReport,
     identities: &Option<PathBuf>,
 ) -> Result<cnpc_ir::Program, ExitCode> {
-    let previous = match identities {
-        Some(path) => lower::read_allocation(path).map_err(fail)?,
-        None => Default::default(),
-    };
-    let Some(cluster) = report.cluster.as_ref() else {
-        return Err(usage(
-            "this command needs a cluster snapshot (--cluster FILE)",
-        ));
-    };
+    let previous = previous_allocation(identities)?;
+    let cluster = needed_cluster(report.cluster.as_ref())?;
     Ok(lower::build(
         &report.set.policies,
         &report.set.sources,
         cluster,
         &previous,
     ))
+}
+
+/// The identity numbers to keep (`--identities FILE`), or none.
+fn previous_allocation(identities: &Option<PathBuf>) -> Result<lower::Allocation, ExitCode> {
+    match identities {
+        Some(path) => lower::read_allocation(path).map_err(fail),
+        None => Ok(Default::default()),
+    }
+}
+
+/// A report's cluster snapshot, which lowering needs; a usage error without one.
+fn needed_cluster(cluster: Option<&Cluster>) -> Result<&Cluster, ExitCode> {
+    cluster.ok_or_else(|| usage("this command needs a cluster snapshot (--cluster FILE)"))
 }
 
 /// The program of a checked report and its decision tables as `cnpc tables` prints them.

@@ -1889,11 +1889,14 @@ fn map_decision(
     maps
 }
 
-/// How many aligned prefix blocks [`port_prefixes`] splits `[lo, hi]` into.
-fn port_prefix_count(lo: u16, hi: u16) -> usize {
+/// `[lo, hi]` as aligned blocks, (first port, size), each the largest block starting there
+/// that is aligned and fits: what one LPM record per aligned prefix covers.
+fn port_blocks(lo: u16, hi: u16) -> impl Iterator<Item = (u32, u32)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    let mut n = 0;
-    while lo <= hi {
+    std::iter::from_fn(move || {
+        if lo > hi {
+            return None;
+        }
         let mut size = if lo == 0 {
             1 << 16
         } else {
@@ -1902,30 +1905,22 @@ fn port_prefix_count(lo: u16, hi: u16) -> usize {
         while lo + size - 1 > hi {
             size >>= 1;
         }
+        let block = (lo, size);
         lo += size;
-        n += 1;
-    }
-    n
+        Some(block)
+    })
+}
+
+/// How many aligned prefix blocks [`port_prefixes`] splits `[lo, hi]` into, without listing them.
+fn port_prefix_count(lo: u16, hi: u16) -> usize {
+    port_blocks(lo, hi).count()
 }
 
 /// `[lo, hi]` as aligned prefix blocks: (first port, prefix bits).
 fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    while lo <= hi {
-        // The largest block starting at lo that is aligned and fits.
-        let mut size = if lo == 0 {
-            1 << 16
-        } else {
-            1 << lo.trailing_zeros()
-        };
-        while lo + size - 1 > hi {
-            size >>= 1;
-        }
-        out.push((lo as u16, 16 - size.trailing_zeros()));
-        lo += size;
-    }
-    out
+    port_blocks(lo, hi)
+        .map(|(lo, size)| (lo as u16, 16 - size.trailing_zeros()))
+        .collect()
 }
 
 /// Cilium's lookup order (bpf/lib/policy.h), for the benchmark: (identity, port, protocol),

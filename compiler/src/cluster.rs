@@ -203,12 +203,16 @@ impl Cluster {
         let mut fragments = Vec::with_capacity(chunks.len());
         for c in &chunks {
             let body = &text[c.start..c.end];
-            let fragment = match kept.remove(body).or_else(|| cache.chunks.remove(body)) {
-                Some(f) => f,
+            // An entry kept from the last read keeps its key: its text is not copied again.
+            let (key, fragment) = match kept
+                .remove_entry(body)
+                .or_else(|| cache.chunks.remove_entry(body))
+            {
+                Some(entry) => entry,
                 None => match Fragment::parse(path, body) {
                     Some(f) => {
                         parsed += 1;
-                        f
+                        (body.into(), f)
                     }
                     None => {
                         // Not an object on its own: the whole file's parse decides.
@@ -219,7 +223,7 @@ impl Cluster {
                 },
             };
             fragments.push(body);
-            kept.insert(body.into(), fragment);
+            kept.insert(key, fragment);
         }
         for (c, body) in chunks.iter().zip(&fragments) {
             let f = &kept[*body];

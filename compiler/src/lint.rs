@@ -4,7 +4,7 @@
 //! Lints that relate rules to each other or to the cluster look candidates up in indexes
 //! rather than trying every pair: the rules that may cover a rule's endpoints (a DNS rule for
 //! toFQDNs, a deny rule shadowing an allow) by scope and by label ([`CoverIndex`]), and the
-//! workloads and nodes a selector may match by label ([`LabelIndex`]). Candidates are then
+//! workloads and nodes a selector may match by label ([`ScopedSets`]). Candidates are then
 //! judged by the same predicates as before, so the cost grows with the policies and workloads
 //! (and with what is reported), not with their products, and the diagnostics are the same, in
 //! the same order: `compiler/tests/lint_oracle.rs` keeps the quadratic implementation and
@@ -81,8 +81,8 @@ pub fn lint(policies: &[Policy], cluster: Option<&Cluster>) -> Vec<Diagnostic> {
         c.nodes.iter().map(|n| (None, c.node_labels(n))).collect()
     });
     let population = Population {
-        endpoints: LabelIndex::new(&endpoints),
-        nodes: LabelIndex::new(&nodes),
+        endpoints: ScopedSets::new(&endpoints),
+        nodes: ScopedSets::new(&nodes),
     };
     for p in policies {
         if let PolicyBody::Kubernetes { spec: Some(spec) } = &p.body {
@@ -950,15 +950,15 @@ fn deny_shadows_allow(
 /// Label sets (of workloads, with their namespace, or of nodes) with their index
 /// ([`crate::labels::LabelIndex`]), so that whether a selector matches one of them is answered
 /// from the sets holding its rarest `In` value rather than by trying every set.
-struct LabelIndex<'c> {
+struct ScopedSets<'c> {
     sets: &'c [(Option<&'c str>, LabelSet)],
     index: crate::labels::LabelIndex<'c>,
 }
 
-impl<'c> LabelIndex<'c> {
-    fn new(sets: &'c [(Option<&'c str>, LabelSet)]) -> LabelIndex<'c> {
+impl<'c> ScopedSets<'c> {
+    fn new(sets: &'c [(Option<&'c str>, LabelSet)]) -> ScopedSets<'c> {
         let index = crate::labels::LabelIndex::new(sets.iter().map(|(_, labels)| labels));
-        LabelIndex { sets, index }
+        ScopedSets { sets, index }
     }
 
     /// The sets holding one of an `In` requirement's values, list by list.
@@ -996,9 +996,9 @@ impl<'c> LabelIndex<'c> {
 /// The cluster as the selects-nothing lint looks at it.
 struct Population<'c> {
     /// Each distinct workload's namespace and security labels.
-    endpoints: LabelIndex<'c>,
+    endpoints: ScopedSets<'c>,
     /// Each node's labels.
-    nodes: LabelIndex<'c>,
+    nodes: ScopedSets<'c>,
 }
 
 fn selects_nothing(p: &Policy, population: &Population, out: &mut Vec<Diagnostic>) {

@@ -606,18 +606,11 @@ struct UniverseIndex {
 
 impl UniverseIndex {
     fn new(universe: &[PeerIdentity]) -> UniverseIndex {
-        let mut by_kv: FxHashMap<String, FxHashMap<String, Vec<u32>>> = FxHashMap::default();
+        let mut index = UniverseIndex::default();
         for (i, p) in universe.iter().enumerate() {
-            for (k, (_, v)) in &p.labels.0 {
-                by_kv
-                    .entry(k.clone())
-                    .or_default()
-                    .entry(v.clone())
-                    .or_default()
-                    .push(i as u32);
-            }
+            index.add(i as u32, &p.labels);
         }
-        UniverseIndex { by_kv }
+        index
     }
 
     /// Files position `i`, whose labels are `labels`, under its labels.
