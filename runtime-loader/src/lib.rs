@@ -19,6 +19,7 @@
 pub mod events;
 pub mod fqdn;
 pub mod generation;
+pub mod ipcache;
 pub mod k8s;
 pub mod l7;
 pub mod loader;

@@ -16,22 +16,26 @@
 //! and a state file (default `/run/cnpc/state.json`) recording each hook's endpoint, identity,
 //! generation and digest.
 //!
-//! A generation is applied in three phases. Load: the generation's own maps (ipcache, hosts,
-//! large tables' maps) are created and filled (the ipcache maps of the previous generation
-//! serve again when their contents are the same: nothing writes them after creation), and
-//! every changed program is checked and loaded against them, on as many threads as there are
-//! CPUs; a failure here returns an error with nothing switched, so the last good generation
-//! keeps enforcing. Switch: each hook changes in one step, `BPF_LINK_UPDATE` of its link to the
-//! new program (a packet runs the old program or the new, never a mix; each program reads only
-//! the maps of its own generation); hooks new to this generation get a link created and pinned.
-//! A hook whose digest (its program and the contents of every map it reads) has not changed
-//! keeps its program. Release: links of endpoints that left are unpinned and closed, which
-//! detaches them; old programs and their maps are freed by the kernel once no link holds them.
+//! A generation is applied in three phases. Load: the generation's own maps (large tables'
+//! maps, and the ipcache maps when programs must be loaded and no live ones hold this
+//! generation's ipcache) are created and filled, and every changed program is checked and
+//! loaded against them, on as many threads as there are CPUs; a failure here returns an error
+//! with nothing switched, so the last good generation keeps enforcing. Switch: each hook
+//! changes in one step, `BPF_LINK_UPDATE` of its link to the new program (a packet runs the
+//! old program or the new, never a mix; a loaded program reads only its own generation's
+//! maps); hooks new to this generation get a link created and pinned. A hook whose digest (its
+//! program and the contents of every map it reads) has not changed keeps its program. A hook
+//! whose program is the same and only the ipcache differs keeps it too, and the ipcache maps
+//! it reads are changed in place once the loaded programs are in ([`crate::ipcache`]: every
+//! lookup meanwhile answers as the old or the new ipcache does). Release: links of endpoints
+//! that left are unpinned and closed, which detaches them; old programs and their maps are
+//! freed by the kernel once no link holds them.
 //!
 //! The endpoint's `egress` program runs where its packets leave it, tc ingress of the host-side
 //! interface; `ingress` runs at tc egress of that interface.
 
 use crate::generation::{EndpointInfo, Generation};
+use crate::ipcache::IpcacheImage;
 use crate::node::{interface_for, Route};
 use crate::sys;
 use cnpc_codegen_bpf::{artifacts, check, gen};
@@ -145,6 +149,8 @@ pub struct SwapReport {
     pub proxy_acknowledged: Option<bool>,
     /// Time spent writing the proxy policy and waiting for its acknowledgement.
     pub proxy_wait: Duration,
+    /// Hooks that kept their program while the ipcache maps it reads were changed in place.
+    pub ipcache_updated: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +164,10 @@ pub enum LoaderError {
     Rejected { hook: String, reason: String },
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
+    /// Kept programs' ipcache maps could not be changed in place ([`Loader::apply`] then
+    /// loads every program afresh).
+    #[error("cannot change the ipcache in place: {0}")]
+    IpcacheInPlace(#[source] crate::ipcache::ChangeError),
 }
 
 fn map_error(e: sys::MapError) -> LoaderError {
@@ -182,11 +192,38 @@ pub struct Loader {
     links: BTreeMap<String, Attachment>,
     /// The proxy policy last written (without its generation number).
     proxy_policy: Option<cnpc_ir::proxy::ProxyPolicy>,
-    /// The ipcache maps last made, under the digest of their contents: a generation whose
-    /// ipcache is the same (a policy edit that adds no CIDR) gives its programs these again
-    /// instead of filling new ones. Never written after creation, so sharing them between
-    /// generations changes nothing a program reads.
-    ipcache: Option<([u8; 32], BTreeMap<String, OwnedFd>)>,
+    /// The ipcache every set in `ipcache_sets` holds (the last applied generation's).
+    ipcache: Option<IpcacheImage>,
+    /// The ipcache maps this process made and programs it loaded still read, by set number.
+    ipcache_sets: BTreeMap<u64, IpcacheSet>,
+    next_ipcache_set: u64,
+    /// Hooks running a program this process loaded: what the program is and which ipcache
+    /// set it reads. Hooks adopted from a previous run are not here: their ipcache maps are
+    /// not this process's to change, so a new ipcache loads their programs again.
+    running: BTreeMap<String, RunningProgram>,
+}
+
+/// Ipcache maps (`gen::IPCACHE_MAP`, `gen::HOSTS_MAP`) and the entries they were sized for.
+struct IpcacheSet {
+    maps: BTreeMap<String, OwnedFd>,
+    made_for: usize,
+}
+
+struct RunningProgram {
+    /// sha256 of the program and of its own maps, without the ipcache.
+    content: String,
+    ipcache_set: u64,
+}
+
+/// What apply does with one hook.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HookAction {
+    /// Its program and every map it reads are the same: nothing.
+    Keep,
+    /// Its program is the same and reads ipcache set `.0`, which changes in place.
+    UpdateIpcache(u64),
+    /// A program is loaded (or it is new to this generation).
+    Load,
 }
 
 /// Loads programs (digest, hook, bytes) into the kernel, on as many threads as there are CPUs:
@@ -298,6 +335,9 @@ impl Loader {
             links,
             proxy_policy: None,
             ipcache: None,
+            ipcache_sets: BTreeMap::new(),
+            next_ipcache_set: 0,
+            running: BTreeMap::new(),
         })
     }
 
@@ -323,6 +363,12 @@ impl Loader {
         &self.fqdn
     }
 
+    /// The ipcache maps the program on `hook` reads, when this process loaded it.
+    pub fn ipcache_maps(&self, hook: &str) -> Option<&BTreeMap<String, OwnedFd>> {
+        let running = self.running.get(hook)?;
+        Some(&self.ipcache_sets.get(&running.ipcache_set)?.maps)
+    }
+
     /// Hooks adopted from a previous run (pinned links found at open).
     pub fn adopted(&self) -> usize {
         self.links.len()
@@ -330,7 +376,29 @@ impl Loader {
 
     /// Applies `g`: load everything, then switch each hook, then release what left. With
     /// `force`, hooks switch even when their digest is unchanged (an equivalent generation).
+    ///
+    /// Should the ipcache maps of kept programs fail to change in place (the kernel out of
+    /// memory, say), every hook is switched again to programs loaded with new ipcache maps, and
+    /// the report says so in `failed`.
     pub fn apply(
+        &mut self,
+        g: &Generation,
+        routes: &[Route],
+        force: bool,
+    ) -> Result<SwapReport, LoaderError> {
+        match self.apply_once(g, routes, force) {
+            Err(LoaderError::IpcacheInPlace(e)) => {
+                let mut report = self.apply_once(g, routes, true)?;
+                report.failed.push(format!(
+                    "every hook loaded again: cannot change the ipcache in place: {e}"
+                ));
+                Ok(report)
+            }
+            other => other,
+        }
+    }
+
+    fn apply_once(
         &mut self,
         g: &Generation,
         routes: &[Route],
@@ -350,25 +418,36 @@ impl Loader {
             }
         }
         // Phase 1: this generation's maps and programs.
-        let (prefixes, hosts) = artifacts::ipcache_images(&g.ipcache);
-        let mut ipcache_digest = Sha256::new();
-        for (k, v) in prefixes.iter().chain(&hosts) {
-            ipcache_digest.update(k);
-            ipcache_digest.update(v);
-        }
-        let ipcache_digest: [u8; 32] = ipcache_digest.finalize().into();
+        let image = IpcacheImage::new(&g.ipcache);
+        // Whether hooks running a program of this process can keep it, their ipcache maps
+        // changed in place: the ipcache differs, and a set can hold old and new entries at once.
+        let old_image = self
+            .ipcache
+            .as_ref()
+            .filter(|old| !force && old.digest != image.digest);
+        let updatable: std::collections::BTreeSet<u64> = match old_image {
+            Some(old) => self
+                .ipcache_sets
+                .iter()
+                .filter(|(_, s)| crate::ipcache::fits(s.made_for, old, &image))
+                .map(|(set, _)| *set)
+                .collect(),
+            None => Default::default(),
+        };
         let mut by_identity: BTreeMap<NumericIdentity, Vec<&DecisionTable>> = BTreeMap::new();
         for t in &g.tables {
             by_identity.entry(t.subject).or_default().push(t);
         }
         // Programs find the peers their rows name by address (gen::generate_inlined), from this
-        // generation's host entries: the digest below covers them through the ipcache's, so a
-        // program whose held addresses change identity is generated and loaded again.
+        // generation's host entries, which their content digest covers (a held address's
+        // identity is in their code or maps): a program whose held addresses change identity
+        // is generated and loaded again, never kept under an ipcache changed in place.
         let hosts_by_identity = gen::HostAddresses::new(&g.ipcache);
         let inline = gen::Inline::new(&hosts_by_identity);
         // Every hook's program and digest first; the programs to load, once per digest.
         let mut pending: BTreeMap<String, (String, gen::Generated)> = BTreeMap::new();
-        let mut plan: Vec<(String, Direction, HookRecord, bool)> = Vec::new();
+        let mut plan: Vec<(String, Direction, HookRecord, HookAction)> = Vec::new();
+        let mut contents: BTreeMap<String, String> = BTreeMap::new();
         for (e, interface) in &local {
             let tables = by_identity.get(&e.identity).cloned().unwrap_or_default();
             let track = gen::needs_tracking(tables.iter().copied());
@@ -390,31 +469,43 @@ impl Loader {
                     }
                 };
                 let generated = gen::generate_inlined(table, track, &inline);
-                let mut digest = Sha256::new();
-                digest.update(generated.program.bytes());
+                let mut content = Sha256::new();
+                content.update(generated.program.bytes());
                 for (slot, name) in &generated.program.map_relocs {
-                    digest.update(slot.to_le_bytes());
-                    digest.update(name.as_bytes());
+                    content.update(slot.to_le_bytes());
+                    content.update(name.as_bytes());
                 }
-                digest.update(ipcache_digest);
                 for m in &generated.maps {
                     for (k, v) in &m.records {
-                        digest.update(k);
-                        digest.update(v);
+                        content.update(k);
+                        content.update(v);
                     }
                 }
-                let digest = artifacts::sha256(&digest.finalize());
-                let keep = !force
-                    && self.links.contains_key(&hook)
-                    && self
+                let content = artifacts::sha256(&content.finalize());
+                let digest = artifacts::sha256(&Sha256::digest(
+                    [content.as_bytes(), &image.digest[..]].concat(),
+                ));
+                let attached = !force && self.links.contains_key(&hook);
+                let action = match self.running.get(&hook) {
+                    _ if !attached => HookAction::Load,
+                    _ if self
                         .state
                         .hooks
                         .get(&hook)
-                        .is_some_and(|h| h.digest == digest);
+                        .is_some_and(|h| h.digest == digest) =>
+                    {
+                        HookAction::Keep
+                    }
+                    Some(r) if r.content == content && updatable.contains(&r.ipcache_set) => {
+                        HookAction::UpdateIpcache(r.ipcache_set)
+                    }
+                    _ => HookAction::Load,
+                };
                 let strategy = generated.strategy.as_str().into();
-                if !keep && !pending.contains_key(&digest) {
+                if action == HookAction::Load && !pending.contains_key(&digest) {
                     pending.insert(digest.clone(), (hook.clone(), generated));
                 }
+                contents.insert(hook.clone(), content);
                 plan.push((
                     hook,
                     direction,
@@ -423,21 +514,30 @@ impl Loader {
                         direction: direction.as_str().into(),
                         endpoint: e.name.clone(),
                         identity: e.identity.0,
-                        labels: e.labels.clone(),
+                        labels: e.labels.to_vec(),
                         generation: report.generation,
                         digest,
                         strategy,
                         attach: tcx(),
                     },
-                    keep,
+                    action,
                 ));
             }
         }
-        // The maps those programs read: the ipcache maps (the last generation's when their
-        // contents are the same, as after most policy edits), then each table's own.
+        // The maps those programs read: ipcache maps holding this generation's ipcache (the
+        // newest set when the ipcache is the same, as after most policy edits; otherwise new
+        // ones, since the sets in use hold the old one until the switch), then each table's own.
         let mut maps: BTreeMap<String, OwnedFd> = BTreeMap::new();
+        let mut loaded_set = None;
         if !pending.is_empty() {
-            maps = self.ipcache_maps(ipcache_digest, g.ipcache.len(), &prefixes, &hosts)?;
+            let set = self.ipcache_set_for(&image)?;
+            for (name, fd) in &self.ipcache_sets[&set].maps {
+                let fd = fd
+                    .try_clone()
+                    .map_err(kernel(format!("cannot duplicate the {name} map")))?;
+                maps.insert(name.clone(), fd);
+            }
+            loaded_set = Some(set);
         }
         let mut to_load: Vec<(String, String, Vec<u8>)> = Vec::with_capacity(pending.len());
         for (digest, (hook, generated)) in pending {
@@ -518,15 +618,23 @@ impl Loader {
         // Phase 2: switch, hook by hook.
         let switch = Instant::now();
         let mut hooks = BTreeMap::new();
-        for (hook, direction, mut record, keep) in plan {
-            let prog = match programs.get(&record.digest) {
-                Some(p) if !keep => p,
+        let mut updated_sets: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (hook, direction, mut record, action) in plan {
+            let prog = match (action, programs.get(&record.digest)) {
+                (HookAction::Load, Some(p)) => p,
                 _ => {
-                    // Kept: the hook runs a program with this digest already.
-                    report.unchanged += 1;
+                    // Kept: the hook runs a program with this content already.
                     if let Some(old) = self.state.hooks.get(&hook) {
-                        record.generation = old.generation;
                         record.attach = old.attach.clone();
+                        record.generation = old.generation;
+                    }
+                    match action {
+                        HookAction::UpdateIpcache(set) => {
+                            // It decides as this generation once its ipcache set is written.
+                            record.generation = report.generation;
+                            updated_sets.entry(set).or_default().push(hook.clone());
+                        }
+                        _ => report.unchanged += 1,
                     }
                     hooks.insert(hook, record);
                     continue;
@@ -567,8 +675,24 @@ impl Loader {
                     }
                 },
             }
+            if let (Some(set), Some(content)) = (loaded_set, contents.remove(&hook)) {
+                self.running.insert(
+                    hook.clone(),
+                    RunningProgram {
+                        content,
+                        ipcache_set: set,
+                    },
+                );
+            }
             hooks.insert(hook, record);
         }
+        // The ipcache maps of kept programs, now that every loaded program is in (the old
+        // programs they replace read the old ipcache to the end).
+        if let Some(old) = self.ipcache.take().filter(|_| !updated_sets.is_empty()) {
+            report.ipcache_updated = updated_sets.values().map(Vec::len).sum();
+            self.update_ipcache_sets(&old, &image, &updated_sets, &mut hooks)?;
+        }
+        self.ipcache = Some(image);
         // Phase 3: release hooks of endpoints that left.
         let gone: Vec<String> = self
             .links
@@ -588,8 +712,14 @@ impl Loader {
             }
             report.detached += 1;
         }
+        // Sets no program of this process reads any more (the kernel frees them with the last
+        // program that holds them).
+        self.running.retain(|hook, _| hooks.contains_key(hook));
+        let used: std::collections::BTreeSet<u64> =
+            self.running.values().map(|r| r.ipcache_set).collect();
+        self.ipcache_sets.retain(|set, _| used.contains(set));
         report.switch_time = switch.elapsed();
-        if report.attached + report.swapped + report.detached > 0 {
+        if report.attached + report.swapped + report.detached + report.ipcache_updated > 0 {
             self.state.generation = report.generation;
         } else {
             report.generation = self.state.generation;
@@ -599,45 +729,86 @@ impl Loader {
         Ok(report)
     }
 
-    /// The ipcache maps (prefixes, hosts) holding these contents: the last made when their
-    /// digest matches, otherwise new ones, filled.
-    fn ipcache_maps(
-        &mut self,
-        digest: [u8; 32],
-        entries: usize,
-        prefixes: &[gen::Record],
-        hosts: &[gen::Record],
-    ) -> Result<BTreeMap<String, OwnedFd>, LoaderError> {
-        let copy = |maps: &BTreeMap<String, OwnedFd>| -> Result<_, LoaderError> {
-            maps.iter()
-                .map(|(name, fd)| {
-                    let fd = fd
-                        .try_clone()
-                        .map_err(kernel(format!("cannot duplicate the {name} map")))?;
-                    Ok((name.clone(), fd))
-                })
-                .collect()
-        };
-        if let Some((d, maps)) = &self.ipcache {
-            if *d == digest {
-                return copy(maps);
+    /// An ipcache set holding `image`: the newest live one when the last generation's ipcache
+    /// is the same, otherwise new maps, filled.
+    fn ipcache_set_for(&mut self, image: &IpcacheImage) -> Result<u64, LoaderError> {
+        if self
+            .ipcache
+            .as_ref()
+            .is_some_and(|i| i.digest == image.digest)
+        {
+            if let Some((&set, _)) = self.ipcache_sets.last_key_value() {
+                return Ok(set);
             }
         }
-        // The old maps go first: their programs hold them as long as they run.
-        self.ipcache = None;
-        let shared = gen::shared_maps(entries);
+        let shared = gen::shared_maps(image.entries());
         let mut maps = BTreeMap::new();
-        for (name, records) in [(gen::IPCACHE_MAP, prefixes), (gen::HOSTS_MAP, hosts)] {
+        for (name, records) in image.records() {
             let d = shared
                 .iter()
                 .find(|m| m.name == name)
                 .expect("gen::shared_maps defines every shared map");
-            let fd = sys::create_filled(d, records).map_err(map_error)?;
+            let fd = sys::create_filled(d, &records).map_err(map_error)?;
             maps.insert(name.to_string(), fd);
         }
-        let out = copy(&maps)?;
-        self.ipcache = Some((digest, maps));
-        Ok(out)
+        let set = self.next_ipcache_set;
+        self.next_ipcache_set += 1;
+        self.ipcache_sets.insert(
+            set,
+            IpcacheSet {
+                maps,
+                made_for: image.entries(),
+            },
+        );
+        Ok(set)
+    }
+
+    /// Changes the ipcache sets in `sets` from `old` to `new` in place, for the hooks listed
+    /// with each (their new records in `hooks`). The state file first records those hooks with
+    /// no digest, so that a loader stopped half-way never takes their maps for either ipcache
+    /// (a restarted loader keeps a hook only when its digest matches). A set that cannot be
+    /// written is forgotten and the state saved with those hooks still without a digest;
+    /// [`Self::apply`] then loads every program afresh.
+    fn update_ipcache_sets(
+        &mut self,
+        old: &IpcacheImage,
+        new: &IpcacheImage,
+        sets: &BTreeMap<u64, Vec<String>>,
+        hooks: &mut BTreeMap<String, HookRecord>,
+    ) -> Result<(), LoaderError> {
+        // Their new digests, given back once every set is written.
+        let mut digests = Vec::new();
+        for hook in sets.values().flatten() {
+            if let Some(r) = self.state.hooks.get_mut(hook) {
+                r.digest.clear();
+            }
+            if let Some(r) = hooks.get_mut(hook) {
+                digests.push((hook.clone(), std::mem::take(&mut r.digest)));
+            }
+        }
+        self.save()?;
+        let changes = crate::ipcache::changes(old, new);
+        for (set, members) in sets {
+            let written = self
+                .ipcache_sets
+                .get(set)
+                .map(|s| crate::ipcache::write(&s.maps, &changes));
+            if let Some(Err(e)) = written {
+                self.ipcache_sets.remove(set);
+                for hook in members {
+                    self.running.remove(hook);
+                }
+                self.state.hooks = std::mem::take(hooks);
+                let _ = self.save();
+                return Err(LoaderError::IpcacheInPlace(e));
+            }
+        }
+        for (hook, digest) in digests {
+            if let Some(r) = hooks.get_mut(&hook) {
+                r.digest = digest;
+            }
+        }
+        Ok(())
     }
 
     /// Puts a deny-all program on both hooks of every interface in `interfaces` that has no

@@ -15,6 +15,7 @@ const BPF_MAP_GET_NEXT_KEY: i64 = 4;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_PIN: i64 = 6;
 const BPF_OBJ_GET: i64 = 7;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_MAP_UPDATE_BATCH: i64 = 26;
 const BPF_LINK_CREATE: i64 = 28;
@@ -690,6 +691,14 @@ pub fn link_info(link: &OwnedFd) -> std::io::Result<(u32, u32, u32)> {
     let mut buf = [0u8; 64];
     info(link, &mut buf)?;
     Ok((u32_at(&buf, 4), u32_at(&buf, 8), u32_at(&buf, 16)))
+}
+
+/// The program with this id (a link's [`link_info`] names it): what runs on a hook, for tests
+/// and diagnostics.
+pub fn prog_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    // union bpf_attr for BPF_PROG_GET_FD_BY_ID: prog_id, next_id, open_flags.
+    let mut attr = [id, 0, 0];
+    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(owned)
 }
 
 /// A program's id (struct bpf_prog_info: type, id, ...).

@@ -301,6 +301,7 @@ impl Runner {
                     unchanged = r.unchanged,
                     detached = r.detached,
                     programs = r.programs_loaded,
+                    ipcache_updated = r.ipcache_updated,
                     check_ms = g.check_time.as_secs_f64() * 1e3,
                     lower_ms = g.lower_time.as_secs_f64() * 1e3,
                     tables_ms = g.tables_time.as_secs_f64() * 1e3,
