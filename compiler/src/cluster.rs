@@ -9,6 +9,7 @@ use crate::diag::{Code, Diagnostic};
 use crate::labels::{self, LabelSet};
 use crate::source::{SourceMap, Span};
 use crate::yaml::{parse_documents, Node, NodeKind};
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
@@ -199,14 +200,17 @@ impl Cluster {
         };
         let file = sources.add(path, text);
         let mut parsed = 0;
-        let mut kept: HashMap<Box<str>, Fragment> = HashMap::with_capacity(chunks.len());
+        let mut kept: FxHashMap<Box<str>, Fragment> = FxHashMap::default();
+        kept.reserve(chunks.len());
         let mut fragments = Vec::with_capacity(chunks.len());
         for c in &chunks {
             let body = &text[c.start..c.end];
             // An entry kept from the last read keeps its key: its text is not copied again.
-            let (key, fragment) = match kept
+            // (The cache first: most entries are there; `kept` holds an entry written twice.)
+            let (key, fragment) = match cache
+                .chunks
                 .remove_entry(body)
-                .or_else(|| cache.chunks.remove_entry(body))
+                .or_else(|| kept.remove_entry(body))
             {
                 Some(entry) => entry,
                 None => match Fragment::parse(path, body) {
@@ -471,30 +475,39 @@ impl Cluster {
 
     /// The security labels Cilium derives for a workload's pods (see [`crate::labels`]).
     pub fn security_labels(&self, w: &Workload) -> LabelSet {
-        self.security_labels_with(w, &self.namespace_labels(&w.namespace))
+        self.security_labels_with(w, &self.namespace_label_keys(&w.namespace))
     }
 
     /// [`Self::security_labels`] of many workloads, looking each namespace up once.
     pub fn security_labels_of(&self, ws: &[&Workload]) -> Vec<LabelSet> {
-        let mut namespaces: HashMap<&str, BTreeMap<String, String>> = HashMap::new();
+        let mut namespaces: HashMap<&str, Vec<(String, String)>> = HashMap::new();
         ws.iter()
             .map(|w| {
                 let ns = namespaces
                     .entry(w.namespace.as_str())
-                    .or_insert_with(|| self.namespace_labels(&w.namespace));
+                    .or_insert_with(|| self.namespace_label_keys(&w.namespace));
                 self.security_labels_with(w, ns)
             })
             .collect()
     }
 
-    fn security_labels_with(&self, w: &Workload, namespace: &BTreeMap<String, String>) -> LabelSet {
+    /// A namespace's labels as its workloads carry them (keys under
+    /// `labels::NAMESPACE_LABELS_PREFIX`): written out once per namespace, not per workload.
+    fn namespace_label_keys(&self, ns: &str) -> Vec<(String, String)> {
+        self.namespace_labels(ns)
+            .into_iter()
+            .map(|(k, v)| (format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v))
+            .collect()
+    }
+
+    fn security_labels_with(&self, w: &Workload, namespace: &[(String, String)]) -> LabelSet {
         let mut set = LabelSet::default();
         for (k, v) in &w.labels {
             set.insert("k8s", k, v);
         }
         set.insert("k8s", labels::NAMESPACE_LABEL, &w.namespace);
         for (k, v) in namespace {
-            set.insert("k8s", &format!("{}{k}", labels::NAMESPACE_LABELS_PREFIX), v);
+            set.insert("k8s", k, v);
         }
         set.insert("k8s", labels::SERVICE_ACCOUNT_LABEL, &w.service_account);
         set.insert("k8s", labels::CLUSTER_LABEL, DEFAULT_CLUSTER);
@@ -546,7 +559,9 @@ impl Cluster {
 /// What [`Cluster::add_str_cached`] kept of snapshot chunks, by their text.
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
-    chunks: HashMap<Box<str>, Fragment>,
+    /// Keys are a few hundred bytes of YAML, hashed thousands of times a read: FxHash, not
+    /// SipHash (the snapshot is the cluster's, not an attacker's choice of collisions).
+    chunks: FxHashMap<Box<str>, Fragment>,
 }
 
 /// The objects of one chunk, with places counted from the chunk's first byte and line.

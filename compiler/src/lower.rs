@@ -46,7 +46,21 @@ pub fn read_allocation(path: &std::path::Path) -> Result<Allocation, crate::Load
 }
 
 fn allocation_key(labels: &LabelSet) -> String {
-    labels.to_strings().join(";")
+    // `to_strings` joined by `;`, written into one string.
+    let mut key = String::new();
+    for (i, (k, (s, v))) in labels.0.iter().enumerate() {
+        if i > 0 {
+            key.push(';');
+        }
+        key.push_str(s);
+        key.push(':');
+        key.push_str(k);
+        if !v.is_empty() {
+            key.push('=');
+            key.push_str(v);
+        }
+    }
+    key
 }
 
 /// FNV-1a, for a deterministic first-choice number per label set.
@@ -66,43 +80,50 @@ pub fn allocate(
     sets: &BTreeSet<LabelSet>,
     previous: &Allocation,
 ) -> BTreeMap<LabelSet, NumericIdentity> {
-    let numbers = allocate_each(&sets.iter().collect::<Vec<_>>(), previous);
+    let (numbers, _) = allocate_each(&sets.iter().collect::<Vec<_>>(), previous);
     sets.iter().cloned().zip(numbers).collect()
 }
 
 /// [`allocate`] over distinct label sets given by reference, in order: their numbers, in the
-/// same order (without a copy of every set, which a snapshot of 50,000 pods made three times).
-fn allocate_each(sets: &[&LabelSet], previous: &Allocation) -> Vec<NumericIdentity> {
+/// same order (without a copy of every set, which a snapshot of 50,000 pods made three times),
+/// and their allocation keys (what [`allocation_of`] lists them under).
+fn allocate_each(sets: &[&LabelSet], previous: &Allocation) -> (Vec<NumericIdentity>, Vec<String>) {
+    let keys: Vec<String> = sets.iter().map(|s| allocation_key(s)).collect();
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut out: Vec<Option<NumericIdentity>> = vec![None; sets.len()];
-    for (set, slot) in sets.iter().zip(out.iter_mut()) {
-        if let Some(&n) = previous.get(&allocation_key(set)) {
+    for (key, slot) in keys.iter().zip(out.iter_mut()) {
+        if let Some(&n) = previous.get(key) {
             if taken.insert(n) {
                 *slot = Some(NumericIdentity(n));
             }
         }
     }
-    let given: std::collections::HashSet<u32> = previous.values().copied().collect();
-    for (set, slot) in sets.iter().zip(out.iter_mut()) {
+    let given: rustc_hash::FxHashSet<u32> = previous.values().copied().collect();
+    for (key, slot) in keys.iter().zip(out.iter_mut()) {
         if slot.is_some() {
             continue;
         }
-        let n = first_free(set, |n| taken.contains(&n) || given.contains(&n))
-            .or_else(|| first_free(set, |n| taken.contains(&n)))
+        let n = first_free_from(key, |n| taken.contains(&n) || given.contains(&n))
+            .or_else(|| first_free_from(key, |n| taken.contains(&n)))
             .expect("fewer label sets than identity numbers");
         taken.insert(n.0);
         *slot = Some(n);
     }
     // Every slot was filled by one of the two loops above.
-    out.into_iter().flatten().collect()
+    (out.into_iter().flatten().collect(), keys)
 }
 
 /// The first number, counting from a hash of `set`'s labels and wrapping around the cluster
 /// range, that `used` says is free: how [`allocate`] numbers a label set it has no number for.
 /// `None` when every number is used.
 pub fn first_free(set: &LabelSet, used: impl Fn(u32) -> bool) -> Option<NumericIdentity> {
+    first_free_from(&allocation_key(set), used)
+}
+
+/// [`first_free`] of the set whose allocation key is `key`.
+fn first_free_from(key: &str, used: impl Fn(u32) -> bool) -> Option<NumericIdentity> {
     let span = LAST_CLUSTER_IDENTITY - FIRST_CLUSTER_IDENTITY + 1;
-    let start = (fnv(&allocation_key(set)) % u64::from(span)) as u32;
+    let start = (fnv(key) % u64::from(span)) as u32;
     (0..span)
         .map(|i| FIRST_CLUSTER_IDENTITY + (start + i) % span)
         .find(|&n| !used(n))
@@ -121,6 +142,11 @@ fn reserved_labels(r: Reserved) -> LabelSet {
 
 /// Builds the identities and endpoints of a cluster snapshot.
 pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
+    cluster_program_numbered(cluster, previous).0
+}
+
+/// [`cluster_program`], with the allocation its identities got ([`allocation_of`] of it).
+pub fn cluster_program_numbered(cluster: &Cluster, previous: &Allocation) -> (Program, Allocation) {
     let mut p = Program::default();
     for r in Reserved::ALL {
         p.identities.push(Identity {
@@ -133,23 +159,43 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
     // Each endpoint's labels, worked out once (a snapshot has thousands); the distinct sets
     // by reference to them, in order.
     let labelled = cluster.security_labels_of(&endpoints);
-    let sets: Vec<&LabelSet> = labelled
+    // The distinct sets, found by hashing (each endpoint's set hashed once), then ordered:
+    // comparing label sets (a dozen strings each) is most of the cost, and a search tree of
+    // thousands of endpoints compares each one a dozen times.
+    let mut first_of: rustc_hash::FxHashMap<&LabelSet, usize> = Default::default();
+    first_of.reserve(labelled.len());
+    let mut distinct: Vec<&LabelSet> = Vec::new();
+    let which: Vec<usize> = labelled
         .iter()
-        .collect::<BTreeSet<&LabelSet>>()
-        .into_iter()
+        .map(|l| {
+            *first_of.entry(l).or_insert_with(|| {
+                distinct.push(l);
+                distinct.len() - 1
+            })
+        })
         .collect();
-    let numbers = allocate_each(&sets, previous);
-    let mut by_set: BTreeMap<&LabelSet, IdentityRef> = BTreeMap::new();
-    for (set, n) in sets.into_iter().zip(numbers) {
-        let r = p.identities.push(Identity {
-            numeric: n,
-            kind: IdentityKind::Cluster,
-            labels: set.clone(),
-        });
-        by_set.insert(set, r);
+    drop(first_of);
+    let mut order: Vec<usize> = (0..distinct.len()).collect();
+    order.sort_unstable_by(|a, b| distinct[*a].cmp(distinct[*b]));
+    let sets: Vec<&LabelSet> = order.iter().map(|i| distinct[*i]).collect();
+    let (numbers, keys) = allocate_each(&sets, previous);
+    let numbered: Allocation = keys.into_iter().zip(numbers.iter().map(|n| n.0)).collect();
+    let refs: Vec<IdentityRef> = sets
+        .into_iter()
+        .zip(numbers)
+        .map(|(set, n)| {
+            p.identities.push(Identity {
+                numeric: n,
+                kind: IdentityKind::Cluster,
+                labels: set.clone(),
+            })
+        })
+        .collect();
+    let mut rank = vec![0; distinct.len()];
+    for (at, i) in order.iter().enumerate() {
+        rank[*i] = at;
     }
-    let identity_of: Vec<IdentityRef> = labelled.iter().map(|l| by_set[l]).collect();
-    drop(by_set);
+    let identity_of: Vec<IdentityRef> = which.iter().map(|i| refs[rank[*i]]).collect();
     for ((w, labels), identity) in endpoints.into_iter().zip(labelled).zip(identity_of) {
         let named_ports = w
             .named_ports
@@ -182,7 +228,7 @@ pub fn cluster_program(cluster: &Cluster, previous: &Allocation) -> Program {
             interface: None,
         });
     }
-    p
+    (p, numbered)
 }
 
 /// Lowers every policy onto a program built by [`cluster_program`].

@@ -156,7 +156,7 @@ fn protocol_name(p: u8) -> String {
 type Decided = (PolicyRef, MatchKind);
 
 /// A pod's namespace, name and labels.
-type PodName = (String, String, Vec<String>);
+type PodName = (String, String, Arc<[String]>);
 
 /// What a generation knows for naming flows: pods by address, and the rule behind each row
 /// of each table.
@@ -275,7 +275,7 @@ impl Names {
             .by_ip
             .get(&ip)
             .map_or((None, None, Vec::new()), |(n, p, l)| {
-                (Some(n.clone()), Some(p.clone()), l.clone())
+                (Some(n.clone()), Some(p.clone()), l.to_vec())
             });
         FlowPeer {
             namespace,
@@ -482,7 +482,7 @@ mod tests {
         let names = Names::new(&[crate::generation::EndpointInfo {
             name: "default/mediabot".into(),
             identity: cnpc_ir::NumericIdentity(300),
-            labels: Vec::new(),
+            labels: Arc::new([]),
             ips: vec!["10.0.1.40".parse().unwrap()],
             interface: None,
         }]);

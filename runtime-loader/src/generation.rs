@@ -10,7 +10,7 @@ use cnpc_compiler::tables::{ipcache_entries, TableCompiler};
 use cnpc_compiler::{check_errors, report, Cluster, PolicySet};
 use cnpc_ir::proxy::ProxyPolicy;
 use cnpc_ir::{DecisionTable, Direction, IpNet, NumericIdentity, Origin};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +22,9 @@ pub struct EndpointInfo {
     /// `namespace/name`.
     pub name: String,
     pub identity: NumericIdentity,
-    pub labels: Vec<String>,
+    /// Its identity's labels, shared by the endpoints of that identity (thousands of pods,
+    /// few label sets).
+    pub labels: Arc<[String]>,
     pub ips: Vec<IpAddr>,
     /// The interface its `cnpc.io/interface` annotation names, if any.
     pub interface: Option<String>,
@@ -179,6 +181,7 @@ impl Incremental {
         match self.inputs.update(policies, cluster, previous)? {
             Update::Program {
                 program,
+                allocation,
                 identities_version,
                 ..
             } => {
@@ -186,7 +189,7 @@ impl Incremental {
                 let endpoints = match &self.endpoints {
                     Some((v, e, a)) if *v == identities_version => (e.clone(), a.clone()),
                     _ => {
-                        let made = (endpoint_infos(program), lower::allocation_of(program));
+                        let made = (endpoint_infos(program), allocation.clone());
                         self.endpoints = Some((identities_version, made.0.clone(), made.1.clone()));
                         made
                     }
@@ -208,6 +211,9 @@ impl Incremental {
 
 /// The pod endpoints of a program, as generations carry them.
 fn endpoint_infos(program: &cnpc_ir::Program) -> Arc<Vec<EndpointInfo>> {
+    // An endpoint's labels are its identity's (`lower::cluster_program`): written out once
+    // per identity.
+    let mut labels: HashMap<cnpc_ir::IdentityRef, Arc<[String]>> = HashMap::new();
     Arc::new(
         program
             .endpoints
@@ -216,7 +222,10 @@ fn endpoint_infos(program: &cnpc_ir::Program) -> Arc<Vec<EndpointInfo>> {
             .map(|e| EndpointInfo {
                 name: e.name.clone(),
                 identity: program.identities[e.identity].numeric,
-                labels: e.labels.to_strings(),
+                labels: labels
+                    .entry(e.identity)
+                    .or_insert_with(|| e.labels.to_strings().into())
+                    .clone(),
                 ips: e.ips.clone(),
                 interface: e.interface.clone(),
             })
