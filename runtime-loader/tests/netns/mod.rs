@@ -449,12 +449,23 @@ impl Net {
 
     /// Polls `f` until it holds or `limit` passes; the time it took.
     pub fn until(&self, limit: Duration, f: impl Fn() -> bool) -> Option<Duration> {
+        self.until_polling(limit, Duration::from_millis(10), f)
+    }
+
+    /// [`Self::until`], asking every `every` (a latency measured this way is late by up to
+    /// `every`).
+    pub fn until_polling(
+        &self,
+        limit: Duration,
+        every: Duration,
+        f: impl Fn() -> bool,
+    ) -> Option<Duration> {
         let start = Instant::now();
         while start.elapsed() < limit {
             if f() {
                 return Some(start.elapsed());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(every);
         }
         None
     }
