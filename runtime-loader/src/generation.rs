@@ -78,6 +78,9 @@ pub enum CompileError {
         /// The first error of each file (source name) that has one.
         by_file: std::collections::BTreeMap<String, String>,
     },
+    /// The inputs have errors, counted and not yet reported ([`Incremental::compile_early`]).
+    #[error("{errors} error(s) in the policies (not yet reported)")]
+    Unreported { errors: usize },
 }
 
 /// Compiles `policies` over the snapshot `cluster`, keeping the numbers of `previous`. Tables
@@ -177,6 +180,33 @@ impl Incremental {
         routes: Option<&[Route]>,
         fqdn: Option<&mut FqdnState>,
     ) -> Result<Generation, CompileError> {
+        self.compile_with(policies, cluster, previous, routes, fqdn, true)
+    }
+
+    /// [`Self::compile`], except that inputs with errors give [`CompileError::Unreported`] at
+    /// once instead of the full checker's report (which reads and checks every file again,
+    /// about as long as a first compile): for a compile that files still being written may
+    /// make stale, whose errors are likely those of a file half written.
+    pub fn compile_early(
+        &mut self,
+        policies: &[PathBuf],
+        cluster: &Path,
+        previous: &Allocation,
+        routes: Option<&[Route]>,
+        fqdn: Option<&mut FqdnState>,
+    ) -> Result<Generation, CompileError> {
+        self.compile_with(policies, cluster, previous, routes, fqdn, false)
+    }
+
+    fn compile_with(
+        &mut self,
+        policies: &[PathBuf],
+        cluster: &Path,
+        previous: &Allocation,
+        routes: Option<&[Route]>,
+        fqdn: Option<&mut FqdnState>,
+        report: bool,
+    ) -> Result<Generation, CompileError> {
         let start = Instant::now();
         match self.inputs.update(policies, cluster, previous)? {
             Update::Program {
@@ -204,7 +234,8 @@ impl Incremental {
                 ))
             }
             // The full path reports the errors as `cnpc check` would.
-            Update::Invalid { .. } => compile(policies, cluster, previous, routes, fqdn),
+            Update::Invalid { .. } if report => compile(policies, cluster, previous, routes, fqdn),
+            Update::Invalid { errors } => Err(CompileError::Unreported { errors }),
         }
     }
 }

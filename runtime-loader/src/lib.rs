@@ -25,6 +25,7 @@ pub mod l7;
 pub mod loader;
 pub mod metrics;
 pub mod node;
+pub mod settle;
 pub mod sys;
 pub mod tc;
 pub mod testrun;

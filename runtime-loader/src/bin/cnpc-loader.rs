@@ -1,7 +1,8 @@
 //! `cnpc-loader`: keeps this node's kernel in step with policy files and a cluster snapshot.
 //!
 //! Standalone mode (the default): `cnpc-loader --policies DIR --cluster FILE` compiles, loads
-//! and attaches, then watches both paths; a change (debounced) recompiles and swaps atomically.
+//! and attaches, then watches both paths; a change is compiled at once and swapped in atomically
+//! once the files have been quiet for the debounce time (`cnpc_runtime_loader::settle`).
 //! A policy set that fails to compile or load leaves the last good generation enforcing and is
 //! retried on the next change; endpoints with no good generation yet get a deny-all program.
 //! SIGUSR1 swaps every hook to a freshly loaded equivalent generation (for tests and drills).
@@ -15,6 +16,7 @@ use clap::Parser;
 use cnpc_runtime_loader::generation::{self, Generation};
 use cnpc_runtime_loader::loader::{AttachMode, Config, Loader};
 use cnpc_runtime_loader::metrics::LoaderMetrics;
+use cnpc_runtime_loader::settle::{Settle, Step};
 use cnpc_runtime_loader::{events, fqdn, l7, metrics, node, sys};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,7 +48,8 @@ struct Args {
     /// Address of /healthz and /metrics (loopback by default); `off` disables them.
     #[arg(long, default_value = "127.0.0.1:9963")]
     metrics: String,
-    /// Quiet time after a change before recompiling.
+    /// Quiet time after a change before it is enforced (standalone mode compiles at once and
+    /// applies the result when the quiet time ends; Kubernetes mode waits, then compiles).
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
     /// How to attach: TCX links where the kernel has them, else clsact filters (auto), or one
@@ -79,10 +82,28 @@ struct Args {
 
 /// What wakes the daemon loop.
 enum Wake {
-    /// A watched input file changed.
-    Files,
+    /// A watched input file changed (when the watcher saw it).
+    Files(Instant),
     /// The DNS proxy asks to learn an answer's addresses.
     Learn(fqdn::Pending),
+}
+
+/// Drops a held compile result. It carries the learned addresses of when it was compiled:
+/// whatever learns or expires names, or applies another generation, makes it stale (applying
+/// it would take back what was learned meanwhile).
+fn stale(settle: &mut Settle, held: &mut Option<Compiled>) {
+    settle.discard();
+    *held = None;
+}
+
+/// A compile's result, with the routes it was made for and when it started.
+struct Compiled {
+    result: Result<Generation, String>,
+    /// Errors counted, not reported: compiled again by the full checker before anything is
+    /// reported or enforced.
+    unreported: bool,
+    routes: Vec<node::Route>,
+    start: Instant,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -217,18 +238,41 @@ impl Runner {
 
     /// Compiles the files and applies; returns whether a good generation now enforces.
     fn reconcile(&mut self, force: bool) -> bool {
+        let compiled = self.compile(false);
+        self.apply_compiled(compiled, force)
+    }
+
+    /// Compiles the files as they are now, for [`Self::apply_compiled`]. An `early` compile
+    /// (files may still be being written) counts errors without reporting them.
+    fn compile(&mut self, early: bool) -> Compiled {
         let start = Instant::now();
         let routes = node::routes();
-        let result = self
-            .inputs
-            .compile(
-                &self.args.policies,
-                &self.cluster(),
-                &self.allocation,
-                Some(&routes),
-                Some(&mut self.learning.state),
-            )
-            .map_err(|e| e.to_string());
+        let (policies, cluster) = (&self.args.policies, self.cluster());
+        let fqdn = Some(&mut self.learning.state);
+        let result = if early {
+            self.inputs
+                .compile_early(policies, &cluster, &self.allocation, Some(&routes), fqdn)
+        } else {
+            self.inputs
+                .compile(policies, &cluster, &self.allocation, Some(&routes), fqdn)
+        };
+        let unreported = matches!(result, Err(generation::CompileError::Unreported { .. }));
+        Compiled {
+            result: result.map_err(|e| e.to_string()),
+            unreported,
+            routes,
+            start,
+        }
+    }
+
+    /// Applies what [`Self::compile`] gave; returns whether a good generation now enforces.
+    fn apply_compiled(&mut self, compiled: Compiled, force: bool) -> bool {
+        let Compiled {
+            result,
+            routes,
+            start,
+            ..
+        } = compiled;
         let endpoints = || {
             generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]), None)
                 .map(|g| Arc::unwrap_or_clone(g.endpoints))
@@ -547,7 +591,7 @@ fn main() -> ExitCode {
                 .iter()
                 .any(|p| *p == cluster_file || inputs.iter().any(|i| p.starts_with(i)));
         if relevant {
-            let _ = tx.send(Wake::Files);
+            let _ = tx.send(Wake::Files(Instant::now()));
         }
     }) {
         Ok(w) => w,
@@ -585,39 +629,81 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         };
     }
-    let debounce = Duration::from_millis(runner.args.debounce_ms);
-    let mut dirty: Option<Instant> = None;
+    // Changes are compiled at once and enforced once the files have been quiet for the
+    // debounce time (`settle`): the compile overlaps the wait.
+    let mut settle = Settle::new(Duration::from_millis(runner.args.debounce_ms));
+    let mut held: Option<Compiled> = None;
+    let mut waiting: Vec<Wake> = Vec::new();
     let mut last_expiry = Instant::now();
     loop {
         // Wake when the debounce ends, not at the next 20 ms tick: the tick alone added up to
         // 20 ms to every edit's latency.
-        let wait = dirty.map_or(Duration::from_millis(20), |t| {
-            debounce
-                .saturating_sub(t.elapsed())
-                .min(Duration::from_millis(20))
-        });
-        match rx.recv_timeout(wait) {
-            Ok(Wake::Files) => dirty = Some(Instant::now()),
+        let wait = match settle.next(Instant::now()) {
+            Step::Wait(left) => left.min(Duration::from_millis(20)),
+            Step::Compile | Step::Apply => Duration::ZERO,
+            Step::Idle => Duration::from_millis(20),
+        };
+        let wake = match waiting.pop() {
+            Some(w) => Ok(w),
+            None => rx.recv_timeout(wait),
+        };
+        match wake {
+            Ok(Wake::Files(at)) => {
+                settle.changed(at);
+                held = None;
+            }
             Ok(Wake::Learn(p)) => {
                 if runner.learn(p) {
                     runner.reconcile(false);
                 }
+                stale(&mut settle, &mut held);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return ExitCode::from(2),
         }
         if FORCE.swap(false, Ordering::SeqCst) {
             runner.reconcile(true);
+            stale(&mut settle, &mut held);
         }
-        if dirty.is_some_and(|t| t.elapsed() >= debounce) {
-            dirty = None;
-            runner.reconcile(false);
+        match settle.next(Instant::now()) {
+            Step::Compile => {
+                let token = settle.token();
+                held = Some(runner.compile(true));
+                // Changes that came while compiling make the result stale; other wakes wait
+                // their turn (and a Learn among them makes it stale when its turn comes).
+                while let Ok(w) = rx.try_recv() {
+                    match w {
+                        Wake::Files(at) => settle.changed(at),
+                        other => waiting.insert(0, other),
+                    }
+                }
+                if settle.token() != token {
+                    held = None;
+                }
+                settle.compiled(token);
+            }
+            Step::Apply => {
+                match held.take() {
+                    // The files had errors and have been quiet since: the full checker
+                    // reports them (and the last good generation keeps enforcing).
+                    Some(compiled) if compiled.unreported => {
+                        runner.reconcile(false);
+                    }
+                    Some(compiled) => {
+                        runner.apply_compiled(compiled, false);
+                    }
+                    None => {}
+                }
+                settle.applied();
+            }
+            Step::Wait(_) | Step::Idle => {}
         }
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = Instant::now();
             if runner.expire_fqdn() {
                 runner.reconcile(false);
             }
+            stale(&mut settle, &mut held);
         }
         runner.supervise_proxy();
     }
