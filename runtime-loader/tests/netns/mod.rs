@@ -411,9 +411,11 @@ impl Net {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
-            .arg(self.tmp.join("state"))
-            .args(["--debounce-ms", "30"])
-            .args(&self.loader_args)
+            .arg(self.tmp.join("state"));
+        if !self.loader_args.iter().any(|a| a == "--debounce-ms") {
+            cmd.args(["--debounce-ms", "30"]);
+        }
+        cmd.args(&self.loader_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
