@@ -192,7 +192,7 @@ pub struct Loader {
     links: BTreeMap<String, Attachment>,
     /// The proxy policy last written (without its generation number).
     proxy_policy: Option<cnpc_ir::proxy::ProxyPolicy>,
-    /// The ipcache every set in `ipcache_sets` holds (the last applied generation's).
+    /// The last applied generation's ipcache: what the sets its programs read hold.
     ipcache: Option<IpcacheImage>,
     /// The ipcache maps this process made and programs it loaded still read, by set number.
     ipcache_sets: BTreeMap<u64, IpcacheSet>,
@@ -207,6 +207,10 @@ pub struct Loader {
 struct IpcacheSet {
     maps: BTreeMap<String, OwnedFd>,
     made_for: usize,
+    /// The digest of the ipcache they hold (`None` while, or after failing, being written):
+    /// a set is given to programs, or changed in place, only from contents known this way
+    /// (a set made for a generation that then failed to load holds that generation's).
+    holds: Option<[u8; 32]>,
 }
 
 struct RunningProgram {
@@ -429,7 +433,9 @@ impl Loader {
             Some(old) => self
                 .ipcache_sets
                 .iter()
-                .filter(|(_, s)| crate::ipcache::fits(s.made_for, old, &image))
+                .filter(|(_, s)| {
+                    s.holds == Some(old.digest) && crate::ipcache::fits(s.made_for, old, &image)
+                })
                 .map(|(set, _)| *set)
                 .collect(),
             None => Default::default(),
@@ -729,17 +735,16 @@ impl Loader {
         Ok(report)
     }
 
-    /// An ipcache set holding `image`: the newest live one when the last generation's ipcache
-    /// is the same, otherwise new maps, filled.
+    /// An ipcache set holding `image`: the newest live one that holds it, otherwise new maps,
+    /// filled.
     fn ipcache_set_for(&mut self, image: &IpcacheImage) -> Result<u64, LoaderError> {
-        if self
-            .ipcache
-            .as_ref()
-            .is_some_and(|i| i.digest == image.digest)
+        if let Some((&set, _)) = self
+            .ipcache_sets
+            .iter()
+            .rev()
+            .find(|(_, s)| s.holds == Some(image.digest))
         {
-            if let Some((&set, _)) = self.ipcache_sets.last_key_value() {
-                return Ok(set);
-            }
+            return Ok(set);
         }
         let shared = gen::shared_maps(image.entries());
         let mut maps = BTreeMap::new();
@@ -758,6 +763,7 @@ impl Loader {
             IpcacheSet {
                 maps,
                 made_for: image.entries(),
+                holds: Some(image.digest),
             },
         );
         Ok(set)
@@ -789,10 +795,14 @@ impl Loader {
         self.save()?;
         let changes = crate::ipcache::changes(old, new);
         for (set, members) in sets {
-            let written = self
-                .ipcache_sets
-                .get(set)
-                .map(|s| crate::ipcache::write(&s.maps, &changes));
+            let written = self.ipcache_sets.get_mut(set).map(|s| {
+                s.holds = None;
+                let written = crate::ipcache::write(&s.maps, &changes);
+                if written.is_ok() {
+                    s.holds = Some(new.digest);
+                }
+                written
+            });
             if let Some(Err(e)) = written {
                 self.ipcache_sets.remove(set);
                 for hook in members {

@@ -113,11 +113,6 @@ impl Settle {
         self.compiled = None;
         self.early = true;
     }
-
-    /// A held result is stale for another reason (another compile was applied meanwhile).
-    pub fn discard(&mut self) {
-        self.compiled = None;
-    }
 }
 
 #[cfg(test)]
@@ -178,11 +173,6 @@ mod tests {
         s.changed(t0 + ms(110));
         assert_eq!(s.next(t0 + ms(111)), Step::Wait(ms(29)));
         assert_eq!(s.next(t0 + ms(140)), Step::Compile);
-        // Another compile applied meanwhile makes a held result stale.
-        let token = s.token();
-        s.compiled(token);
-        s.discard();
-        assert_eq!(s.next(t0 + ms(141)), Step::Compile);
     }
 
     /// A change seen late (stamped when the watcher saw it, received after a compile) counts

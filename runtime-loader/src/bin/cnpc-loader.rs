@@ -88,14 +88,6 @@ enum Wake {
     Learn(fqdn::Pending),
 }
 
-/// Drops a held compile result. It carries the learned addresses of when it was compiled:
-/// whatever learns or expires names, or applies another generation, makes it stale (applying
-/// it would take back what was learned meanwhile).
-fn stale(settle: &mut Settle, held: &mut Option<Compiled>) {
-    settle.discard();
-    *held = None;
-}
-
 /// A compile's result, with the routes it was made for and when it started.
 struct Compiled {
     result: Result<Generation, String>,
@@ -104,6 +96,8 @@ struct Compiled {
     unreported: bool,
     routes: Vec<node::Route>,
     start: Instant,
+    /// `Runner::learning_changes` when it was compiled.
+    learning_changes: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -130,6 +124,9 @@ struct Runner {
     metrics: Arc<LoaderMetrics>,
     /// Addresses learned from DNS (see `fqdn::Learning`).
     learning: fqdn::Learning,
+    /// Counts changes to what was learned (addresses written, names expired): a compile
+    /// result from before one carries an older view of the learned addresses.
+    learning_changes: u64,
     /// Pod names of the enforcing generation, for the event stream.
     names: Arc<std::sync::RwLock<events::Names>>,
 }
@@ -165,6 +162,9 @@ impl Runner {
     /// Counts what the learning side did, and saves what it learned when something is new
     /// (a loader killed right after an answer still knows the address when it comes back).
     fn learned(&mut self, r: fqdn::LearningReport) {
+        if r.written > 0 || r.expired > 0 || r.needs_generation {
+            self.learning_changes += 1;
+        }
         let (live, zombies) = self.learning.state.counts();
         self.metrics
             .fqdn_learned(r.written, r.late, r.expired, live, zombies);
@@ -262,7 +262,15 @@ impl Runner {
             unreported,
             routes,
             start,
+            learning_changes: self.learning_changes,
         }
+    }
+
+    /// Whether a compile result held for a while still fits this node: the routes it was made
+    /// for are the node's, and nothing was learned or expired since (applying it would take
+    /// back what was: the `fqdn` map is rewritten to the generation's view).
+    fn still_fits(&self, compiled: &Compiled) -> bool {
+        compiled.learning_changes == self.learning_changes && compiled.routes == node::routes()
     }
 
     /// Applies what [`Self::compile`] gave; returns whether a good generation now enforces.
@@ -557,6 +565,7 @@ fn main() -> ExitCode {
         inputs: generation::Incremental::default(),
         metrics,
         learning: fqdn::Learning::new(fqdn_state),
+        learning_changes: 0,
         names,
     };
     if runner.args.kubernetes {
@@ -656,14 +665,12 @@ fn main() -> ExitCode {
                 if runner.learn(p) {
                     runner.reconcile(false);
                 }
-                stale(&mut settle, &mut held);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return ExitCode::from(2),
         }
         if FORCE.swap(false, Ordering::SeqCst) {
             runner.reconcile(true);
-            stale(&mut settle, &mut held);
         }
         match settle.next(Instant::now()) {
             Step::Compile => {
@@ -684,15 +691,20 @@ fn main() -> ExitCode {
             }
             Step::Apply => {
                 match held.take() {
-                    // The files had errors and have been quiet since: the full checker
-                    // reports them (and the last good generation keeps enforcing).
-                    Some(compiled) if compiled.unreported => {
+                    // Errors, and the files have been quiet since: the full checker reports
+                    // them (the last good generation keeps enforcing). Or what was learned,
+                    // or the routes, changed while it was held: compiled again, now. Either
+                    // way the files are quiet, so this compile is applied.
+                    Some(compiled) if compiled.unreported || !runner.still_fits(&compiled) => {
                         runner.reconcile(false);
                     }
                     Some(compiled) => {
                         runner.apply_compiled(compiled, false);
                     }
-                    None => {}
+                    // (Settle says Apply only for a compile held here.)
+                    None => {
+                        runner.reconcile(false);
+                    }
                 }
                 settle.applied();
             }
@@ -703,7 +715,6 @@ fn main() -> ExitCode {
             if runner.expire_fqdn() {
                 runner.reconcile(false);
             }
-            stale(&mut settle, &mut held);
         }
         runner.supervise_proxy();
     }
