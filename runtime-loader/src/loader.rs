@@ -772,7 +772,8 @@ impl Loader {
     /// Changes the ipcache sets in `sets` from `old` to `new` in place, for the hooks listed
     /// with each (their new records in `hooks`). The state file first records those hooks with
     /// no digest, so that a loader stopped half-way never takes their maps for either ipcache
-    /// (a restarted loader keeps a hook only when its digest matches). A set that cannot be
+    /// (a restarted loader keeps a hook only when its digest matches), and the hooks already
+    /// switched with their new programs' digests. A set that cannot be
     /// written is forgotten and the state saved with those hooks still without a digest;
     /// [`Self::apply`] then loads every program afresh.
     fn update_ipcache_sets(
@@ -785,13 +786,15 @@ impl Loader {
         // Their new digests, given back once every set is written.
         let mut digests = Vec::new();
         for hook in sets.values().flatten() {
-            if let Some(r) = self.state.hooks.get_mut(hook) {
-                r.digest.clear();
-            }
             if let Some(r) = hooks.get_mut(hook) {
                 digests.push((hook.clone(), std::mem::take(&mut r.digest)));
             }
         }
+        // Saved meanwhile: the hooks switched so far with their new records, these with none,
+        // and the hooks still to be released as they were.
+        let mut interim = std::mem::take(&mut self.state.hooks);
+        interim.extend(hooks.iter().map(|(h, r)| (h.clone(), r.clone())));
+        self.state.hooks = interim;
         self.save()?;
         let changes = crate::ipcache::changes(old, new);
         for (set, members) in sets {
