@@ -78,7 +78,7 @@ pub enum CompileError {
         /// The first error of each file (source name) that has one.
         by_file: std::collections::BTreeMap<String, String>,
     },
-    /// The inputs have errors, counted and not yet reported ([`Incremental::compile_early`]).
+    /// The inputs have errors, counted and not yet reported ([`Errors::Count`]).
     #[error("{errors} error(s) in the policies (not yet reported)")]
     Unreported { errors: usize },
 }
@@ -170,8 +170,19 @@ pub struct Incremental {
     endpoints: Option<(u64, Arc<Vec<EndpointInfo>>, Allocation)>,
 }
 
+/// What a compile does with inputs that have errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Errors {
+    /// Reports them as `cnpc check` would ([`CompileError::Invalid`]).
+    Report,
+    /// Counts them ([`CompileError::Unreported`]): for a compile that files still being
+    /// written may make stale, whose errors are likely those of a file half written. The full
+    /// checker reads and checks every file again, about as long as a first compile.
+    Count,
+}
+
 impl Incremental {
-    /// What [`compile`] returns for the same inputs.
+    /// What [`compile`] returns for the same inputs (with `Errors::Report`).
     pub fn compile(
         &mut self,
         policies: &[PathBuf],
@@ -179,33 +190,7 @@ impl Incremental {
         previous: &Allocation,
         routes: Option<&[Route]>,
         fqdn: Option<&mut FqdnState>,
-    ) -> Result<Generation, CompileError> {
-        self.compile_with(policies, cluster, previous, routes, fqdn, true)
-    }
-
-    /// [`Self::compile`], except that inputs with errors give [`CompileError::Unreported`] at
-    /// once instead of the full checker's report (which reads and checks every file again,
-    /// about as long as a first compile): for a compile that files still being written may
-    /// make stale, whose errors are likely those of a file half written.
-    pub fn compile_early(
-        &mut self,
-        policies: &[PathBuf],
-        cluster: &Path,
-        previous: &Allocation,
-        routes: Option<&[Route]>,
-        fqdn: Option<&mut FqdnState>,
-    ) -> Result<Generation, CompileError> {
-        self.compile_with(policies, cluster, previous, routes, fqdn, false)
-    }
-
-    fn compile_with(
-        &mut self,
-        policies: &[PathBuf],
-        cluster: &Path,
-        previous: &Allocation,
-        routes: Option<&[Route]>,
-        fqdn: Option<&mut FqdnState>,
-        report: bool,
+        errors: Errors,
     ) -> Result<Generation, CompileError> {
         let start = Instant::now();
         match self.inputs.update(policies, cluster, previous)? {
@@ -234,7 +219,9 @@ impl Incremental {
                 ))
             }
             // The full path reports the errors as `cnpc check` would.
-            Update::Invalid { .. } if report => compile(policies, cluster, previous, routes, fqdn),
+            Update::Invalid { .. } if errors == Errors::Report => {
+                compile(policies, cluster, previous, routes, fqdn)
+            }
             Update::Invalid { errors } => Err(CompileError::Unreported { errors }),
         }
     }
@@ -426,7 +413,7 @@ mod tests {
         let mut previous = Allocation::new();
         let mut check = |previous: &Allocation| {
             let a = inc
-                .compile(&policies, &cluster, previous, None, None)
+                .compile(&policies, &cluster, previous, None, None, Errors::Report)
                 .unwrap();
             let b = compile(&policies, &cluster, previous, None, None).unwrap();
             assert_eq!(summary(&a), summary(&b));

@@ -249,13 +249,19 @@ impl Runner {
         let routes = node::routes();
         let (policies, cluster) = (&self.args.policies, self.cluster());
         let fqdn = Some(&mut self.learning.state);
-        let result = if early {
-            self.inputs
-                .compile_early(policies, &cluster, &self.allocation, Some(&routes), fqdn)
+        let errors = if early {
+            generation::Errors::Count
         } else {
-            self.inputs
-                .compile(policies, &cluster, &self.allocation, Some(&routes), fqdn)
+            generation::Errors::Report
         };
+        let result = self.inputs.compile(
+            policies,
+            &cluster,
+            &self.allocation,
+            Some(&routes),
+            fqdn,
+            errors,
+        );
         let unreported = matches!(result, Err(generation::CompileError::Unreported { .. }));
         Compiled {
             result: result.map_err(|e| e.to_string()),
