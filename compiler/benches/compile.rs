@@ -162,6 +162,33 @@ fn split(cy: &str, py: &str) -> (Files, Files) {
     (clusters, policies)
 }
 
+/// The policy files read as `cnpc` and the loader read them: on every core, merged in file
+/// order.
+fn read_policies(files: &Files) -> cnpc_compiler::PolicySet {
+    let mut set = cnpc_compiler::PolicySet::default();
+    set.add_files(
+        files
+            .iter()
+            .map(|(name, text)| (PathBuf::from(name), text.clone().into_bytes()))
+            .collect(),
+    );
+    set.finish_notes();
+    set
+}
+
+/// The cluster snapshots, read likewise (their sources join the policies').
+fn read_cluster(sources: &mut cnpc_compiler::SourceMap, files: &Files) -> Cluster {
+    let mut cluster = Cluster::default();
+    cluster.add_strs(
+        sources,
+        files
+            .iter()
+            .map(|(name, text)| (PathBuf::from(name), text.to_string()))
+            .collect(),
+    );
+    cluster
+}
+
 /// Figures of one library row: parse, check, lower, tables, codegen, incremental.
 fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, String> {
     let mut f = Map::new();
@@ -173,24 +200,9 @@ fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, S
     };
     mark("inputs");
     let t = Instant::now();
-    // As `cnpc` and the loader read files: on every core, merged in file order.
-    let mut set = cnpc_compiler::PolicySet::default();
-    set.add_files(
-        policy_files
-            .iter()
-            .map(|(name, text)| (PathBuf::from(name), text.clone().into_bytes()))
-            .collect(),
-    );
-    set.finish_notes();
+    let mut set = read_policies(&policy_files);
     mark("parse_policies");
-    let mut cluster = Cluster::default();
-    cluster.add_strs(
-        &mut set.sources,
-        cluster_files
-            .iter()
-            .map(|(name, text)| (PathBuf::from(name), text.to_string()))
-            .collect(),
-    );
+    let cluster = read_cluster(&mut set.sources, &cluster_files);
     let parse = t.elapsed();
     mark("parse");
     // What `cnpc compile` and the loader run: validation, not the lints (which only warn).
@@ -335,23 +347,8 @@ fn measure(cy: &str, py: &str, workloads: usize) -> Result<Map<String, Value>, S
 
     // What `cnpc check` adds, the lints: the same files again through `check`, with the
     // cluster (the selects-nothing lint reads it). Not part of the compile.
-    // As `cnpc` and the loader read files: on every core, merged in file order.
-    let mut set = cnpc_compiler::PolicySet::default();
-    set.add_files(
-        policy_files
-            .iter()
-            .map(|(name, text)| (PathBuf::from(name), text.clone().into_bytes()))
-            .collect(),
-    );
-    set.finish_notes();
-    let mut cluster = Cluster::default();
-    cluster.add_strs(
-        &mut set.sources,
-        cluster_files
-            .iter()
-            .map(|(name, text)| (PathBuf::from(name), text.to_string()))
-            .collect(),
-    );
+    let mut set = read_policies(&policy_files);
+    let cluster = read_cluster(&mut set.sources, &cluster_files);
     mark("reparse");
     let t = Instant::now();
     let report = check(set, Some(cluster));

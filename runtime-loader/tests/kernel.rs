@@ -106,6 +106,42 @@ fn the_kernel_rejects_what_the_checker_rejects() {
     }
 }
 
+/// A 32-bit little-endian field of an event (gen::event) at `at`.
+fn field(e: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]])
+}
+
+/// The ct key of a connection, written from the endpoint's side (gen::CT_MAP).
+fn ct_key(
+    local: std::net::IpAddr,
+    peer: std::net::IpAddr,
+    local_port: u16,
+    peer_port: u16,
+    proto: u8,
+) -> Vec<u8> {
+    let bytes = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => {
+            let mut b = v.octets().to_vec();
+            b.resize(16, 0);
+            b
+        }
+        std::net::IpAddr::V6(v) => v.octets().to_vec(),
+    };
+    let mut k = bytes(local);
+    k.extend(bytes(peer));
+    k.extend(local_port.to_be_bytes());
+    k.extend(peer_port.to_be_bytes());
+    k.extend([proto, if local.is_ipv4() { 4 } else { 6 }, 0, 0]);
+    k
+}
+
+/// A ct value (gen::CT_VALUE_SIZE): who opened the connection, and its flags.
+fn ct_value(opened_by: u32, flags: u32) -> Vec<u8> {
+    let mut v = opened_by.to_le_bytes().to_vec();
+    v.extend(flags.to_le_bytes());
+    v
+}
+
 mod parsing {
     //! The behaviours `cnpc_codegen_bpf::gen` documents, on a one-row table: peer identity 300
     //! may reach TCP port 80; everything else is denied.
@@ -480,7 +516,7 @@ mod proxy {
     //! A test run cannot assign a socket (see `sk_assign_is_refused_in_a_test_run`): the
     //! handoff's success path is tested in network namespaces (`udp_handoff` below; TCP in
     //! tests/l7.rs).
-    use super::sys;
+    use super::{ct_key, ct_value, field, sys};
     use cnpc_codegen_bpf::gen::{
         self, event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS, CT_OPENED_BY_INGRESS, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT, TO_PROXY_MARK,
@@ -586,10 +622,6 @@ mod proxy {
         })
     }
 
-    fn field(e: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]])
-    }
-
     /// (peer, row, verdict, direction) of each event.
     fn events(ring: &mut sys::RingBuf) -> Vec<(u32, u32, u8, u8)> {
         ring.drain()
@@ -608,30 +640,6 @@ mod proxy {
 
     fn code_mark(o: Outcome) -> (u32, u32) {
         (o.code, o.mark)
-    }
-
-    /// The ct key of a connection, written from the endpoint's side (gen::CT_MAP).
-    fn ct_key(local: IpAddr, peer: IpAddr, local_port: u16, peer_port: u16, proto: u8) -> Vec<u8> {
-        let bytes = |a: IpAddr| match a {
-            IpAddr::V4(v) => {
-                let mut b = v.octets().to_vec();
-                b.resize(16, 0);
-                b
-            }
-            IpAddr::V6(v) => v.octets().to_vec(),
-        };
-        let mut k = bytes(local);
-        k.extend(bytes(peer));
-        k.extend(local_port.to_be_bytes());
-        k.extend(peer_port.to_be_bytes());
-        k.extend([proto, if local.is_ipv4() { 4 } else { 6 }, 0, 0]);
-        k
-    }
-
-    fn ct_value(opened_by: u32, flags: u32) -> Vec<u8> {
-        let mut v = opened_by.to_le_bytes().to_vec();
-        v.extend(flags.to_le_bytes());
-        v
     }
 
     #[test]
@@ -1922,7 +1930,7 @@ mod by_address {
     //! the world, an address added after generation, a port range, a default), for replies,
     //! for proxied connections, and a program generated with addresses decides by them until
     //! it is generated again (the loader's contract).
-    use super::sys;
+    use super::{ct_key, ct_value, field, sys};
     use cnpc_codegen_bpf::gen::{
         self, event, CT_FLAG_PROXIED, CT_OPENED_BY_EGRESS, CT_OPENED_BY_INGRESS, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT, TO_PROXY_MARK,
@@ -2052,34 +2060,6 @@ mod by_address {
         }
     }
 
-    fn field(e: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]])
-    }
-
-    /// The ct key of a connection, from the endpoint's side (gen::CT_MAP).
-    fn ct_key(local: IpAddr, peer: IpAddr, local_port: u16, peer_port: u16) -> Vec<u8> {
-        let bytes = |a: IpAddr| match a {
-            IpAddr::V4(v) => {
-                let mut b = v.octets().to_vec();
-                b.resize(16, 0);
-                b
-            }
-            IpAddr::V6(v) => v.octets().to_vec(),
-        };
-        let mut k = bytes(local);
-        k.extend(bytes(peer));
-        k.extend(local_port.to_be_bytes());
-        k.extend(peer_port.to_be_bytes());
-        k.extend([6, if local.is_ipv4() { 4 } else { 6 }, 0, 0]);
-        k
-    }
-
-    fn ct_value(opened_by: u32, flags: u32) -> Vec<u8> {
-        let mut v = opened_by.to_le_bytes().to_vec();
-        v.extend(flags.to_le_bytes());
-        v
-    }
-
     /// (peer address, port, code, mark, opens a connection, its event: (peer, row, verdict)).
     type Case = (&'static str, u16, u32, u32, bool, Option<(u32, u32, u8)>);
 
@@ -2161,7 +2141,7 @@ mod by_address {
                 let conns = kernel.connections().unwrap();
                 assert_eq!(conns.len(), usize::from(opens), "{what}: conntrack");
                 if let Some((k, v)) = conns.first() {
-                    assert_eq!(k, &ct_key(me, peer, port, 5555), "{what}");
+                    assert_eq!(k, &ct_key(me, peer, port, 5555, 6), "{what}");
                     assert_eq!(field(v, 0), CT_OPENED_BY_INGRESS, "{what}");
                 }
                 let got: Vec<(u32, u32, u8)> = ring
@@ -2193,7 +2173,7 @@ mod by_address {
             let packet = |port| craft_ports(peer, me4, Protocol::Tcp, 5555, port);
             // A connection handed to the proxy stays there though the table allows its port
             // now; without the flag the table decides.
-            let key = ct_key(me4, peer, 80, 5555);
+            let key = ct_key(me4, peer, 80, 5555, 6);
             kernel
                 .insert_connection(&key, &ct_value(CT_OPENED_BY_INGRESS, CT_FLAG_PROXIED))
                 .unwrap();
@@ -2204,7 +2184,7 @@ mod by_address {
                 "{form:?}: proxied"
             );
             // A reply (the endpoint opened the connection) passes where the table denies.
-            let key81 = ct_key(me4, peer, 81, 5555);
+            let key81 = ct_key(me4, peer, 81, 5555, 6);
             assert_eq!(kernel.run_keep(&ing, &packet(81)).unwrap().code, SHOT);
             kernel
                 .insert_connection(&key81, &ct_value(CT_OPENED_BY_EGRESS, 0))
