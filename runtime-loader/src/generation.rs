@@ -167,7 +167,7 @@ pub struct Incremental {
     inputs: IncrementalInputs,
     /// What the snapshot's endpoints give every generation, under the inputs' identities
     /// version they were made for.
-    endpoints: Option<(u64, Arc<Vec<EndpointInfo>>, Allocation)>,
+    endpoints: Option<(u64, Arc<Vec<EndpointInfo>>)>,
 }
 
 /// What a compile does with inputs that have errors.
@@ -202,10 +202,10 @@ impl Incremental {
             } => {
                 let check_time = start.elapsed();
                 let endpoints = match &self.endpoints {
-                    Some((v, e, a)) if *v == identities_version => (e.clone(), a.clone()),
+                    Some((v, e)) if *v == identities_version => e.clone(),
                     _ => {
-                        let made = (endpoint_infos(program), allocation.clone());
-                        self.endpoints = Some((identities_version, made.0.clone(), made.1.clone()));
+                        let made = endpoint_infos(program);
+                        self.endpoints = Some((identities_version, made.clone()));
                         made
                     }
                 };
@@ -213,7 +213,7 @@ impl Incremental {
                     program,
                     routes,
                     fqdn,
-                    endpoints,
+                    (endpoints, allocation.clone()),
                     start,
                     (check_time, Duration::ZERO),
                 ))

@@ -82,7 +82,7 @@ impl IpcacheImage {
         ]
     }
 
-    /// Entries of the larger map: what map sizes are chosen from.
+    /// Entries of both maps (the ipcache's entries): what `gen::shared_maps` sizes them by.
     pub fn entries(&self) -> usize {
         self.prefixes.len() + self.hosts.len()
     }

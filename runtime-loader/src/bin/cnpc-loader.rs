@@ -90,10 +90,7 @@ enum Wake {
 
 /// A compile's result, with the routes it was made for and when it started.
 struct Compiled {
-    result: Result<Generation, String>,
-    /// Errors counted, not reported: compiled again by the full checker before anything is
-    /// reported or enforced.
-    unreported: bool,
+    result: Result<Generation, generation::CompileError>,
     routes: Vec<node::Route>,
     start: Instant,
     /// `Runner::learning_changes` when it was compiled.
@@ -262,21 +259,24 @@ impl Runner {
             fqdn,
             errors,
         );
-        let unreported = matches!(result, Err(generation::CompileError::Unreported { .. }));
         Compiled {
-            result: result.map_err(|e| e.to_string()),
-            unreported,
+            result,
             routes,
             start,
             learning_changes: self.learning_changes,
         }
     }
 
-    /// Whether a compile result held for a while still fits this node: the routes it was made
-    /// for are the node's, and nothing was learned or expired since (applying it would take
-    /// back what was: the `fqdn` map is rewritten to the generation's view).
-    fn still_fits(&self, compiled: &Compiled) -> bool {
-        compiled.learning_changes == self.learning_changes && compiled.routes == node::routes()
+    /// Whether a held compile result can be applied as it is: its errors, if any, were
+    /// reported (`Errors::Count` only counts them, for the full checker to report), the routes
+    /// it was made for are the node's, and nothing was learned or expired since (applying it
+    /// would take back what was: the `fqdn` map is rewritten to the generation's view).
+    fn applicable(&self, compiled: &Compiled) -> bool {
+        !matches!(
+            compiled.result,
+            Err(generation::CompileError::Unreported { .. })
+        ) && compiled.learning_changes == self.learning_changes
+            && compiled.routes == node::routes()
     }
 
     /// Applies what [`Self::compile`] gave; returns whether a good generation now enforces.
@@ -287,6 +287,7 @@ impl Runner {
             start,
             ..
         } = compiled;
+        let result = result.map_err(|e| e.to_string());
         let endpoints = || {
             generation::compile(&[], &self.cluster(), &self.allocation, Some(&[]), None)
                 .map(|g| Arc::unwrap_or_clone(g.endpoints))
@@ -697,18 +698,14 @@ fn main() -> ExitCode {
             }
             Step::Apply => {
                 match held.take() {
-                    // Errors, and the files have been quiet since: the full checker reports
-                    // them (the last good generation keeps enforcing). Or what was learned,
-                    // or the routes, changed while it was held: compiled again, now. Either
-                    // way the files are quiet, so this compile is applied.
-                    Some(compiled) if compiled.unreported || !runner.still_fits(&compiled) => {
-                        runner.reconcile(false);
-                    }
-                    Some(compiled) => {
+                    Some(compiled) if runner.applicable(&compiled) => {
                         runner.apply_compiled(compiled, false);
                     }
-                    // (Settle says Apply only for a compile held here.)
-                    None => {
+                    // Errors only counted (the full checker reports them; the last good
+                    // generation keeps enforcing), or what was learned or the routes changed
+                    // while it was held: compiled again, now. The files are quiet, so this
+                    // compile is applied. (Settle says Apply only for a compile held here.)
+                    _ => {
                         runner.reconcile(false);
                     }
                 }
